@@ -48,6 +48,7 @@ class ChatGLMConfig(PretrainedConfig):
         pre_seq_len=None,
         prefix_projection=False,
         original_rope=True,
+        use_cache=True,
         **kwargs,
     ):
         self.num_layers = num_layers
@@ -76,6 +77,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
         self.original_rope = original_rope
+        self.use_cache = use_cache
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self._validate()
