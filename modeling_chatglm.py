@@ -358,6 +358,15 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RotaryEmbedding):
             module.inv_freq.copy_(rotary_inverse_frequencies(module.rotary_dim, device=module.inv_freq.device))
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # transformers 5.x re-creates loaded parameters as trainable; P-Tuning v2 needs the base frozen.
+        if model.config.pre_seq_len is not None:
+            model.base_model.freeze_all_but_prefix()
+        return loaded
+
     def quantize(self, bits, empty_init=False, device=None, **kwargs):
         """Quantize the four projection matrices of every layer to `bits` (4 or 8) in place; returns the model.
 
@@ -390,12 +399,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
         self.pre_seq_len = config.pre_seq_len
         if self.pre_seq_len is not None:
-            for parameter in self.parameters():
-                parameter.requires_grad = False
             self.prefix_encoder = PrefixEncoder(config)
+            self.freeze_all_but_prefix()
         if config.quantization_bit:
             quantize_model(self, config.quantization_bit, empty_init=True)
         self.post_init()
+
+    def freeze_all_but_prefix(self):
+        """P-Tuning v2 trains the prefix encoder alone."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = name.startswith("prefix_encoder.")
 
     def get_input_embeddings(self):
         return self.embedding.word_embeddings
