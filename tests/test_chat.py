@@ -1,0 +1,172 @@
+"""The chat surface of spec §5: chat, stream_chat (and its cache continuation), stream_generate, guards."""
+
+import inspect
+import shutil
+import sys
+import threading
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, TextIteratorStreamer
+
+from tiny_checkpoint import random_model
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory, tokenizer_dir):
+    folder = tmp_path_factory.mktemp("chat-model")
+    shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=True)
+    vocab = -(-tokenizer.vocab_size // 64) * 64
+    random_model(folder, vocab, add_qkv_bias=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chat_folder):
+    return AutoTokenizer.from_pretrained(chat_folder, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def model(chat_folder):
+    return AutoModel.from_pretrained(chat_folder, trust_remote_code=True).eval()
+
+
+HISTORY = [("你好", "你好，我是助手。"), ("What is 2+2?", "4")]
+
+
+def greedy_response(model, tokenizer, input_ids, max_new_tokens, **kwargs):
+    output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    new_tokens = output[0, input_ids.shape[1] :].tolist()
+    return new_tokens, tokenizer.decode(new_tokens)
+
+
+def assert_stream_final(streamed, complete):
+    """stream_chat never yields text ending in an incomplete character, so its last text may stop short."""
+    if complete.endswith("\ufffd"):
+        assert complete.startswith(streamed)
+    else:
+        assert streamed == complete
+
+
+def test_chat_and_stream_chat_signatures_follow_the_published_defaults(model):
+    chat = inspect.signature(model.chat).parameters
+    assert [(n, p.default) for n, p in chat.items() if p.default is not inspect.Parameter.empty] == [
+        ("history", None),
+        ("max_length", 8192),
+        ("num_beams", 1),
+        ("do_sample", True),
+        ("top_p", 0.8),
+        ("temperature", 0.8),
+        ("logits_processor", None),
+    ]
+    stream = inspect.signature(model.stream_chat).parameters
+    assert [(n, p.default) for n, p in stream.items() if p.default is not inspect.Parameter.empty] == [
+        ("history", None),
+        ("past_key_values", None),
+        ("max_length", 8192),
+        ("do_sample", True),
+        ("top_p", 0.8),
+        ("temperature", 0.8),
+        ("logits_processor", None),
+        ("return_past_key_values", False),
+    ]
+
+
+def test_chat_answers_the_built_prompt_and_appends_the_turn(model, tokenizer):
+    response, history = model.chat(tokenizer, "今天天气如何？", history=list(HISTORY), do_sample=False, max_new_tokens=8)
+    prompt = tokenizer([tokenizer.build_prompt("今天天气如何？", HISTORY)], return_tensors="pt")
+    _, expected = greedy_response(model, tokenizer, prompt["input_ids"], 8)
+    assert response == expected.strip().replace("[[训练时间]]", "2023年")
+    assert history == HISTORY + [("今天天气如何？", response)]
+
+
+def test_stream_chat_grows_to_the_chat_response(model, tokenizer):
+    expected, _ = model.chat(tokenizer, "hello", do_sample=False, max_length=40)
+    partials = [response for response, _ in model.stream_chat(tokenizer, "hello", do_sample=False, max_length=40)]
+    assert partials
+    assert_stream_final(partials[-1], expected)
+    assert all(not text.endswith("\ufffd") for text in partials)
+
+
+def test_stream_chat_continues_from_the_returned_cache(model, tokenizer):
+    history = []
+    *_, (first, history, cache) = model.stream_chat(
+        tokenizer, "你好", history, do_sample=False, max_length=30, return_past_key_values=True
+    )
+    first_prompt = tokenizer([tokenizer.build_prompt("你好", [])], return_tensors="pt")["input_ids"]
+    first_tokens, _ = greedy_response(model, tokenizer, first_prompt, 30 - first_prompt.shape[1])
+    first_tokens = [t for t in first_tokens if t != tokenizer.eos_token_id]
+    assert cache.get_seq_length() == first_prompt.shape[1] + len(first_tokens)
+
+    *_, (second, history, cache) = model.stream_chat(
+        tokenizer, "再见", history, past_key_values=cache, do_sample=False, max_length=60, return_past_key_values=True
+    )
+    round_ids = tokenizer(["\n\n[Round 2]\n\n问：再见\n\n答："], add_special_tokens=False, return_tensors="pt")
+    full = torch.cat((first_prompt, torch.tensor([first_tokens]), round_ids["input_ids"]), dim=1)
+    _, expected = greedy_response(model, tokenizer, full, 60 - full.shape[1])
+    assert_stream_final(second, expected.strip())
+    assert [turn[0] for turn in history] == ["你好", "再见"]
+
+
+def test_stream_generate_yields_growing_sequences_and_stops_at_max_new_tokens(model, tokenizer):
+    inputs = tokenizer(["hello"], return_tensors="pt")
+    steps = list(model.stream_generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=[]))
+    assert [s.shape[1] for s in steps] == [inputs["input_ids"].shape[1] + n for n in range(1, 6)]
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(steps[-1], generated)
+
+
+def test_text_iterator_streamer_streams_generate(model, tokenizer):
+    inputs = tokenizer(["hello"], return_tensors="pt")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    kwargs = dict(**inputs, max_new_tokens=6, do_sample=False, streamer=streamer)
+    thread = threading.Thread(target=model.generate, kwargs=kwargs)
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert streamed == tokenizer.decode(output[0, inputs["input_ids"].shape[1] :].tolist())
+
+
+def modeling_module(model):
+    return sys.modules[type(model).__module__]
+
+
+def test_process_response_strips_and_fills_the_training_date(model):
+    assert modeling_module(model).process_response("  截至[[训练时间]]。\n") == "截至2023年。"
+
+
+def test_invalid_scores_become_a_finite_distribution(model):
+    scores = torch.tensor([[0.0, float("nan"), 1.0, float("inf"), 2.0, 3.0]])
+    fixed = modeling_module(model).InvalidScoreLogitsProcessor()(None, scores)
+    assert torch.isfinite(fixed).all() and fixed.argmax().item() == 5
+
+
+@pytest.mark.parametrize(
+    "query,history,error,match",
+    [
+        (42, None, TypeError, "query"),
+        ("hi", "not a list", TypeError, "history"),
+        ("hi", [("only one",)], ValueError, r"history\[0\]"),
+        ("hi", [("q", 3)], ValueError, r"history\[0\]"),
+    ],
+)
+def test_chat_rejects_malformed_arguments(model, tokenizer, query, history, error, match):
+    with pytest.raises(error, match=match):
+        model.chat(tokenizer, query, history)
+    with pytest.raises(error, match=match):
+        next(model.stream_chat(tokenizer, query, history))
+
+
+def test_prompt_longer_than_seq_length_is_refused_before_any_compute(model, tokenizer, monkeypatch):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model, "generate", no_compute)
+    monkeypatch.setattr(model, "forward", no_compute)
+    long_query = "hello world " * model.config.seq_length
+    with pytest.raises(ValueError, match="seq_length"):
+        model.chat(tokenizer, long_query)
+    with pytest.raises(ValueError, match="seq_length"):
+        next(model.stream_chat(tokenizer, long_query))
