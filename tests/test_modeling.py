@@ -247,9 +247,10 @@ def test_logits_to_keep_computes_only_the_last_positions(model):
     torch.testing.assert_close(model(ids, return_last_logit=True).logits, last)
 
 
+@pytest.mark.parametrize("dtype_argument", ["dtype", "torch_dtype"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_loads_and_tracks_float32(released_folder, model, dtype):
-    half = load(released_folder, dtype=dtype) if _has_dtype_kwarg() else load(released_folder, torch_dtype=dtype)
+def test_half_precision_loads_and_tracks_float32(released_folder, model, dtype, dtype_argument):
+    half = load(released_folder, **{dtype_argument: dtype})
     assert half.dtype == dtype
     ids = prompt_ids()
     logits = half(ids).logits.float()
@@ -258,12 +259,6 @@ def test_half_precision_loads_and_tracks_float32(released_folder, model, dtype):
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
     moved = load(released_folder).to(dtype)
     assert moved.dtype == dtype and torch.isfinite(moved(ids).logits).all()
-
-
-def _has_dtype_kwarg():
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 def test_half_method_and_device_map_auto(released_folder):

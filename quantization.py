@@ -1,0 +1,631 @@
+"""Weight-only INT8 / INT4 quantization of the ChatGLM2 linear layers.
+
+Checkpoint format (the released THUDM int4 format, spec section 6): per output row `r`,
+`scale[r] = max|W[r]| / (2**(bits-1) - 1)` in the model dtype and `q = round(W / scale)` as int8.
+8-bit weights are stored as that int8 [out, in] matrix; 4-bit weights as int8 [out, in/2] where byte
+`j` holds `q[2j]` in the high nibble and `q[2j+1]` in the low nibble (signed two's complement).
+
+Compute paths of `QuantizedLinear`, picked per call from where the weight lives:
+- CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+- CUDA with Triton: one fused dequantize-and-multiply kernel that reads the released layout directly.
+- Anything else (MPS, CUDA without Triton, shapes a kernel cannot take): dequantize and `F.linear`.
+Quantized weights are frozen; gradients flow to the inputs, so LoRA / P-Tuning train on top.
+
+Importing this module has no side effects: nothing is compiled and no global flag is set.
+"""
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # optional: CPU-only, macOS and Windows installs have no (working) triton
+    _HAS_TRITON = False
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "QuantizedLinear",
+    "dequantize_weight",
+    "pack_int4",
+    "quantize_model",
+    "quantize_weight",
+    "unpack_int4",
+]
+
+QUANTIZED_PROJECTIONS = (
+    "self_attention.query_key_value",
+    "self_attention.dense",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+)
+
+
+def _check_bits(bits):
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+
+
+def _packed_width(in_features, bits):
+    return in_features // 2 if bits == 4 else in_features
+
+
+# ---------------------------------------------------------------------------------------------
+# The released format
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_int4(q):
+    """Pack int8 values in [-8, 7], shape [..., in], into int8 [..., in/2]: q[2j] high nibble, q[2j+1] low."""
+    if q.dtype != torch.int8:
+        raise ValueError(f"pack_int4 expects an int8 tensor, got {q.dtype}")
+    if q.dim() == 0 or q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(q.shape)}")
+    checkable = q.numel() and q.device.type != "meta" and not torch.compiler.is_compiling()  # data-dependent
+    if checkable:
+        low, high = (value.item() for value in q.aminmax())
+        if low < -8 or high > 7:
+            raise ValueError(f"pack_int4: values must lie in [-8, 7], the signed 4-bit range; got [{low}, {high}]")
+    # q << 4 stays within int8 for q in [-8, 7]; & 0xF keeps the low nibble's two's-complement bits.
+    return (q[..., 0::2] << 4) | (q[..., 1::2] & 0xF)
+
+
+def unpack_int4(packed):
+    """Inverse of `pack_int4`: int8 [..., in/2] -> int8 [..., in] with values in [-8, 7]."""
+    if packed.dtype != torch.int8:
+        raise ValueError(f"unpack_int4 expects an int8 tensor, got {packed.dtype}")
+    high = packed >> 4  # arithmetic shift sign-extends the high nibble
+    low = (packed << 4) >> 4  # move the low nibble to the top, then sign-extend it back down
+    return torch.stack((high, low), dim=-1).flatten(-2)
+
+
+def quantize_weight(weight, bits):
+    """Quantize a float [out, in] weight per output row -> (int8 weight in the released layout, scale [out]).
+
+    The arithmetic runs in the weight's dtype, as the released code did, so a float16 checkpoint
+    quantizes to the same bytes as the published int4 file. The scale keeps the weight's dtype.
+    """
+    _check_bits(bits)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"quantize_weight expects a 2-D floating point weight, got {weight.dtype} of shape {tuple(weight.shape)}"
+        )
+    if bits == 4 and weight.shape[1] % 2:
+        raise ValueError(f"int4 packs two inputs per byte: in_features must be even, weight shape {tuple(weight.shape)}")
+    qmax = 2 ** (bits - 1) - 1
+    scale = weight.abs().amax(dim=1) / qmax
+    # An all-zero row keeps scale 0 (it dequantizes to 0) but must not divide 0 by 0.
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    # With a bfloat16 scale, rounding can push |W / scale| to qmax + 0.5; never let it wrap around.
+    q = (weight / divisor[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def dequantize_weight(qweight, scale, bits):
+    """Released layout (int8 [out, in] or [out, in/2]) and scale [out] -> float [out, in] in the scale's dtype."""
+    _check_bits(bits)
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    return q.to(scale.dtype).mul_(scale[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernels
+# ---------------------------------------------------------------------------------------------
+
+# PyTorch's weight-only CPU kernels (torch >= 2.6 has all of them); looking them up has no side effect.
+_HAS_CPU_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_HAS_CPU_INT4_KERNEL = all(
+    hasattr(torch.ops.aten, name) for name in ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+)
+# The CPU int4 matmul takes one scale per group of inputs; any of these sizes repeats the row scale.
+_CPU_INT4_GROUP_SIZES = (256, 128, 64, 32)
+
+
+# Released bytes hold signed nibbles q; the CPU kernel dequantizes unsigned ones, (u - 8) * scale.
+# u = q + 8 is q's 4-bit two's complement with the top bit flipped: XOR 0x8 in each nibble.
+def _released_to_unsigned(weight):
+    """Released int4 int8 [out, in/2] -> unsigned nibbles uint8 [out, in]."""
+    flipped = weight.view(torch.uint8) ^ 0x88
+    return torch.stack((flipped >> 4, flipped & 0xF), dim=-1).flatten(-2)
+
+
+def _unsigned_to_released(unsigned):
+    """Unsigned nibbles uint8 [out, in] -> released int4 int8 [out, in/2]."""
+    return ((unsigned[:, 0::2] << 4) | unsigned[:, 1::2]).bitwise_xor_(0x88).view(torch.int8)
+
+
+# Torch's CPU int4 layout: rows in blocks of `block` rows; inside a block, input column by column,
+# each byte pairing two rows of the block, row j with j + block/2 (`split`) or 2j with 2j + 1. The
+# rows left after the full blocks form one block paired 2j / 2j + 1. `_detect_cpu_int4_layout`
+# checks this description against torch's own packing at run time.
+def _pack_cpu_int4(unsigned, layout):
+    """Unsigned nibbles uint8 [out, in] -> torch's CPU int4 layout, flat uint8 [out * in / 2]."""
+    block, split = layout
+    out_features, in_features = unsigned.shape
+    full_rows = out_features - out_features % block
+    parts = []
+    if full_rows:
+        parts.append(_pair_rows(unsigned[:full_rows].view(-1, block, in_features), split))
+    if out_features > full_rows:
+        parts.append(_pair_rows(unsigned[full_rows:].view(1, -1, in_features), False))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _pair_rows(rows, split):
+    """[blocks, B, K] nibbles -> the bytes of those blocks, [blocks, K, B/2] flattened."""
+    half = rows.shape[1] // 2
+    low, high = (rows[:, :half], rows[:, half:]) if split else (rows[:, 0::2], rows[:, 1::2])
+    return (low | (high << 4)).transpose(1, 2).reshape(-1)
+
+
+def _unpack_cpu_int4(packed, out_features, in_features, layout):
+    """Inverse of `_pack_cpu_int4`: flat uint8 -> unsigned nibbles uint8 [out, in]."""
+    block, split = layout
+    half = in_features // 2
+    full_rows = out_features - out_features % block
+    parts = []
+    if full_rows:
+        blocks = packed[: full_rows * half].view(-1, in_features, block // 2)
+        parts.append(_unpair_rows(blocks, split).reshape(full_rows, in_features))
+    if out_features > full_rows:
+        tail = packed[full_rows * half :].view(1, in_features, -1)
+        parts.append(_unpair_rows(tail, False).reshape(out_features - full_rows, in_features))
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+def _unpair_rows(packed, split):
+    """[blocks, K, B/2] bytes -> [blocks, B, K] nibbles."""
+    low, high = packed & 0xF, packed >> 4
+    rows = torch.cat((low, high), dim=-1) if split else torch.stack((low, high), dim=-1).flatten(-2)
+    return rows.transpose(1, 2)
+
+
+@functools.cache
+def _detect_cpu_int4_layout():
+    """How this torch build lays out CPU int4 weights, as (rows per block, split pairing); None if unknown.
+
+    The layout depends on the CPU's vector width (64-row blocks on AVX512, 32 on AVX2 and plain
+    builds). Only a layout we reproduce exactly is used, so `state_dict()` can always give the
+    released format back; otherwise 4-bit layers on this CPU take the dequantizing fallback.
+    """
+    if not _HAS_CPU_INT4_KERNEL:
+        return None
+    # 176 rows = whole blocks plus a remainder for every block size; random nibbles rule out coincidences.
+    probe = torch.randint(0, 16, (176, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed_by_torch = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 2).reshape(-1)
+    for layout in ((64, True), (32, True), (64, False), (32, False), (16, False)):
+        if torch.equal(_pack_cpu_int4(probe, layout), packed_by_torch):
+            return layout
+    logger.warning("Unknown CPU int4 weight layout in this torch build: 4-bit layers use the slower fallback.")
+    return None
+
+
+# torch.compile calls this once while tracing and keeps the answer, instead of tracing the probe.
+@torch.compiler.assume_constant_result
+def _cpu_int4_layout():
+    return _detect_cpu_int4_layout()
+
+
+def _cpu_int4_kernel_fits(out_features, in_features):
+    return out_features % 16 == 0 and in_features % 32 == 0 and _cpu_int4_layout() is not None
+
+
+def _cpu_int8_kernel_fits(in_features):
+    # The bfloat16 kernel reads out of bounds (crash or garbage) when in_features % 16 != 0 (torch 2.13).
+    return in_features % 16 == 0 and _HAS_CPU_INT8_KERNEL
+
+
+def _as_released(weight, out_features, in_features, cpu_layout):
+    """The weight in the released layout: itself, or a converted copy of a CPU int4 kernel layout."""
+    if weight.dtype != torch.uint8:
+        return weight
+    return _unsigned_to_released(_unpack_cpu_int4(weight, out_features, in_features, cpu_layout))
+
+
+# The fp32 and fp16 CPU kernels are scalar loops, 15-30x slower than the bfloat16 ones (torch 2.13);
+# rounding activations to bfloat16 costs far less accuracy than the int8/int4 weights already do.
+def _cpu_int8_linear(x2d, weight, scale):
+    out = torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), weight, scale.to(torch.bfloat16))
+    return out.to(x2d.dtype)
+
+
+def _cpu_int4_linear(x2d, packed, scale):
+    out_features, in_features = scale.shape[0], x2d.shape[1]
+    group_size = next(size for size in _CPU_INT4_GROUP_SIZES if in_features % size == 0)
+    scales_and_zeros = scale.new_zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16)
+    scales_and_zeros[..., 0] = scale
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x2d.to(torch.bfloat16).contiguous(),
+        packed.view(out_features, in_features // 2),
+        group_size,
+        scales_and_zeros,
+    )
+    return out.to(x2d.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernel (Triton)
+# ---------------------------------------------------------------------------------------------
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _dequantize_matmul_kernel(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        BITS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """out[M, N] = x[M, K] @ (q[N, K] * scale[N, None]).T (+ bias), q read from the released layout."""
+        # 64-bit row offsets: M * K or M * N passes 2**31 for long batched prompts.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            ks = k_start + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                mask=(rows[:, None] < M) & (ks[None, :] < K),
+                other=0.0,
+            )
+            w_mask = (ks[:, None] < K) & (cols[None, :] < N)
+            if BITS == 8:
+                q = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0).to(tl.int32)
+            else:
+                byte = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] // 2, mask=w_mask, other=0)
+                # Even k: high nibble, odd k: low nibble. Shift it to the top of an int32, then an
+                # arithmetic shift back down sign-extends it.
+                q = (byte.to(tl.int32) << (24 + 4 * (ks[:, None] % 2))) >> 28
+            # Through float32: exact for |q| <= 127, and Triton's interpreter cannot cast int to bfloat16.
+            acc += tl.dot(x, q.to(tl.float32).to(x.dtype))
+        acc *= tl.load(scale_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + cols[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=(rows[:, None] < M) & (cols[None, :] < N),
+        )
+
+
+def _triton_linear(x2d, weight, scale, bias, bits):
+    """x2d [M, K] (float16/bfloat16, rows contiguous) times the released-layout weight, + bias."""
+    m, k = x2d.shape
+    n = scale.shape[0]
+    out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    if m <= 16:
+        # Decode: reading the weight is the whole cost; narrow column tiles spread it over more SMs.
+        block_m, block_n, block_k, num_warps, num_stages = 16, 32, 128, 4, 4
+    else:
+        # Prefill: wide tiles reuse each dequantized weight tile across 64 rows.
+        block_m, block_n, block_k, num_warps, num_stages = 64, 128, 64, 4, 3
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _dequantize_matmul_kernel[grid](
+        x2d,
+        weight,
+        scale,
+        bias if bias is not None else scale,  # any valid pointer; not read when HAS_BIAS is False
+        out,
+        m,
+        n,
+        k,
+        x2d.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        BITS=bits,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+# (device, dtype, bits) -> True once the kernel ran there, False once compiling it failed.
+_triton_status = {}
+
+
+def _triton_fits(x2d, weight):
+    if not (_HAS_TRITON and weight.device.type == "cuda" and x2d.device == weight.device):
+        return False
+    # Tensor-core dots need Turing+ for float16 and Ampere+ for bfloat16.
+    minimum = {torch.float16: (7, 5), torch.bfloat16: (8, 0)}.get(x2d.dtype)
+    return minimum is not None and torch.cuda.get_device_capability(weight.device) >= minimum
+
+
+def _cuda_linear(x2d, weight, scale, bias, bits):
+    key = (x2d.device, x2d.dtype, bits)
+    if _triton_status.get(key) is False:
+        return _fallback_linear(x2d, weight, scale, bias, bits)
+    try:
+        out = _triton_linear(x2d, weight, scale, bias, bits)
+    except Exception as error:
+        if _triton_status.get(key):
+            raise  # it compiled and ran before: a real error, not an unsupported GPU or toolchain
+        _triton_status[key] = False
+        logger.warning(
+            f"Triton could not run the {bits}-bit kernel on {x2d.device} for {x2d.dtype} ({error!r}); "
+            "using the slower dequantizing fallback."
+        )
+        return _fallback_linear(x2d, weight, scale, bias, bits)
+    _triton_status[key] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _fallback_linear(x2d, weight, scale, bias, bits):
+    """Portable path: dequantize the released layout and multiply."""
+    bias = bias.to(x2d.dtype) if bias is not None else None
+    return F.linear(x2d, dequantize_weight(weight, scale, bits).to(x2d.dtype), bias)
+
+
+def _quantized_linear(x2d, weight, scale, bias, bits):
+    """x2d [M, in] -> [M, out]; `weight` is released int8, or uint8 in the CPU int4 kernel layout."""
+    if weight.dtype == torch.uint8:
+        out = _cpu_int4_linear(x2d, weight, scale)
+    elif weight.device.type == "cpu" and bits == 8 and _cpu_int8_kernel_fits(x2d.shape[1]):
+        out = _cpu_int8_linear(x2d, weight, scale)
+    elif _triton_fits(x2d, weight):
+        return _cuda_linear(x2d.contiguous(), weight.contiguous(), scale, bias, bits)
+    else:
+        return _fallback_linear(x2d, weight, scale, bias, bits)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """Frozen quantized weight: the forward runs a kernel, the backward gives grad @ dequantized W."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, bits, cpu_layout):
+        ctx.save_for_backward(weight, scale)
+        ctx.bits = bits
+        ctx.cpu_layout = cpu_layout
+        ctx.has_bias = bias is not None
+        ctx.in_features = x.shape[-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        return _quantized_linear(x2d, weight, scale, bias, bits).view(*x.shape[:-1], scale.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            released = _as_released(weight, scale.shape[0], ctx.in_features, ctx.cpu_layout)
+            grad_x = grad_out @ dequantize_weight(released, scale, ctx.bits).to(grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+
+class QuantizedLinear(nn.Module):
+    """`nn.Linear` with a frozen int8 / int4 weight in the released checkpoint format.
+
+    Parameters: `weight` (int8 [out, in] for 8 bits, [out, in/2] for 4 bits), `weight_scale`
+    ([out], model dtype) and optional `bias` ([out], model dtype); `state_dict()` always holds them
+    in that released format.
+
+    One copy of the weight: on the CPU, a 4-bit layer converts `weight`, at its first forward there,
+    into PyTorch's int4 kernel layout: the same Parameter then holds flat uint8 data of the same size.
+    Saving converts back, and so does the first forward on any other device after `.to(...)`; the
+    kernel layout is never written anywhere. Its distinct dtype and shape mark it, so a loader that
+    writes a released tensor into a converted layer fails its shape check instead of mixing layouts.
+    """
+
+    def __init__(self, in_features, out_features, bits, bias=True, dtype=None, device=None):
+        super().__init__()
+        _check_bits(bits)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"int4 packs two inputs per byte: in_features must be even, got {in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        dtype = dtype or torch.get_default_dtype()
+        # Left uninitialized: the weight comes from a checkpoint or from `from_linear`.
+        self.weight = nn.Parameter(
+            torch.empty(out_features, _packed_width(in_features, bits), dtype=torch.int8, device=device),
+            requires_grad=False,
+        )
+        self.weight_scale = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        # Which CPU int4 layout `weight` holds while it is uint8 (it travels with a pickled module).
+        self._cpu_layout = None
+
+    @classmethod
+    def from_linear(cls, linear, bits):
+        """Quantize an `nn.Linear` where its weight lives; the bias parameter is shared, not copied."""
+        qweight, scale = quantize_weight(linear.weight.detach(), bits)
+        module = cls(linear.in_features, linear.out_features, bits, bias=False, dtype=scale.dtype, device="meta")
+        module.weight = nn.Parameter(qweight, requires_grad=False)
+        module.weight_scale = nn.Parameter(scale, requires_grad=False)
+        module.bias = linear.bias
+        return module
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+
+    # -- checking what loaders put in ---------------------------------------------------------
+
+    def check_loaded_tensor(self, name, tensor, key=None):
+        """Raise ValueError unless `tensor` can be this layer's `name` ('weight', 'weight_scale', 'bias').
+
+        `key` names the tensor in messages (the checkpoint key); a float [out, in] weight means an
+        unquantized checkpoint, an int8 weight of the other width a checkpoint of the other bit width.
+        """
+        key = key or name
+        shape = tuple(tensor.shape)
+        if name == "weight":
+            expected = (self.out_features, _packed_width(self.in_features, self.bits))
+            if tensor.dtype == torch.int8 and shape == expected:
+                return
+            other_bits = 12 - self.bits
+            if tensor.is_floating_point() and shape == (self.out_features, self.in_features):
+                hint = f" It is not quantized: load it with quantization_bit=0, then call .quantize({self.bits})."
+            elif tensor.dtype == torch.int8 and shape == (self.out_features, _packed_width(self.in_features, other_bits)):
+                hint = f" It has the shape of a {other_bits}-bit checkpoint: set quantization_bit={other_bits}."
+            else:
+                hint = ""
+            raise ValueError(
+                f"{key}: a {self.bits}-bit quantized layer needs an int8 weight of shape {expected}, "
+                f"got {tensor.dtype} of shape {shape}.{hint}"
+            )
+        if name in ("weight_scale", "bias"):
+            if tensor.is_floating_point() and shape == (self.out_features,):
+                return
+            raise ValueError(
+                f"{key}: expected a floating point tensor of shape {(self.out_features,)}, "
+                f"got {tensor.dtype} of shape {shape}"
+            )
+        raise ValueError(f"QuantizedLinear has no tensor named {name!r}")
+
+    def _check_parameters(self):
+        # Loaders that assign parameters directly bypass _load_from_state_dict: check at use.
+        is_cpu_layout = (
+            self.weight.dtype == torch.uint8
+            and self.weight.dim() == 1
+            and self.weight.numel() * 2 == self.out_features * self.in_features
+        )
+        if not is_cpu_layout:
+            self.check_loaded_tensor("weight", self.weight)
+        self.check_loaded_tensor("weight_scale", self.weight_scale)
+        if self.bias is not None:
+            self.check_loaded_tensor("bias", self.bias)
+
+    # -- layouts ------------------------------------------------------------------------------
+
+    def released_weight(self):
+        """The weight in the released layout (a converted copy while it is in the CPU kernel layout)."""
+        return _as_released(self.weight.detach(), self.out_features, self.in_features, self._cpu_layout)
+
+    def _weight_for_forward(self):
+        weight = self.weight
+        on_cpu = weight.device.type == "cpu"
+        if weight.dtype == torch.uint8 and not (on_cpu and self._cpu_layout == _cpu_int4_layout()):
+            self._convert_weight(None)  # moved off the CPU, or unpickled where torch packs int4 otherwise
+        elif weight.dtype == torch.int8 and on_cpu and self.bits == 4:
+            if _cpu_int4_kernel_fits(self.out_features, self.in_features):
+                self._convert_weight(_cpu_int4_layout())
+        return self.weight
+
+    @torch.compiler.disable  # runs once per layer; torch.compile resumes with the converted weight
+    def _convert_weight(self, cpu_layout):
+        """Put `weight` in the released layout (`cpu_layout` None) or in torch's CPU int4 layout."""
+        # A normal tensor even under inference_mode, so later training can still save it for backward;
+        # `.data` keeps the Parameter object that optimizers, hooks and tied-weight maps may hold.
+        with torch.inference_mode(False):
+            if cpu_layout is None:
+                self.weight.data = self.released_weight()
+            else:
+                self.weight.data = _pack_cpu_int4(_released_to_unsigned(self.weight.detach()), cpu_layout)
+        self._cpu_layout = cpu_layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.dtype == torch.uint8:
+            destination[prefix + "weight"] = self.released_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in ("weight", "weight_scale", "bias"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is not None:
+                self.check_loaded_tensor(name, state_dict[key], key)
+        if prefix + "weight" in state_dict and self.weight.dtype == torch.uint8:
+            self._convert_weight(None)  # the incoming weight is in the released layout
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    # -- compute ------------------------------------------------------------------------------
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
+        self._check_parameters()
+        weight = self._weight_for_forward()
+        return _QuantizedLinearFunction.apply(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole model
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_model(transformer, bits, empty_init=False, device=None):
+    """Replace the four projections of every `transformer.encoder.layers[i]` by `QuantizedLinear`.
+
+    Layer by layer, so only one layer's float weights exist beside the quantized ones: with `device`,
+    each layer moves there first and is quantized there (`.quantize(4, device="cuda")` streams the
+    model onto the GPU). `empty_init=True` allocates empty quantized parameters, to be filled from a
+    pre-quantized checkpoint. Layers already quantized to `bits` are left alone. Returns `transformer`.
+    """
+    _check_bits(bits)
+    layers = transformer.encoder.layers
+    # Check everything first, so a bad layer leaves the model untouched.
+    for index, layer in enumerate(layers):
+        for path in QUANTIZED_PROJECTIONS:
+            name = f"encoder.layers.{index}.{path}"
+            module = layer.get_submodule(path)
+            if isinstance(module, QuantizedLinear):
+                if module.bits != bits:
+                    raise ValueError(f"{name} is already quantized to {module.bits} bits; cannot re-quantize to {bits}")
+            elif not isinstance(module, nn.Linear):
+                raise TypeError(f"{name} must be an nn.Linear to quantize, got {type(module).__name__}")
+            elif bits == 4 and module.in_features % 2:
+                raise ValueError(
+                    f"{name}: int4 packs two inputs per byte, so in_features must be even; "
+                    f"weight shape {tuple(module.weight.shape)}"
+                )
+    for layer in layers:
+        if device is not None and not empty_init:
+            layer.to(device)
+        for path in QUANTIZED_PROJECTIONS:
+            parent_path, attribute = path.rsplit(".", 1)
+            parent = layer.get_submodule(parent_path)
+            linear = getattr(parent, attribute)
+            if isinstance(linear, QuantizedLinear):
+                continue
+            if empty_init:
+                quantized = QuantizedLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    bits,
+                    bias=linear.bias is not None,
+                    dtype=linear.weight.dtype,
+                    device=device if device is not None else linear.weight.device,
+                )
+            else:
+                quantized = QuantizedLinear.from_linear(linear, bits)
+            setattr(parent, attribute, quantized)  # drops the last reference to the float weight
+        if device is not None and empty_init:
+            layer.to(device)
+    return transformer

@@ -1,0 +1,636 @@
+"""Weight-only INT8 / INT4 quantization (`quantization.py`, spec section 6).
+
+The module is loaded from its file, as transformers loads remote code, so these tests need no
+package layout. Triton kernels are tested separately (tests/test_triton_kernels.py).
+"""
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATION_PY = Path(__file__).resolve().parent.parent / "quantization.py"
+
+
+def load_quantization(name="chatglm_quantization_under_test"):
+    spec = importlib.util.spec_from_file_location(name, QUANTIZATION_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+Q = load_quantization()
+
+# (out_features, in_features): shapes the CPU kernels take, and shapes only the fallback takes
+# (40 rows are not a multiple of 16; 66 inputs are not a multiple of 16 or 32).
+KERNEL_SHAPE = (48, 64)
+ODD_SHAPE = (40, 66)
+
+
+def make_layer(out_features, in_features, bits, dtype=torch.float32, bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=generator))
+    return Q.QuantizedLinear.from_linear(linear.to(dtype), bits)
+
+
+def reference_output(layer, x):
+    """float32 F.linear with the dequantized weight: what every compute path must agree with."""
+    weight = Q.dequantize_weight(layer.released_weight(), layer.weight_scale.float(), layer.bits)
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), weight, bias)
+
+
+def assert_close_relative(actual, expected, tolerance):
+    """Elementwise error within `tolerance` times the largest expected magnitude."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected, rtol=0, atol=tolerance * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_int4_puts_even_column_in_high_nibble_as_signed_twos_complement():
+    q = torch.tensor([[-8, 7, -7, 0, 1, -1], [0, -8, 7, 7, -1, 1]], dtype=torch.int8)
+    packed = Q.pack_int4(q)
+    expected_bytes = [[0x87, 0x90, 0x1F], [0x08, 0x77, 0xF1]]
+    assert packed.dtype == torch.int8
+    assert packed.view(torch.uint8).tolist() == expected_bytes
+
+
+def test_unpack_int4_reads_every_byte_back_to_its_two_nibbles():
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).view(16, 16)
+    q = Q.unpack_int4(every_byte)
+    assert q.shape == (16, 32) and q.dtype == torch.int8
+    high, low = q[:, 0::2].to(torch.int32), q[:, 1::2].to(torch.int32)
+    unsigned = every_byte.view(torch.uint8).to(torch.int32)
+    assert torch.equal(high, ((unsigned >> 4) ^ 8) - 8)  # signed value of the high nibble
+    assert torch.equal(low, ((unsigned & 0xF) ^ 8) - 8)
+    assert torch.equal(Q.pack_int4(q), every_byte)
+
+
+def test_pack_unpack_round_trip_on_odd_row_counts():
+    q = torch.randint(-8, 8, (7, 10), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(Q.unpack_int4(Q.pack_int4(q)), q)
+
+
+def test_pack_int4_rejects_odd_width_out_of_range_values_and_non_int8():
+    with pytest.raises(ValueError, match="even"):
+        Q.pack_int4(torch.zeros(2, 3, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        Q.pack_int4(torch.tensor([[8, 0]], dtype=torch.int8))
+    with pytest.raises(ValueError, match="int8"):
+        Q.pack_int4(torch.zeros(2, 2, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_weight / dequantize_weight
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quantize_weight_int8_uses_absmax_over_127_and_round_half_to_even():
+    weight = torch.tensor([[127.0, -63.5, 31.75, 0.0], [254.0, 1.0, -3.0, 2.0]])
+    qweight, scale = Q.quantize_weight(weight, 8)
+    assert scale.tolist() == [1.0, 2.0]
+    assert qweight.dtype == torch.int8
+    assert qweight.tolist() == [[127, -64, 32, 0], [127, 0, -2, 1]]
+
+
+def test_quantize_weight_int4_uses_absmax_over_7_and_packs_the_release_layout():
+    weight = torch.tensor([[7.0, -3.5, 1.75, 0.0], [-14.0, 2.0, 6.0, -7.0]])
+    qweight, scale = Q.quantize_weight(weight, 4)
+    assert scale.tolist() == [1.0, 2.0]
+    # q = [[7, -4, 2, 0], [-7, 1, 3, -4]]; bytes (q[2j] << 4) | (q[2j+1] & 0xF)
+    assert qweight.shape == (2, 2)
+    assert qweight.view(torch.uint8).tolist() == [[0x7C, 0x20], [0x91, 0x3C]]
+
+
+def test_quantize_weight_keeps_the_weight_dtype_for_the_scale():
+    weight = torch.randn(8, 16).to(torch.float16)
+    _, scale = Q.quantize_weight(weight, 4)
+    assert scale.dtype == torch.float16
+
+
+def test_quantize_weight_all_zero_row_gives_zero_scale_and_no_nan():
+    weight = torch.randn(3, 8)
+    weight[1] = 0
+    for bits in (4, 8):
+        qweight, scale = Q.quantize_weight(weight, bits)
+        assert scale[1] == 0
+        restored = Q.dequantize_weight(qweight, scale, bits)
+        assert not restored.isnan().any()
+        assert torch.equal(restored[1], torch.zeros(8))
+
+
+def test_quantize_weight_never_wraps_when_the_bfloat16_scale_rounds_down():
+    # bf16(1.328125 / 127) is small enough that 1.328125 / scale rounds to 127.5 in bfloat16.
+    weight = torch.tensor([[1.328125, 0.5]], dtype=torch.bfloat16)
+    qweight, _ = Q.quantize_weight(weight, 8)
+    assert qweight[0, 0] == 127
+
+
+def test_quantize_error_within_half_a_step_and_int8_finer_than_int4():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    errors = {}
+    for bits in (4, 8):
+        qweight, scale = Q.quantize_weight(weight, bits)
+        error = (Q.dequantize_weight(qweight, scale, bits) - weight).abs()
+        assert (error <= scale[:, None] / 2 * (1 + 1e-5)).all()
+        errors[bits] = error.mean().item()
+    assert errors[8] < errors[4] / 8
+
+
+def test_quantize_weight_rejects_bad_bits_odd_int4_width_and_non_float_weights():
+    for bits in (0, 2, 3, 16, True):
+        with pytest.raises(ValueError, match="bits"):
+            Q.quantize_weight(torch.randn(4, 4), bits)
+    with pytest.raises(ValueError, match=r"even.*\(4, 5\)"):
+        Q.quantize_weight(torch.randn(4, 5), 4)
+    with pytest.raises(ValueError, match="2-D floating"):
+        Q.quantize_weight(torch.ones(4, 4, dtype=torch.int8), 8)
+    with pytest.raises(ValueError, match="2-D floating"):
+        Q.quantize_weight(torch.randn(4), 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantizedLinear: compute paths
+# ---------------------------------------------------------------------------------------------
+
+
+def forbid_fallback(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the dequantizing fallback ran where a CPU kernel should have")
+
+    monkeypatch.setattr(Q, "_fallback_linear", fail)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kernel_output_matches_dequantized_reference(monkeypatch, bits, dtype):
+    layer = make_layer(*KERNEL_SHAPE, bits, dtype)
+    x = torch.randn(2, 3, KERNEL_SHAPE[1]).to(dtype)
+    forbid_fallback(monkeypatch)
+    out = layer(x)
+    assert out.shape == (2, 3, KERNEL_SHAPE[0]) and out.dtype == dtype
+    # The CPU kernels run in bfloat16 (see _cpu_int8_linear): one bfloat16 rounding of x and out.
+    assert_close_relative(out, reference_output(layer, x), 1e-2)
+    if bits == 4:
+        assert layer.weight.dtype == torch.uint8  # converted to torch's CPU int4 layout
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fallback_output_matches_dequantized_reference_on_odd_shapes(bits, dtype):
+    layer = make_layer(*ODD_SHAPE, bits, dtype)
+    x = torch.randn(5, ODD_SHAPE[1]).to(dtype)
+    out = layer(x)
+    assert out.shape == (5, ODD_SHAPE[0]) and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close_relative(out, reference_output(layer, x), tolerance)
+    assert layer.weight.dtype == torch.int8  # no kernel layout for these shapes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fallback_function_matches_reference_on_kernel_shapes(bits):
+    layer = make_layer(*KERNEL_SHAPE, bits)
+    x = torch.randn(4, KERNEL_SHAPE[1])
+    out = Q._fallback_linear(x, layer.released_weight(), layer.weight_scale, layer.bias, bits)
+    assert_close_relative(out, reference_output(layer, x), 1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_forward_accepts_1d_and_empty_inputs(bits):
+    layer = make_layer(*KERNEL_SHAPE, bits)
+    vector = torch.randn(KERNEL_SHAPE[1])
+    assert layer(vector).shape == (KERNEL_SHAPE[0],)
+    assert_close_relative(layer(vector), reference_output(layer, vector), 1e-2)
+    assert layer(torch.randn(0, KERNEL_SHAPE[1])).shape == (0, KERNEL_SHAPE[0])
+
+
+def test_forward_rejects_input_of_wrong_width():
+    layer = make_layer(*KERNEL_SHAPE, 8)
+    with pytest.raises(ValueError, match="width 64"):
+        layer(torch.randn(2, 65))
+
+
+def test_layer_without_bias_has_no_bias_parameter_or_key():
+    layer = make_layer(*KERNEL_SHAPE, 4, bias=False)
+    assert layer.bias is None
+    assert set(layer.state_dict()) == {"weight", "weight_scale"}
+    x = torch.randn(2, KERNEL_SHAPE[1])
+    assert_close_relative(layer(x), reference_output(layer, x), 1e-2)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpu_int4_layout_is_recognised_and_inverted_on_other_cpu_capabilities(capability):
+    # torch lays CPU int4 weights out by vector width; check the narrower builds too.
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, torch
+        spec = importlib.util.spec_from_file_location("q", {str(QUANTIZATION_PY)!r})
+        Q = importlib.util.module_from_spec(spec); spec.loader.exec_module(Q)
+        assert Q._cpu_int4_layout() is not None, torch.backends.cpu.get_cpu_capability()
+        for out_features in (16, 48, 176, 272):
+            weight = torch.randn(out_features, 64)
+            layer = Q.QuantizedLinear(64, out_features, 4, bias=False)
+            layer.weight.data, layer.weight_scale.data = Q.quantize_weight(weight, 4)
+            released = layer.weight.detach().clone()
+            x = torch.randn(3, 64)
+            expected = x @ Q.dequantize_weight(released, layer.weight_scale, 4).t()
+            out = layer(x)
+            assert layer.weight.dtype == torch.uint8
+            assert torch.equal(layer.state_dict()["weight"], released)
+            assert (out - expected).abs().max() <= 1e-2 * expected.abs().max(), out_features
+        """
+    )
+    environment = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("out_features", [16, 48, 64, 176, 272])
+def test_cpu_int4_layout_is_torchs_packing_and_converts_back_to_the_same_released_bytes(out_features):
+    # Whole 64/32-row blocks plus every remainder torch packs separately.
+    layer = make_layer(out_features, 96, 4, bias=False)
+    released = layer.weight.detach().clone()
+    layer(torch.randn(1, 96))
+    unsigned = (Q.unpack_int4(released) + 8).to(torch.int32)
+    packed_by_torch = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 2)
+    assert layer.weight.dtype == torch.uint8 and torch.equal(layer.weight, packed_by_torch.reshape(-1))
+    assert torch.equal(layer.released_weight(), released)
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantizedLinear: state dict, devices, loading
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_state_dict_has_release_keys_and_layout_before_and_after_cpu_kernels_ran(bits):
+    layer = make_layer(*KERNEL_SHAPE, bits, torch.float16)
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    assert set(before) == {"weight", "weight_scale", "bias"}
+    assert before["weight"].dtype == torch.int8
+    assert before["weight"].shape == (KERNEL_SHAPE[0], KERNEL_SHAPE[1] * bits // 8)
+    assert before["weight_scale"].dtype == torch.float16 and before["weight_scale"].shape == (KERNEL_SHAPE[0],)
+    layer(torch.randn(1, KERNEL_SHAPE[1], dtype=torch.float16))
+    after = layer.state_dict()
+    assert all(torch.equal(after[key], before[key]) and after[key].dtype == before[key].dtype for key in before)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_state_dict_round_trips_bit_exact_through_torch_save_and_safetensors(bits):
+    from safetensors.torch import load as safetensors_load
+    from safetensors.torch import save as safetensors_save
+
+    layer = make_layer(*KERNEL_SHAPE, bits, torch.bfloat16)
+    x = torch.randn(3, KERNEL_SHAPE[1], dtype=torch.bfloat16)
+    expected = layer(x)  # also converts a 4-bit layer to the CPU kernel layout first
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    loaded_by = {
+        "torch": torch.load(buffer, weights_only=True),
+        "safetensors": safetensors_load(safetensors_save(layer.state_dict())),
+    }
+    for loaded in loaded_by.values():
+        fresh = Q.QuantizedLinear(KERNEL_SHAPE[1], KERNEL_SHAPE[0], bits, dtype=torch.bfloat16)
+        fresh.load_state_dict(loaded)
+        assert all(torch.equal(fresh.state_dict()[key], value) for key, value in layer.state_dict().items())
+        assert torch.equal(fresh(x), expected)
+
+
+def test_loading_into_a_layer_already_in_the_cpu_kernel_layout_replaces_its_weights():
+    layer = make_layer(*KERNEL_SHAPE, 4, seed=0)
+    other = make_layer(*KERNEL_SHAPE, 4, seed=1)
+    x = torch.randn(2, KERNEL_SHAPE[1])
+    layer(x)
+    assert layer.weight.dtype == torch.uint8
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+    assert torch.equal(layer.state_dict()["weight"], other.state_dict()["weight"])
+
+
+def test_moving_a_converted_layer_off_the_cpu_restores_the_released_layout():
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    layer(torch.randn(1, KERNEL_SHAPE[1]))
+    layer.to("meta")
+    parameter = layer.weight
+    out = layer(torch.randn(2, KERNEL_SHAPE[1], device="meta"))
+    assert out.shape == (2, KERNEL_SHAPE[0])
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (KERNEL_SHAPE[0], KERNEL_SHAPE[1] // 2)
+    assert layer.weight is parameter  # converted through .data: holders of the Parameter stay valid
+
+
+def test_a_kernel_layout_from_another_torch_build_is_converted_back_by_its_recorded_layout(monkeypatch):
+    # As after unpickling a converted layer where torch lays int4 out differently (or not at all).
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    released = layer.weight.detach().clone()
+    x = torch.randn(2, KERNEL_SHAPE[1])
+    layer(x)
+    monkeypatch.setattr(Q, "_cpu_int4_layout", lambda: None)
+    out = layer(x)
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, released)
+    assert_close_relative(out, reference_output(layer, x), 1e-5)
+
+
+def test_writing_a_released_tensor_into_a_converted_layer_fails_loudly():
+    accelerate_utils = pytest.importorskip("accelerate.utils")
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    released = layer.weight.detach().clone()
+    layer(torch.randn(1, KERNEL_SHAPE[1]))
+    with pytest.raises(ValueError, match="shape"):
+        accelerate_utils.set_module_tensor_to_device(layer, "weight", "cpu", value=released)
+
+
+def test_layer_builds_on_meta_and_loads_a_checkpoint_by_assignment():
+    source = make_layer(*KERNEL_SHAPE, 4, torch.float16)
+    with torch.device("meta"):
+        layer = Q.QuantizedLinear(KERNEL_SHAPE[1], KERNEL_SHAPE[0], 4, dtype=torch.float16)
+    assert {name: (p.device.type, p.dtype, tuple(p.shape)) for name, p in layer.named_parameters()} == {
+        "weight": ("meta", torch.int8, (48, 32)),
+        "weight_scale": ("meta", torch.float16, (48,)),
+        "bias": ("meta", torch.float16, (48,)),
+    }
+    layer.load_state_dict(source.state_dict(), assign=True)
+    x = torch.randn(2, KERNEL_SHAPE[1], dtype=torch.float16)
+    assert torch.equal(layer(x), source(x))
+    assert not layer.weight.requires_grad and not layer.weight_scale.requires_grad
+
+
+def test_layer_builds_under_accelerate_init_empty_weights_and_loads_tensor_by_tensor():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils import set_module_tensor_to_device
+
+    source = make_layer(*KERNEL_SHAPE, 8, torch.bfloat16)
+    with accelerate.init_empty_weights():
+        layer = Q.QuantizedLinear(KERNEL_SHAPE[1], KERNEL_SHAPE[0], 8, dtype=torch.bfloat16)
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    for name, tensor in source.state_dict().items():
+        set_module_tensor_to_device(layer, name, "cpu", value=tensor)
+    x = torch.randn(2, KERNEL_SHAPE[1], dtype=torch.bfloat16)
+    assert torch.equal(layer(x), source(x))
+
+
+def test_to_empty_then_load_state_dict_gives_the_checkpoint_layer():
+    source = make_layer(*ODD_SHAPE, 4)
+    with torch.device("meta"):
+        layer = Q.QuantizedLinear(ODD_SHAPE[1], ODD_SHAPE[0], 4)
+    layer.to_empty(device="cpu").load_state_dict(source.state_dict())
+    x = torch.randn(2, ODD_SHAPE[1])
+    assert torch.equal(layer(x), source(x))
+
+
+def test_loading_a_float_weight_into_a_4bit_layer_names_the_tensor_and_both_shapes():
+    model = nn.Module()
+    model.proj = Q.QuantizedLinear(64, 40, 4)
+    state = {"proj.weight": torch.randn(40, 64), "proj.weight_scale": torch.ones(40), "proj.bias": torch.zeros(40)}
+    with pytest.raises(ValueError) as error:
+        model.load_state_dict(state)
+    message = str(error.value)
+    assert "proj.weight" in message and "(40, 32)" in message and "(40, 64)" in message
+    assert "quantization_bit=0" in message
+
+
+def test_loading_an_8bit_weight_into_a_4bit_layer_suggests_the_other_bit_width():
+    layer = Q.QuantizedLinear(64, 40, 4)
+    state = {"weight": torch.zeros(40, 64, dtype=torch.int8), "weight_scale": torch.ones(40), "bias": torch.zeros(40)}
+    with pytest.raises(ValueError, match=r"\(40, 32\).*\(40, 64\).*quantization_bit=8"):
+        layer.load_state_dict(state)
+
+
+def test_loading_a_scale_of_the_wrong_shape_names_it():
+    layer = Q.QuantizedLinear(64, 40, 8)
+    state = {"weight": torch.zeros(40, 64, dtype=torch.int8), "weight_scale": torch.ones(40, 1), "bias": torch.zeros(40)}
+    with pytest.raises(ValueError, match=r"weight_scale.*\(40,\).*\(40, 1\)"):
+        layer.load_state_dict(state)
+
+
+def test_a_mismatched_tensor_assigned_directly_fails_at_the_first_forward():
+    layer = Q.QuantizedLinear(64, 40, 4)
+    layer.weight = nn.Parameter(torch.randn(40, 64), requires_grad=False)  # as a loader's setattr would
+    with pytest.raises(ValueError, match=r"weight.*\(40, 32\).*\(40, 64\)"):
+        layer(torch.randn(1, 64))
+
+
+def test_constructor_rejects_bad_bits_and_odd_int4_width():
+    for bits in (0, 3, 16):
+        with pytest.raises(ValueError, match="bits must be 4 or 8"):
+            Q.QuantizedLinear(64, 40, bits)
+    with pytest.raises(ValueError, match="even.*65"):
+        Q.QuantizedLinear(65, 40, 4)
+    Q.QuantizedLinear(65, 40, 8)  # int8 has no such constraint
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [KERNEL_SHAPE, ODD_SHAPE], ids=["kernel", "fallback"])
+def test_input_and_bias_gradients_match_the_dequantized_float_layer(bits, shape):
+    layer = make_layer(*shape, bits)
+    float_layer = nn.Linear(shape[1], shape[0])
+    with torch.no_grad():
+        float_layer.weight.copy_(Q.dequantize_weight(layer.released_weight(), layer.weight_scale, bits))
+        float_layer.bias.copy_(layer.bias)
+    x = torch.randn(2, 3, shape[1])
+    upstream = torch.randn(2, 3, shape[0])
+    x_quantized = x.clone().requires_grad_()
+    x_float = x.clone().requires_grad_()
+    (layer(x_quantized) * upstream).sum().backward()
+    (float_layer(x_float) * upstream).sum().backward()
+    torch.testing.assert_close(x_quantized.grad, x_float.grad)
+    torch.testing.assert_close(layer.bias.grad, float_layer.bias.grad)
+    assert layer.weight.grad is None and layer.weight_scale.grad is None
+
+
+def test_a_trainable_input_before_a_frozen_quantized_layer_learns_through_it():
+    # As P-Tuning / LoRA on earlier layers: the trainable part only gets gradients through the layer.
+    torch.manual_seed(0)
+    base = make_layer(*KERNEL_SHAPE, 4, bias=False)
+    x = torch.randn(32, KERNEL_SHAPE[1])
+    target = base(x + torch.randn(KERNEL_SHAPE[1])).detach()
+    offset = nn.Parameter(torch.zeros(KERNEL_SHAPE[1]))
+    optimizer = torch.optim.Adam([offset], lr=0.1)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(base(x + offset), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10
+
+
+def test_kernel_conversion_under_inference_mode_leaves_a_weight_training_can_use():
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    with torch.inference_mode():
+        layer(torch.randn(1, KERNEL_SHAPE[1]))
+    assert not layer.weight.is_inference()
+    x = torch.randn(2, KERNEL_SHAPE[1], requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_model
+# ---------------------------------------------------------------------------------------------
+
+
+def stand_in_transformer(hidden=64, ffn=48, qkv=96, num_layers=2, device=None):
+    """The module tree quantize_model walks: encoder.layers[i].{self_attention,mlp}.*, plus extras."""
+
+    def layer():
+        block = nn.Module()
+        block.input_layernorm = nn.LayerNorm(hidden)
+        block.self_attention = nn.Module()
+        block.self_attention.query_key_value = nn.Linear(hidden, qkv, bias=True)
+        block.self_attention.dense = nn.Linear(hidden, hidden, bias=False)
+        block.mlp = nn.Module()
+        block.mlp.dense_h_to_4h = nn.Linear(hidden, 2 * ffn, bias=False)
+        block.mlp.dense_4h_to_h = nn.Linear(ffn, hidden, bias=False)
+        return block
+
+    with torch.device(device or "cpu"):
+        torch.manual_seed(0)
+        transformer = nn.Module()
+        transformer.encoder = nn.Module()
+        transformer.encoder.layers = nn.ModuleList(layer() for _ in range(num_layers))
+        transformer.output_layer = nn.Linear(hidden, 100, bias=False)
+    return transformer
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_model_replaces_exactly_the_four_projections_of_every_layer(bits):
+    transformer = stand_in_transformer()
+    floats = {name: module for name, module in transformer.named_modules() if isinstance(module, nn.Linear)}
+    kept = {name: module for name, module in transformer.named_modules() if not name.endswith(Q.QUANTIZED_PROJECTIONS)}
+    assert Q.quantize_model(transformer, bits) is transformer
+    modules = dict(transformer.named_modules())
+    for index in range(2):
+        for path in Q.QUANTIZED_PROJECTIONS:
+            name = f"encoder.layers.{index}.{path}"
+            quantized, linear = modules[name], floats[name]
+            assert isinstance(quantized, Q.QuantizedLinear) and quantized.bits == bits
+            expected_weight, expected_scale = Q.quantize_weight(linear.weight.detach(), bits)
+            assert torch.equal(quantized.weight, expected_weight)
+            assert torch.equal(quantized.weight_scale, expected_scale)
+            assert quantized.bias is linear.bias
+    for name, module in kept.items():
+        assert modules[name] is module
+    assert type(modules["output_layer"]) is nn.Linear
+
+
+def test_quantize_model_moves_each_layer_to_the_device_and_quantizes_there():
+    transformer = stand_in_transformer()
+    Q.quantize_model(transformer, 4, device="meta")
+    for name, parameter in transformer.encoder.named_parameters():
+        assert parameter.device.type == "meta", name
+    qkv = transformer.encoder.layers[0].self_attention.query_key_value
+    assert qkv.weight.dtype == torch.int8 and qkv.weight.shape == (96, 32)
+    assert transformer.output_layer.weight.device.type == "cpu"  # outside the layers: left alone
+
+
+def test_quantize_model_empty_init_allocates_released_shapes_without_computing():
+    transformer = stand_in_transformer(device="meta")
+    Q.quantize_model(transformer, 4, empty_init=True)
+    dense_4h_to_h = transformer.encoder.layers[1].mlp.dense_4h_to_h
+    assert dense_4h_to_h.weight.device.type == "meta" and dense_4h_to_h.weight.shape == (64, 24)
+    assert transformer.encoder.layers[0].self_attention.query_key_value.bias is not None
+
+    on_cpu = Q.quantize_model(stand_in_transformer(), 8, empty_init=True)
+    for path in Q.QUANTIZED_PROJECTIONS:
+        module = on_cpu.encoder.layers[0].get_submodule(path)
+        assert module.weight.device.type == "cpu" and module.weight.dtype == torch.int8
+        assert not module.weight_scale.any()  # left at zero: nothing was quantized
+
+
+def test_quantize_model_rejects_bad_bits_and_leaves_the_model_alone():
+    transformer = stand_in_transformer()
+    for bits in (0, 2, 16, "4"):
+        with pytest.raises(ValueError, match="bits must be 4 or 8"):
+            Q.quantize_model(transformer, bits)
+    assert not any(isinstance(module, Q.QuantizedLinear) for module in transformer.modules())
+
+
+def test_quantize_model_int4_with_odd_width_names_the_layer_and_shape_and_changes_nothing():
+    transformer = stand_in_transformer(ffn=33)
+    with pytest.raises(ValueError, match=r"encoder\.layers\.0\.mlp\.dense_4h_to_h.*\(64, 33\)"):
+        Q.quantize_model(transformer, 4)
+    assert not any(isinstance(module, Q.QuantizedLinear) for module in transformer.modules())
+    Q.quantize_model(transformer, 8)  # int8 takes any width
+
+
+def test_quantize_model_again_with_the_same_bits_is_a_no_op_and_other_bits_are_refused():
+    transformer = Q.quantize_model(stand_in_transformer(), 4)
+    qkv = transformer.encoder.layers[0].self_attention.query_key_value
+    Q.quantize_model(transformer, 4)
+    assert transformer.encoder.layers[0].self_attention.query_key_value is qkv
+    with pytest.raises(ValueError, match="already quantized to 4 bits"):
+        Q.quantize_model(transformer, 8)
+
+
+def test_quantized_stand_in_layer_stays_close_to_the_float_layer():
+    transformer = stand_in_transformer()
+    float_dense = transformer.encoder.layers[0].mlp.dense_h_to_4h
+    x = torch.randn(4, 64)
+    expected = float_dense(x).detach()
+    errors = {}
+    for bits in (8, 4):
+        quantized = Q.quantize_model(stand_in_transformer(), bits).encoder.layers[0].mlp.dense_h_to_4h
+        errors[bits] = (quantized(x) - expected).abs().max().item() / expected.abs().max().item()
+    assert errors[8] < 0.02 and errors[4] < 0.25 and errors[8] < errors[4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional Triton
+# ---------------------------------------------------------------------------------------------
+
+
+def test_module_imports_and_runs_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    without_triton = load_quantization("chatglm_quantization_without_triton")
+    assert without_triton._HAS_TRITON is False
+    for bits in (4, 8):
+        layer = without_triton.QuantizedLinear.from_linear(nn.Linear(64, 48), bits)
+        x = torch.randn(2, 64)
+        assert not without_triton._triton_fits(x, layer.weight)
+        assert layer(x).shape == (2, 48)
+
+
+def test_triton_failure_on_first_launch_falls_back_and_later_failures_raise(monkeypatch):
+    layer = make_layer(*KERNEL_SHAPE, 8)
+    x = torch.randn(2, KERNEL_SHAPE[1])
+    args = (x, layer.weight, layer.weight_scale, layer.bias, 8)
+    expected = Q._fallback_linear(*args)
+    monkeypatch.setattr(Q, "_triton_status", {})
+
+    def no_compiler(*args):
+        raise RuntimeError("no ptxas for this GPU")
+
+    monkeypatch.setattr(Q, "_triton_linear", no_compiler)
+    assert torch.equal(Q._cuda_linear(*args), expected)  # first launch fails: fallback, remembered
+    assert torch.equal(Q._cuda_linear(*args), expected)
+
+    monkeypatch.setattr(Q, "_triton_status", {})
+    monkeypatch.setattr(Q, "_triton_linear", lambda *args: expected)
+    Q._cuda_linear(*args)  # it ran once here...
+    monkeypatch.setattr(Q, "_triton_linear", no_compiler)
+    with pytest.raises(RuntimeError, match="ptxas"):  # ...so a later error is real and surfaces
+        Q._cuda_linear(*args)
