@@ -5,8 +5,12 @@ unchanged. Attention runs through transformers' attention interface (SDPA by def
 and the KV cache is a transformers `Cache` holding only the key/value groups of multi-query attention.
 """
 
+import re
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -26,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_chatglm import ChatGLMConfig
-from .quantization import quantize_model
+from .quantization import QUANTIZED_PROJECTIONS, check_stored_weight, quantize_model
 
 logger = logging.get_logger(__name__)
 
@@ -334,6 +338,60 @@ def positions_from_mask(padding_mask):
     return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
+PROJECTION_WEIGHT = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$")
+
+
+def projection_shapes(config):
+    """(out_features, in_features) of each quantizable projection."""
+    heads_size = config.num_attention_heads * config.kv_channels
+    qkv_size = heads_size + 2 * config.num_key_value_heads * config.kv_channels
+    return {
+        "self_attention.query_key_value": (qkv_size, config.hidden_size),
+        "self_attention.dense": (config.hidden_size, heads_size),
+        "mlp.dense_h_to_4h": (2 * config.ffn_hidden_size, config.hidden_size),
+        "mlp.dense_4h_to_h": (config.hidden_size, config.ffn_hidden_size),
+    }
+
+
+def stored_tensors(folder):
+    """(file name, key, dtype, shape) of the weights transformers would load from `folder`, read lazily."""
+    safetensors_files = sorted(folder.glob("model*.safetensors"))
+    if safetensors_files:
+        for path in safetensors_files:
+            with safe_open(path, framework="pt") as file:
+                for key in file.keys():
+                    piece = file.get_slice(key)
+                    yield path.name, key, SAFETENSORS_DTYPES.get(piece.get_dtype()), tuple(piece.get_shape())
+        return
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        for key, tensor in state.items():
+            yield path.name, key, tensor.dtype, tuple(tensor.shape)
+
+
+def check_checkpoint_quantization(folder, config):
+    """Refuse, naming the tensor, a checkpoint whose projections do not match `config.quantization_bit`.
+
+    transformers would otherwise cast a float weight into an int8 parameter (4.x) or fail with a
+    generic size-mismatch report (5.x).
+    """
+    shapes = projection_shapes(config)
+    for file_name, key, dtype, shape in stored_tensors(Path(folder)):
+        match = PROJECTION_WEIGHT.search(key)
+        if match and dtype is not None:
+            out_features, in_features = shapes[match.group(1)]
+            check_stored_weight(
+                f"{file_name}: {key}", dtype, shape, out_features, in_features, config.quantization_bit
+            )
+
+
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
@@ -359,8 +417,16 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             module.inv_freq.copy_(rotary_inverse_frequencies(module.rotary_dim, device=module.inv_freq.device))
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if Path(pretrained_model_name_or_path).is_dir():
+            # transformers 5.x imports the config class from its own module copy, so test by attribute.
+            config = kwargs.get("config")
+            if not hasattr(config, "quantization_bit"):
+                config = ChatGLMConfig.from_pretrained(pretrained_model_name_or_path)
+            if "quantization_bit" in kwargs:
+                config = ChatGLMConfig.from_dict({**config.to_dict(), "quantization_bit": kwargs["quantization_bit"]})
+            check_checkpoint_quantization(pretrained_model_name_or_path, config)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # transformers 5.x re-creates loaded parameters as trainable; P-Tuning v2 needs the base frozen.
         if model.config.pre_seq_len is not None:

@@ -32,7 +32,9 @@ except Exception:  # optional: CPU-only, macOS and Windows installs have no (wor
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "QUANTIZED_PROJECTIONS",
     "QuantizedLinear",
+    "check_stored_weight",
     "dequantize_weight",
     "pack_int4",
     "quantize_model",
@@ -55,6 +57,36 @@ def _check_bits(bits):
 
 def _packed_width(in_features, bits):
     return in_features // 2 if bits == 4 else in_features
+
+
+def check_stored_weight(key, dtype, shape, out_features, in_features, bits):
+    """Raise ValueError unless a projection weight of `dtype`/`shape` fits a layer of `bits` (0 = float).
+
+    The message names `key`, both shapes, and the `quantization_bit` the tensor was saved with
+    where that can be told from its shape.
+    """
+    shape = tuple(shape)
+    stored_bits = None
+    if dtype.is_floating_point and shape == (out_features, in_features):
+        stored_bits = 0
+    elif dtype == torch.int8 and shape == (out_features, in_features):
+        stored_bits = 8
+    elif dtype == torch.int8 and shape == (out_features, _packed_width(in_features, 4)):
+        stored_bits = 4
+    if stored_bits == bits:
+        return
+    if bits:
+        expected = f"an int8 weight of shape {(out_features, _packed_width(in_features, bits))}"
+        needs = f"a {bits}-bit quantized layer needs {expected}"
+    else:
+        needs = f"a floating point layer needs a float weight of shape {(out_features, in_features)}"
+    if stored_bits == 0:
+        hint = f" It is not quantized: load it with quantization_bit=0, then call .quantize({bits})."
+    elif stored_bits is not None:
+        hint = f" It has the shape of a {stored_bits}-bit checkpoint: set quantization_bit={stored_bits}."
+    else:
+        hint = ""
+    raise ValueError(f"{key}: {needs}, got {dtype} of shape {shape}.{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,20 +519,8 @@ class QuantizedLinear(nn.Module):
         key = key or name
         shape = tuple(tensor.shape)
         if name == "weight":
-            expected = (self.out_features, _packed_width(self.in_features, self.bits))
-            if tensor.dtype == torch.int8 and shape == expected:
-                return
-            other_bits = 12 - self.bits
-            if tensor.is_floating_point() and shape == (self.out_features, self.in_features):
-                hint = f" It is not quantized: load it with quantization_bit=0, then call .quantize({self.bits})."
-            elif tensor.dtype == torch.int8 and shape == (self.out_features, _packed_width(self.in_features, other_bits)):
-                hint = f" It has the shape of a {other_bits}-bit checkpoint: set quantization_bit={other_bits}."
-            else:
-                hint = ""
-            raise ValueError(
-                f"{key}: a {self.bits}-bit quantized layer needs an int8 weight of shape {expected}, "
-                f"got {tensor.dtype} of shape {shape}.{hint}"
-            )
+            check_stored_weight(key, tensor.dtype, shape, self.out_features, self.in_features, self.bits)
+            return
         if name in ("weight_scale", "bias"):
             if tensor.is_floating_point() and shape == (self.out_features,):
                 return

@@ -1,0 +1,148 @@
+"""Quantization at the model level (spec §6): quantize(), pre-quantized checkpoints, errors, training."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from tiny_checkpoint import copy_code, random_model, write_config
+
+VOCAB = 160
+PROJECTIONS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+@pytest.fixture(scope="module")
+def float_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("float")
+    random_model(folder, VOCAB, add_qkv_bias=True).save_pretrained(folder)
+    return folder
+
+
+def load(folder, **kwargs):
+    return AutoModel.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+
+
+def ids_of(batch=1, length=9, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(logits, reference):
+    return ((logits - reference).norm() / reference.norm()).item()
+
+
+def test_quantize_replaces_exactly_the_four_projections(float_folder):
+    model = load(float_folder).quantize(4)
+    assert model.config.quantization_bit == 4
+    for layer in model.transformer.encoder.layers:
+        for path in PROJECTIONS:
+            assert type(layer.get_submodule(path)).__name__ == "QuantizedLinear"
+    assert isinstance(model.transformer.output_layer, torch.nn.Linear)
+    assert isinstance(model.transformer.embedding.word_embeddings, torch.nn.Embedding)
+
+
+def test_quantize_is_idempotent_and_zero_bits_is_a_no_op(float_folder):
+    model = load(float_folder)
+    assert model.quantize(0) is model and model.config.quantization_bit == 0
+    assert model.quantize(8) is model
+    weight = model.transformer.encoder.layers[0].self_attention.dense.weight
+    assert model.quantize(8) is model
+    assert model.transformer.encoder.layers[0].self_attention.dense.weight is weight
+    with pytest.raises(ValueError, match="already quantized to 8"):
+        model.quantize(4)
+    with pytest.raises(ValueError):
+        load(float_folder).quantize(3)
+
+
+def test_int8_tracks_float_closer_than_int4_and_greedy_tokens_mostly_agree(float_folder):
+    reference_model = load(float_folder)
+    ids = ids_of(batch=2, length=12)
+    reference = reference_model(ids).logits
+    errors = {}
+    for bits in (8, 4):
+        quantized = load(float_folder).quantize(bits)
+        logits = quantized(ids).logits
+        errors[bits] = relative_error(logits, reference)
+        agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        assert agreement >= (0.95 if bits == 8 else 0.7), (bits, agreement)
+    assert errors[8] < errors[4] < 0.2, errors
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_saved_quantized_model_uses_the_released_names_and_reloads_bit_for_bit(float_folder, tmp_path, bits):
+    model = load(float_folder).quantize(bits)
+    ids = ids_of()
+    logits = model(ids).logits  # after a forward, int4 weights sit in the CPU kernel layout
+    model.save_pretrained(tmp_path)
+    copy_code(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_bit"] == bits
+    state = model.state_dict()
+    name = "transformer.encoder.layers.0.mlp.dense_4h_to_h"
+    hidden, ffn = model.config.hidden_size, model.config.ffn_hidden_size
+    assert state[name + ".weight"].dtype == torch.int8
+    assert state[name + ".weight"].shape == (hidden, ffn if bits == 8 else ffn // 2)
+    assert state[name + ".weight_scale"].shape == (hidden,)
+
+    reloaded, info = AutoModel.from_pretrained(tmp_path, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, tensor in state.items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+    torch.testing.assert_close(reloaded.eval()(ids).logits, logits)
+
+
+def test_released_int4_single_file_loads_as_is(float_folder, tmp_path):
+    quantized = load(float_folder, dtype=torch.float16).quantize(4)
+    state = {key: tensor.clone() for key, tensor in quantized.state_dict().items()}
+    copy_code(tmp_path)
+    write_config(tmp_path, VOCAB, add_qkv_bias=True, quantization_bit=4, torch_dtype="float16")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    loaded, info = AutoModel.from_pretrained(tmp_path, trust_remote_code=True, output_loading_info=True, dtype="auto")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, tensor in state.items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    ids = ids_of()
+    torch.testing.assert_close(loaded.eval()(ids).logits, quantized(ids).logits)
+
+
+def test_checkpoint_not_matching_quantization_bit_names_the_tensor(float_folder, tmp_path):
+    copy_code(tmp_path)
+    write_config(tmp_path, VOCAB, add_qkv_bias=True, quantization_bit=4)
+    for file in float_folder.glob("*.safetensors"):
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(ValueError, match=r"model\.safetensors: transformer\.encoder\.layers\.\d+\.[a-z_.0-9]+\.weight: a 4-bit quantized layer needs an "
+        r"int8 weight of shape \(\d+, \d+\), got torch.float32 of shape \(\d+, \d+\)\. It is not quantized"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_quantized_checkpoint_loaded_as_float_names_its_bit_width(float_folder, tmp_path):
+    model = load(float_folder).quantize(8)
+    model.save_pretrained(tmp_path)
+    copy_code(tmp_path)
+    with pytest.raises(ValueError, match=r"layers\.\d+\.[a-z_.0-9]+\.weight: a floating point layer .*set quantization_bit=8"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True, quantization_bit=0)
+
+
+def test_quantize_on_the_way_to_a_device(float_folder):
+    model = load(float_folder).quantize(8, device="cpu")
+    assert torch.isfinite(model(ids_of()).logits).all()
+    assert model.transformer.encoder.layers[1].mlp.dense_h_to_4h.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_model_generates_like_its_own_forward(float_folder, bits):
+    model = load(float_folder).quantize(bits)
+    ids = ids_of()
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    sequence = ids
+    for _ in range(4):
+        sequence = torch.cat((sequence, model(sequence).logits[:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(generated, sequence)
+
+
+def test_ptuning_trains_on_a_quantized_base(float_folder):
+    model = AutoModel.from_pretrained(float_folder, trust_remote_code=True, pre_seq_len=3).quantize(4).train()
+    ids = ids_of(batch=2)
+    model(ids, labels=ids).loss.backward()
+    assert model.transformer.prefix_encoder.embedding.weight.grad.abs().sum() > 0
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["transformer.prefix_encoder.embedding.weight"]
