@@ -1,0 +1,1 @@
+../../configuration_chatglm.py
