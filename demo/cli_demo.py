@@ -1,0 +1,262 @@
+"""Chat with a ChatGLM2 model in the terminal: the bundled tiny demo model, or the released weights.
+
+    python demo/cli_demo.py                                    # interactive chat with demo/tiny-chatglm2
+    python demo/cli_demo.py --greedy --query "你好"             # answer once, print, exit (for scripts)
+    python demo/cli_demo.py --model-path PATH --quantize 4     # a folder made by tools/upgrade_checkpoint.py
+
+Interactive commands: `clear` forgets the conversation, `stop` (or `exit`) quits. Ctrl-C while an
+answer is being written stops that answer (what was written stays in the history); Ctrl-C or Ctrl-D
+at the prompt quits. Each turn re-encodes the whole history with the chat prompt, as `chat` does.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "tiny-chatglm2"
+CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+CLEAR_COMMANDS = ("clear",)
+STOP_COMMANDS = ("stop", "exit", "quit")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+USAGE_ERROR = 2
+INTERRUPTED = 130
+BANNER = (
+    "ChatGLM2 terminal chat. Type a message and press Enter.\n"
+    "Commands: 'clear' forgets the conversation, 'stop' quits. "
+    "Ctrl-C stops an answer; Ctrl-C or Ctrl-D at the prompt quits."
+)
+BUNDLED_NOTE = (
+    "The bundled tiny model only knows the few hundred dialogs it was trained on (demo/data/dialogs.jsonl).\n"
+    "Try: 你好 / 你是谁？ / 中国的首都是哪里？ / Hello / What can you do? / My name is Alice."
+)
+
+
+class UsageError(Exception):
+    """A problem with the arguments or the model folder, reported as one line without a traceback."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def probability(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def device_name(text):
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def build_parser():
+    parser = OneLineErrorParser(
+        prog="cli_demo.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        default=BUNDLED_MODEL,
+        help="model folder with this package's code files, config, tokenizer.model and weights (default: the bundled demo model)",
+    )
+    parser.add_argument("--query", action="append", metavar="TEXT", help="answer TEXT and exit; repeat for a multi-turn conversation")
+    parser.add_argument("--quantize", type=int, choices=(0, 4, 8), default=0, help="quantize the weights to 4 or 8 bits after loading (0: no)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on cpu, bfloat16 (or float16) on cuda, float16 on mps")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="longest answer, in tokens (default: 512)")
+    parser.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument("--top-p", type=probability, default=0.8, help="nucleus sampling threshold (default: 0.8)")
+    parser.add_argument("--greedy", action="store_true", help="always pick the most likely token (ignores --temperature/--top-p)")
+    parser.add_argument("--seed", type=int, help="seed the sampler, for repeatable answers")
+    return parser
+
+
+def check_model_folder(folder):
+    """Raise UsageError naming what is missing, before transformers fails with a long traceback."""
+    if not folder.exists():
+        raise UsageError(f"--model-path {folder}: no such folder")
+    if not folder.is_dir():
+        raise UsageError(f"--model-path {folder}: not a folder")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder / 'config.json'} is missing: not a model folder")
+    if not (folder / "tokenizer.model").is_file():
+        raise UsageError(f"{folder / 'tokenizer.model'} is missing: the tokenizer needs it")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UsageError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    for name in CODE_FILES:
+        code = folder / name
+        if not code.is_file():
+            raise UsageError(f"{code} is missing: make the folder with tools/upgrade_checkpoint.py")
+        text = code.read_text(encoding="utf-8", errors="replace").strip()
+        if text.endswith(".py") and "\n" not in text:
+            # git writes a symlink it could not create as a one-line file holding the target path.
+            raise UsageError(
+                f"{code} is a placeholder for a symlink to {text}: clone with symlinks enabled "
+                "(on Windows: git clone -c core.symlinks=true)"
+            )
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine (or this torch build) has no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: Apple's MPS backend is not available here")
+    return name
+
+
+def pick_dtype(name, device):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    # Half precision on CPUs is slow or unsupported in places; float32 is the safe choice.
+    return torch.float32
+
+
+def load(args):
+    check_model_folder(args.model_path)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    # Imported here so that --help and argument errors answer at once.
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=True)
+        model = AutoModel.from_pretrained(args.model_path, trust_remote_code=True, dtype=dtype)
+        if args.quantize:
+            # Layer by layer onto the device: the float model never has to fit there whole.
+            model = model.quantize(args.quantize, device=device)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load {args.model_path}: {first_line}") from None
+    return tokenizer, model.to(device).eval()
+
+
+def generation_options(args):
+    if args.greedy:
+        return {"do_sample": False, "max_new_tokens": args.max_new_tokens}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+
+
+def stream_answer(model, tokenizer, query, history, options, out):
+    """Write the answer to `out` as it grows; return (history with this turn, whether Ctrl-C stopped it).
+
+    A stopped answer stays in the history as far as it was written: it is what the user saw.
+    """
+    shown = ""
+    turns = model.stream_chat(tokenizer, query, history=history, **options)
+    try:
+        for response, _ in turns:
+            out.write(response[len(shown) :])
+            out.flush()
+            shown = response
+    except KeyboardInterrupt:
+        turns.close()
+        return history + [(query, shown)], True
+    return history + [(query, shown)], False
+
+
+def run_queries(model, tokenizer, queries, options):
+    """Answer each query after the previous ones, one answer per line on stdout."""
+    history = []
+    for query in queries:
+        history, stopped = stream_answer(model, tokenizer, query, history, options, sys.stdout)
+        print()
+        if stopped:
+            return INTERRUPTED
+    return 0
+
+
+def read_query():
+    """The next line typed, or None when the user quits (stop, Ctrl-D, Ctrl-C)."""
+    try:
+        line = input("\nYou / 用户: ")
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+    return None if line.strip().lower() in STOP_COMMANDS else line.strip()
+
+
+def chat_loop(model, tokenizer, options, bundled):
+    print(BANNER)
+    if bundled:
+        print(BUNDLED_NOTE)
+    history = []
+    while (query := read_query()) is not None:
+        if not query:
+            continue
+        if query.lower() in CLEAR_COMMANDS:
+            history = []
+            print("(conversation cleared)")
+            continue
+        print("\nChatGLM: ", end="", flush=True)
+        try:
+            history, stopped = stream_answer(model, tokenizer, query, history, options, sys.stdout)
+        except ValueError as error:  # the conversation outgrew the model's context
+            print(f"\nerror: {error} (type 'clear' to start over)")
+            continue
+        print(" [stopped]" if stopped else "")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        tokenizer, model = load(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:  # loading 12 GB takes a while; giving up on it is not an error
+        return INTERRUPTED
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    options = generation_options(args)
+    if args.query:
+        try:
+            return run_queries(model, tokenizer, args.query, options)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return USAGE_ERROR
+    bundled = args.model_path.resolve() == BUNDLED_MODEL
+    return chat_loop(model, tokenizer, options, bundled)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
