@@ -1,0 +1,198 @@
+"""tools/upgrade_checkpoint.py: a downloaded release folder becomes one that runs this package's code.
+
+The "release" folders here are tiny random ChatGLM2 models saved with the released file names
+(sharded `.bin` files plus their index, or the int4 release's single `pytorch_model.bin`), beside
+stand-ins for the published code that fail if they are ever run.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from tiny_checkpoint import REPO_ROOT, random_model, write_released_shards
+
+TOOL = REPO_ROOT / "tools" / "upgrade_checkpoint.py"
+CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
+VOCAB_ROWS = 2048  # the conftest tokenizer has 2000 pieces + 5 special tokens
+PUBLISHED_CODE_STAND_IN = 'raise RuntimeError("the published code ran instead of this package\'s")\n'
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("upgrade_checkpoint", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = load_tool()
+
+
+def make_release(folder, sentencepiece_model_path, **config_overrides):
+    """A random tiny model in `folder` laid out like the release, minus its weight files; returns the model."""
+    model = random_model(folder, VOCAB_ROWS, add_qkv_bias=True, **config_overrides)
+    for name in CODE_FILES:
+        (folder / name).write_text(PUBLISHED_CODE_STAND_IN)
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    shutil.copy(sentencepiece_model_path, folder / "tokenizer.model")
+    return model
+
+
+@pytest.fixture(scope="module")
+def sharded_release(tmp_path_factory, sentencepiece_model_path):
+    folder = tmp_path_factory.mktemp("chatglm2-6b")
+    model = make_release(folder, sentencepiece_model_path)
+    write_released_shards(model.state_dict(), folder, num_shards=3)
+    return folder, model
+
+
+def input_ids():
+    return torch.tensor([[64 + 7 * i for i in range(12)]])
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_sharded_release_runs_this_package_code_on_linked_weights(sharded_release, tmp_path):
+    src, original = sharded_release
+    dst = tmp_path / "upgraded"
+    result = run_tool(src, dst)
+    assert result.returncode == 0, result.stderr
+    assert "trust_remote_code=True" in result.stdout
+
+    weight_names = ["pytorch_model.bin.index.json"] + [f"pytorch_model-{i:05d}-of-00003.bin" for i in (1, 2, 3)]
+    for name in weight_names + ["tokenizer.model"]:
+        assert (dst / name).is_symlink(), f"{name} should be a link, not a copy"
+        assert os.path.samefile(dst / name, src / name)
+    for name in CODE_FILES + ("tokenizer_config.json", "generation_config.json"):
+        assert (dst / name).read_bytes() == (REPO_ROOT / name).read_bytes(), name
+
+    config = json.loads((dst / "config.json").read_text())
+    source_config = json.loads((src / "config.json").read_text())
+    assert config["auto_map"] == json.loads((REPO_ROOT / "config.json").read_text())["auto_map"]
+    assert {key: value for key, value in config.items() if key != "auto_map"} == {
+        key: value for key, value in source_config.items() if key != "auto_map"
+    }
+
+    loaded, info = AutoModel.from_pretrained(dst, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    module_file = sys.modules[type(loaded).__module__].__file__
+    assert open(module_file, encoding="utf-8").read() == (REPO_ROOT / "modeling_chatglm.py").read_text(encoding="utf-8")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids()).logits, original(input_ids()).logits, rtol=0, atol=0)
+
+    tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
+    assert tokenizer.decode(tokenizer("你好, world")["input_ids"]) == "你好, world"
+
+
+def test_int4_release_keeps_its_quantization(tmp_path, sentencepiece_model_path):
+    src = tmp_path / "chatglm2-6b-int4"
+    model = make_release(src, sentencepiece_model_path).quantize(4)
+    # The int4 release: quantization_bit in the config, the packed weights in one pickle.
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_bit": 4}))
+    dst = tmp_path / "upgraded"
+    assert tool.main([str(src), str(dst)]) == 0
+
+    assert json.loads((dst / "config.json").read_text())["quantization_bit"] == 4
+    assert (dst / "pytorch_model.bin").is_symlink()
+    loaded, info = AutoModel.from_pretrained(dst, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    qkv = loaded.transformer.encoder.layers[0].self_attention.query_key_value
+    assert qkv.weight.dtype == torch.int8 and qkv.weight.shape[1] == qkv.in_features // 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids()).logits, model(input_ids()).logits, rtol=0, atol=0)
+
+
+def test_copy_flag_copies_instead_of_linking(sharded_release, tmp_path):
+    src, _ = sharded_release
+    dst = tmp_path / "copied"
+    assert tool.main([str(src), str(dst), "--copy"]) == 0
+    for name in ("pytorch_model.bin.index.json", "pytorch_model-00002-of-00003.bin", "tokenizer.model"):
+        assert not (dst / name).is_symlink()
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_non_empty_destination_needs_force(sharded_release, tmp_path, capsys):
+    src, _ = sharded_release
+    dst = tmp_path / "busy"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    (dst / "model.safetensors").write_text("stale weights transformers would prefer")
+    assert tool.main([str(src), str(dst)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert tool.main([str(src), str(dst), "--force"]) == 0
+    assert (dst / "notes.txt").read_text() == "mine"
+    assert not (dst / "model.safetensors").exists()
+    assert (dst / "pytorch_model.bin.index.json").is_symlink()
+
+
+def break_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def remove(folder, name):
+    (folder / name).unlink()
+
+
+REFUSALS = {
+    "no config": (lambda f: remove(f, "config.json"), "config.json is missing"),
+    "not chatglm": (lambda f: break_config(f, model_type="llama"), "model_type is 'llama'"),
+    "chatglm v1": (
+        lambda f: break_config(f, position_encoding_2d=True, padded_vocab_size=None, multi_query_attention=None),
+        "ChatGLM-6B (v1)",
+    ),
+    "missing shape key": (lambda f: break_config(f, multi_query_attention=None), "lacks multi_query_attention"),
+    "32k rope scaling": (lambda f: break_config(f, rope_ratio=16), "rope_ratio=16"),
+    "chatglm3": (lambda f: break_config(f, _name_or_path="THUDM/chatglm3-6b"), "ChatGLM3"),
+    "no tokenizer": (lambda f: remove(f, "tokenizer.model"), "tokenizer.model is missing"),
+    "bad tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"not a model"), "not a SentencePiece model"),
+    "vocab too small": (lambda f: break_config(f, padded_vocab_size=1024), "do not fit"),
+    "missing shard": (lambda f: remove(f, "pytorch_model-00002-of-00003.bin"), "pytorch_model-00002-of-00003.bin is missing"),
+    "no weights": (
+        lambda f: [remove(f, p.name) for p in list(f.iterdir()) if p.name.startswith("pytorch_model")],
+        "holds no weights",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refuses_folders_that_are_not_chatglm2_checkpoints(case, sharded_release, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(sharded_release[0], src)
+    damage, reason = REFUSALS[case]
+    damage(src)
+    dst = tmp_path / "dst"
+    assert tool.main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert reason in err
+    assert not dst.exists(), "nothing may be written when the source is refused"
+
+
+def test_refusals_from_the_command_line_are_one_line(tmp_path):
+    result = run_tool(tmp_path / "nowhere", tmp_path / "dst")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: SRC {tmp_path / 'nowhere'}: no such folder"]
+    assert "Traceback" not in result.stderr
+
+
+def test_destination_may_not_be_the_source(sharded_release):
+    src, _ = sharded_release
+    assert tool.main([str(src), str(src), "--force"]) == 2
+    assert (src / "modeling_chatglm.py").read_text() == PUBLISHED_CODE_STAND_IN
