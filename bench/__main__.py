@@ -1,0 +1,202 @@
+"""`python -m bench`: measure load time, memory, prefill and decode speed of each precision.
+
+Writes a random-weight checkpoint of the released shapes and layout under the cache folder (once),
+measures this machine's read bandwidth, runs one worker process per configuration (so each one's
+memory is its own), and writes results.json, results.md and results.png to the output folder.
+`--quick` does the same on tiny shapes in seconds: a smoke test of the harness, not a measurement.
+"""
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from .checkpoint import cache_root, model_folder
+from .model_shapes import REPO_ROOT, decode_roofline, released_config
+from .report import check_readme, write_reports
+from .system import describe_machine, read_bandwidth
+
+PRECISIONS = {"bf16": 16, "int8": 8, "int4": 4}
+FULL_DEFAULTS = {"runs": 3, "prefill_lengths": [128, 512], "batches": [1, 4], "new_tokens": 64, "bandwidth_bytes": 1 << 30}
+QUICK_DEFAULTS = {"runs": 1, "prefill_lengths": [16, 32], "batches": [1, 4], "new_tokens": 8, "bandwidth_bytes": 64 << 20}
+WORKER_TAIL_LINES = 20
+# Activations and unquantized weights. The CPU int8/int4 kernels compute in bfloat16 whatever the
+# model dtype, float16 matmuls are slow on CPUs, and every GPU with bfloat16 (Ampere on) runs it fast.
+ACTIVATION_DTYPE = "bfloat16"
+
+
+def integer_list(text):
+    return [int(value) for value in text.split(",")]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one run each: checks the harness, not speed")
+    parser.add_argument("--precisions", default="bf16,int8,int4", help="comma-separated, from bf16, int8, int4 (default: all)")
+    parser.add_argument(
+        "--no-quantize-path",
+        action="store_true",
+        help="skip loading the fp16 shards and calling .quantize(bits) (measured for load time and memory only)",
+    )
+    parser.add_argument("--runs", type=int, help="repetitions of each speed measurement (default 3; --quick 1)")
+    parser.add_argument("--prefill-lengths", type=integer_list, help="prompt lengths; decode follows the first (default 128,512)")
+    parser.add_argument("--batches", type=integer_list, help="decode batch sizes (default 1,4)")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per decode run (default 64)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's, %(default)s here)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "bench" / "cache", help="where checkpoints are written and reused")
+    parser.add_argument("--out", type=Path, help="output folder (default bench/results; --quick: <cache-dir>/quick-results)")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        action="append",
+        default=[],
+        help="a Markdown file whose '<!-- bench-results:start/end -->' section gets the table and chart (repeatable)",
+    )
+    args = parser.parse_args(argv)
+
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
+    unknown = [name for name in args.precisions if name not in PRECISIONS]
+    if unknown or not args.precisions:
+        parser.error(f"--precisions takes names from {', '.join(PRECISIONS)}; got {', '.join(unknown) or 'none'}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.out is None:
+        args.out = args.cache_dir / "quick-results" if args.quick else REPO_ROOT / "bench" / "results"
+    if min(args.prefill_lengths + args.batches + [args.runs, args.new_tokens, args.threads]) < 1:
+        parser.error("--runs, --prefill-lengths, --batches, --new-tokens and --threads must be positive")
+    for readme in args.readme:
+        try:
+            check_readme(readme)
+        except (OSError, ValueError) as error:
+            parser.error(f"--readme: {error}")
+    return args
+
+
+def plan_configurations(args, config):
+    """What to measure: (label, precision, bits, load path, model folder, worker flags); writes missing checkpoints."""
+    root = cache_root(args.cache_dir, args.quick, args.seed)
+    configurations = []
+    for precision in args.precisions:
+        bits = PRECISIONS[precision]
+        configuration = {"label": precision, "precision": precision, "bits": bits, "folder": model_folder(root, config, args.seed, bits)}
+        if bits == 16:
+            configurations.append(dict(configuration, load_path="fp16 shards", flags=[]))
+            continue
+        long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
+        configurations.append(dict(configuration, load_path=f"int{bits} file", flags=long_conversation))
+        if not args.no_quantize_path:
+            configurations.append(dict(
+                configuration,
+                label=f"{precision} via quantize",
+                load_path=f"fp16 shards + quantize({bits})",
+                folder=model_folder(root, config, args.seed, 16),
+                flags=["--quantize-bits", str(bits), "--load-only"],
+            ))
+    return configurations
+
+
+def run_worker(configuration, args):
+    """One configuration in its own process; its output is echoed, its JSON result returned."""
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "result.json"
+        command = [
+            sys.executable, "-m", "bench.worker",
+            "--folder", str(configuration["folder"]),
+            "--label", configuration["label"],
+            "--dtype", ACTIVATION_DTYPE,
+            "--device", args.device,
+            "--threads", str(args.threads),
+            "--prefill-lengths", ",".join(map(str, args.prefill_lengths)),
+            "--batches", ",".join(map(str, args.batches)),
+            "--new-tokens", str(args.new_tokens),
+            "--runs", str(args.runs),
+            "--output", str(output),
+        ] + configuration["flags"]
+        # No network: the model folder is local, and nothing may be fetched while measuring.
+        environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        tail = deque(maxlen=WORKER_TAIL_LINES)
+        with subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as worker:
+            for line in worker.stdout:
+                sys.stderr.write(line)
+                tail.append(line.rstrip())
+        if worker.returncode != 0:
+            last = next((line for line in reversed(tail) if line.strip()), "no output")
+            return {"error": f"worker exited with code {worker.returncode}: {last}"}
+        return json.loads(output.read_text())
+
+
+def add_rooflines(row, config, args, bandwidth):
+    if not row.get("decode"):
+        return
+    row["roofline"] = {}
+    for batch in args.batches:
+        roofline = decode_roofline(config, row["bits"], bandwidth, args.prefill_lengths[0], args.new_tokens, batch)
+        roofline["fraction"] = row["decode"][f"batch{batch}"]["tokens_per_second"]["median"] / roofline["tokens_per_second"]
+        row["roofline"][f"batch{batch}"] = roofline
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = released_config(quick=args.quick)
+
+    print(f"measuring read bandwidth ({args.bandwidth_bytes / 2**30:.2f} GiB array)", file=sys.stderr, flush=True)
+    bandwidth = read_bandwidth(args.bandwidth_bytes)
+    gc.collect()
+    rate = bandwidth["bytes_per_second"]["median"]
+    print(f"read bandwidth {rate / 1e9:.1f} GB/s (median)", file=sys.stderr, flush=True)
+
+    configurations = plan_configurations(args, config)
+    rows = []
+    for configuration in configurations:
+        print(f"== {configuration['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
+        row = {key: configuration[key] for key in ("label", "precision", "bits", "load_path")}
+        row.update(run_worker(configuration, args))
+        add_rooflines(row, config, args, rate)
+        rows.append(row)
+
+    results = {
+        "harness": {
+            "quick": args.quick,
+            "shapes": {key: config[key] for key in ("num_layers", "hidden_size", "ffn_hidden_size", "padded_vocab_size")},
+            "dtype": ACTIVATION_DTYPE,
+            "threads": args.threads,
+            "runs": args.runs,
+            "prefill_lengths": args.prefill_lengths,
+            "batches": args.batches,
+            "new_tokens": args.new_tokens,
+            "seed": args.seed,
+        },
+        "machine": describe_machine(args.device),
+        "bandwidth": bandwidth,
+        "results": rows,
+    }
+    has_chart = write_reports(results, args.out, args.readme)
+    print((args.out / "results.md").read_text())
+    if not has_chart:
+        print("matplotlib is not installed: no chart written (pip install matplotlib)", file=sys.stderr)
+    print(f"results written to {args.out}", file=sys.stderr)
+    failed = [row["label"] for row in rows if row.get("error")]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The benchmark harness (`bench/`): checkpoints in the released layout, and a `--quick` run end to end.
+
+These tests check that the harness works and writes what it promises; they never assert a speed
+(tiny shapes on a shared CI machine measure nothing).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.checkpoint import MARKER, ensure_fp16_shards, ensure_quantized_file, load_quantize_weight  # noqa: E402
+from bench.model_shapes import decode_roofline, release_tensors, released_config  # noqa: E402
+from bench.report import README_END, README_START  # noqa: E402
+
+QUICK_LABELS = ["bf16", "int8", "int8 via quantize", "int4", "int4 via quantize"]
+
+
+def test_release_tensor_list_matches_the_6b_checkpoint():
+    tensors = release_tensors(released_config())
+    assert len(tensors) == 200
+    assert sum(tensor.numel * 2 for tensor in tensors) == 12_487_168_064  # spec §2, fp16 bytes
+    shapes = {tensor.name: tensor.shape for tensor in tensors}
+    assert shapes["transformer.encoder.layers.27.self_attention.query_key_value.weight"] == (4608, 4096)
+    assert shapes["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"] == (4096, 13696)
+    assert shapes["transformer.output_layer.weight"] == (65024, 4096)
+    quantized = sum(tensor.numel for tensor in tensors if tensor.quantized)
+    assert round(quantized / 1e9, 2) == 5.71  # spec §7 size arithmetic
+
+
+def test_int4_roofline_at_28_gb_per_second_is_about_8_tokens():
+    # The issue's figure: 2.85 GB of int4 matrices + 0.53 GB output_layer per token at 28 GB/s.
+    roofline = decode_roofline(released_config(), 4, 28e9, prompt_length=128, new_tokens=64, batch=1)
+    assert 8.0 < roofline["tokens_per_second"] < 8.5
+
+
+@pytest.fixture(scope="module")
+def quick_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-checkpoints")
+    config = released_config(quick=True)
+    fp16 = ensure_fp16_shards(root / "fp16", config, seed=0)
+    int4 = ensure_quantized_file(root / "int4", config, seed=0, bits=4)
+    return config, fp16, int4
+
+
+def test_fp16_shards_follow_the_release_layout(quick_checkpoints):
+    config, fp16, _ = quick_checkpoints
+    index = json.loads((fp16 / "pytorch_model.bin.index.json").read_text())
+    shard_names = sorted(set(index["weight_map"].values()))
+    assert shard_names == sorted(path.name for path in fp16.glob("pytorch_model-*-of-*.bin"))
+    state_dict = {}
+    for name in shard_names:
+        state_dict.update(torch.load(fp16 / name, weights_only=True))
+    expected = {tensor.name: tensor.shape for tensor in release_tensors(config)}
+    assert {name: tuple(tensor.shape) for name, tensor in state_dict.items()} == expected
+    assert all(tensor.dtype == torch.float16 for tensor in state_dict.values())
+    assert index["metadata"]["total_size"] == sum(tensor.nbytes for tensor in state_dict.values())
+    assert torch.equal(state_dict["transformer.encoder.final_layernorm.weight"], torch.ones(config["hidden_size"], dtype=torch.float16))
+    rotary_dim = config["kv_channels"] // 2
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    assert torch.equal(state_dict["transformer.rotary_pos_emb.inv_freq"], inv_freq.half())
+    weight = state_dict["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"].float()
+    assert 0.015 < weight.std().item() < 0.025
+
+
+def test_int4_file_is_the_quantized_fp16_checkpoint(quick_checkpoints):
+    config, fp16, int4 = quick_checkpoints
+    assert [path.name for path in int4.glob("*.bin")] == ["pytorch_model.bin"]
+    packed = torch.load(int4 / "pytorch_model.bin", weights_only=True)
+    name = "transformer.encoder.layers.1.self_attention.dense.weight"
+    index = json.loads((fp16 / "pytorch_model.bin.index.json").read_text())
+    float_weight = torch.load(fp16 / index["weight_map"][name], weights_only=True)[name]
+    qweight, scale = load_quantize_weight()(float_weight, 4)
+    assert packed[name].dtype == torch.int8 and packed[name].shape == (config["hidden_size"], config["hidden_size"] // 2)
+    assert torch.equal(packed[name], qweight)
+    assert packed[name + "_scale"].dtype == torch.float16 and torch.equal(packed[name + "_scale"], scale)
+    # Embedding, output layer, norms and the QKV bias stay floating point (spec §6).
+    assert packed["transformer.output_layer.weight"].dtype == torch.float16
+    assert packed["transformer.encoder.layers.0.self_attention.query_key_value.bias"].dtype == torch.float16
+
+
+def test_checkpoints_are_reused_until_the_request_changes(quick_checkpoints, tmp_path):
+    config, fp16, _ = quick_checkpoints
+    marker_time = (fp16 / MARKER).stat().st_mtime_ns
+    ensure_fp16_shards(fp16, config, seed=0)
+    assert (fp16 / MARKER).stat().st_mtime_ns == marker_time
+
+    folder = tmp_path / "fp16"
+    ensure_fp16_shards(folder, config, seed=0)
+    first = torch.load(next(folder.glob("pytorch_model-00001-*.bin")), weights_only=True)
+    ensure_fp16_shards(folder, config, seed=1)
+    assert json.loads((folder / MARKER).read_text())["seed"] == 1
+    second = torch.load(next(folder.glob("pytorch_model-00001-*.bin")), weights_only=True)
+    name = "transformer.embedding.word_embeddings.weight"
+    assert not torch.equal(first[name], second[name])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m bench --quick` into temporary folders, updating a README section, as a user runs it."""
+    work = tmp_path_factory.mktemp("bench-quick")
+    readme = work / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{README_START}\nold table\n{README_END}\nafter\n")
+    out = work / "results"
+    command = [sys.executable, "-m", "bench", "--quick", "--cache-dir", str(work / "cache"), "--out", str(out), "--readme", str(readme)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    return out, readme, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_measures_every_configuration(quick_run):
+    _, _, results = quick_run
+    assert results["harness"]["quick"] is True
+    assert results["bandwidth"]["bytes_per_second"]["median"] > 0
+    assert {"cpu", "torch", "transformers", "date", "device"} <= set(results["machine"])
+    rows = {row["label"]: row for row in results["results"]}
+    assert list(rows) == QUICK_LABELS
+    for label, row in rows.items():
+        assert not row.get("error"), (label, row.get("error"))
+        assert row["load_seconds"] > 0 and row["peak_rss_bytes"] > 0
+        assert row["rss_after_load_bytes"] > 0
+        if "via quantize" in label:
+            assert "decode" not in row  # that path is measured for loading and memory only
+            continue
+        for length in results["harness"]["prefill_lengths"]:
+            stats = row["prefill"][str(length)]["tokens_per_second"]
+            assert stats["min"] <= stats["median"] <= stats["max"]
+        for batch in results["harness"]["batches"]:
+            assert row["decode"][f"batch{batch}"]["tokens_per_second"]["median"] > 0
+            roofline = row["roofline"][f"batch{batch}"]
+            assert roofline["bytes_per_step"] > 0 and roofline["fraction"] > 0
+
+
+def test_quick_run_writes_the_markdown_table_and_readme_section(quick_run):
+    out, readme, results = quick_run
+    table = (out / "results.md").read_text()
+    assert "| precision | weights loaded from |" in table
+    for row in results["results"]:
+        assert f"| {row['precision']} | {row['load_path']} |" in table
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n") and text.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in text and "| precision | weights loaded from |" in text
+
+
+def test_quick_run_draws_the_chart(quick_run):
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib; without it the harness skips it")
+    out, readme, results = quick_run
+    assert results["chart"] == "results.png"
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "](results/results.png)" in readme.read_text()
+
+
+def test_unknown_precision_is_refused_before_any_work(tmp_path):
+    command = [sys.executable, "-m", "bench", "--quick", "--precisions", "fp8", "--cache-dir", str(tmp_path)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert "--precisions" in completed.stderr and "fp8" in completed.stderr
+    assert not any(tmp_path.iterdir())
