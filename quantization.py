@@ -268,18 +268,30 @@ def _cpu_int8_linear(x2d, weight, scale):
     return out.to(x2d.dtype)
 
 
+@functools.cache
+def _unit_scales_and_zeros(groups, out_features):
+    """The CPU int4 kernel's per-group (scale, zero) table with scale 1 and zero 0, shared by every layer.
+
+    The kernel takes a scale per group of inputs, and ours is one per row: rather than building a
+    [groups, out, 2] table per layer and call (a per-token allocation as large as 4% of the weights),
+    the kernel multiplies by 1 and the row scale is applied to its [rows, out] output.
+    """
+    with torch.inference_mode(False):
+        table = torch.zeros(groups, out_features, 2, dtype=torch.bfloat16)
+        table[..., 0] = 1
+    return table
+
+
 def _cpu_int4_linear(x2d, packed, scale):
     out_features, in_features = scale.shape[0], x2d.shape[1]
     group_size = next(size for size in _CPU_INT4_GROUP_SIZES if in_features % size == 0)
-    scales_and_zeros = scale.new_zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16)
-    scales_and_zeros[..., 0] = scale
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x2d.to(torch.bfloat16).contiguous(),
         packed.view(out_features, in_features // 2),
         group_size,
-        scales_and_zeros,
+        _unit_scales_and_zeros(in_features // group_size, out_features),
     )
-    return out.to(x2d.dtype)
+    return out.mul_(scale.to(torch.bfloat16)).to(x2d.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +441,11 @@ def _quantized_linear(x2d, weight, scale, bias, bits):
     return out if bias is None else out + bias.to(out.dtype)
 
 
+def _quantized_linear_nd(x, weight, scale, bias, bits):
+    out = _quantized_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, bits)
+    return out.view(*x.shape[:-1], scale.shape[0])
+
+
 class _QuantizedLinearFunction(torch.autograd.Function):
     """Frozen quantized weight: the forward runs a kernel, the backward gives grad @ dequantized W."""
 
@@ -439,8 +456,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         ctx.cpu_layout = cpu_layout
         ctx.has_bias = bias is not None
         ctx.in_features = x.shape[-1]
-        x2d = x.reshape(-1, x.shape[-1])
-        return _quantized_linear(x2d, weight, scale, bias, bits).view(*x.shape[:-1], scale.shape[0])
+        return _quantized_linear_nd(x, weight, scale, bias, bits)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -592,6 +608,10 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
         self._check_parameters()
         weight = self._weight_for_forward()
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if not needs_grad:
+            # Inference (generation runs without grad): no autograd node to build for each projection.
+            return _quantized_linear_nd(x, weight, self.weight_scale, self.bias, self.bits)
         return _QuantizedLinearFunction.apply(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
 
 
