@@ -6,7 +6,9 @@ Checkpoint format (the released THUDM int4 format, spec section 6): per output r
 `j` holds `q[2j]` in the high nibble and `q[2j+1]` in the low nibble (signed two's complement).
 
 Compute paths of `QuantizedLinear`, picked per call from where the weight lives:
-- CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+- CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) for a few
+  rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts), the layer's integers unpacked to bfloat16
+  and a GEMM.
 - CUDA with Triton: one fused dequantize-and-multiply kernel that reads the released layout directly.
 - Anything else (MPS, CUDA without Triton, shapes a kernel cannot take): dequantize and `F.linear`.
 Quantized weights are frozen; gradients flow to the inputs, so LoRA / P-Tuning train on top.
@@ -170,7 +172,8 @@ def _released_to_unsigned(weight):
 
 def _unsigned_to_released(unsigned):
     """Unsigned nibbles uint8 [out, in] -> released int4 int8 [out, in/2]."""
-    return ((unsigned[:, 0::2] << 4) | unsigned[:, 1::2]).bitwise_xor_(0x88).view(torch.int8)
+    released = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]  # keeps the input's memory order
+    return released.contiguous().bitwise_xor_(0x88).view(torch.int8)
 
 
 # Torch's CPU int4 layout: rows in blocks of `block` rows; inside a block, input column by column,
@@ -197,26 +200,42 @@ def _pair_rows(rows, split):
     return (low | (high << 4)).transpose(1, 2).reshape(-1)
 
 
-def _unpack_cpu_int4(packed, out_features, in_features, layout):
-    """Inverse of `_pack_cpu_int4`: flat uint8 -> unsigned nibbles uint8 [out, in]."""
+def _unpack_cpu_int4(packed, out_features, in_features, layout, dtype=torch.uint8, signed=False):
+    """Inverse of `_pack_cpu_int4`: flat uint8 -> nibbles [out, in] as `dtype`, `u` or with `signed` `u - 8`.
+
+    The result is the transposed view of a contiguous [in, out] tensor: the kernel layout stores the
+    inputs outermost, so this order is written in one pass per nibble (the dtype conversion
+    included), and `F.linear` multiplies by it without another copy.
+    """
     block, split = layout
     half = in_features // 2
     full_rows = out_features - out_features % block
-    parts = []
+    columns = torch.empty(in_features, out_features, dtype=dtype, device=packed.device)
     if full_rows:
         blocks = packed[: full_rows * half].view(-1, in_features, block // 2)
-        parts.append(_unpair_rows(blocks, split).reshape(full_rows, in_features))
+        _unpair_rows_into(columns[:, :full_rows].view(in_features, -1, block), blocks, split, signed)
     if out_features > full_rows:
         tail = packed[full_rows * half :].view(1, in_features, -1)
-        parts.append(_unpair_rows(tail, False).reshape(out_features - full_rows, in_features))
-    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        _unpair_rows_into(columns[:, full_rows:].view(in_features, 1, -1), tail, False, signed)
+    return columns.t()
 
 
-def _unpair_rows(packed, split):
-    """[blocks, K, B/2] bytes -> [blocks, B, K] nibbles."""
-    low, high = packed & 0xF, packed >> 4
-    rows = torch.cat((low, high), dim=-1) if split else torch.stack((low, high), dim=-1).flatten(-2)
-    return rows.transpose(1, 2)
+def _unpair_rows_into(columns, packed, split, signed):
+    """[blocks, K, B/2] bytes -> `columns` [K, blocks, B]: the B rows of each block, in order, per input."""
+    if signed:
+        # u - 8 is the signed reading of u XOR 8; shifts of int8 sign-extend it.
+        flipped = (packed ^ 0x88).view(torch.int8)
+        low, high = (flipped << 4) >> 4, flipped >> 4
+    else:
+        low, high = packed & 0xF, packed >> 4
+    if split:
+        half = columns.shape[-1] // 2
+        low_rows, high_rows = columns[..., :half], columns[..., half:]
+    else:
+        pairs = columns.unflatten(-1, (-1, 2))
+        low_rows, high_rows = pairs[..., 0], pairs[..., 1]
+    low_rows.copy_(low.transpose(0, 1))
+    high_rows.copy_(high.transpose(0, 1))
 
 
 @functools.cache
@@ -263,8 +282,22 @@ def _as_released(weight, out_features, in_features, cpu_layout):
 
 # The fp32 and fp16 CPU kernels are scalar loops, 15-30x slower than the bfloat16 ones (torch 2.13);
 # rounding activations to bfloat16 costs far less accuracy than the int8/int4 weights already do.
+# The weight-only kernels are vector loops that re-read the weight for every row (time grows
+# linearly with the rows): right for decode, up to 10x slower than a bfloat16 GEMM for a prompt.
+# From CPU_GEMM_MIN_ROWS[bits] rows on, the layer's integers are unpacked to a temporary bfloat16
+# matrix (exact: |q| <= 127) and multiplied by oneDNN's GEMM (AMX / AVX512-BF16 where the CPU has
+# them). The row counts are where the unpacking (cheap for int8, about a 128-row kernel call for
+# int4) pays off on the 6B shapes on the benchmark machine (bench/README.md).
+CPU_GEMM_MIN_ROWS = {8: 64, 4: 128}
+
+
 def _cpu_int8_linear(x2d, weight, scale):
-    out = torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), weight, scale.to(torch.bfloat16))
+    x2d_bf16 = x2d.to(torch.bfloat16).contiguous()
+    scale_bf16 = scale.to(torch.bfloat16)
+    if x2d.shape[0] >= CPU_GEMM_MIN_ROWS[8]:
+        out = F.linear(x2d_bf16, weight.to(torch.bfloat16)).mul_(scale_bf16)
+    else:
+        out = torch.ops.aten._weight_int8pack_mm(x2d_bf16, weight, scale_bf16)
     return out.to(x2d.dtype)
 
 
@@ -274,7 +307,7 @@ def _unit_scales_and_zeros(groups, out_features):
 
     The kernel takes a scale per group of inputs, and ours is one per row: rather than building a
     [groups, out, 2] table per layer and call (a per-token allocation as large as 4% of the weights),
-    the kernel multiplies by 1 and the row scale is applied to its [rows, out] output.
+    the kernel multiplies by 1 and the row scale is applied to its output.
     """
     with torch.inference_mode(False):
         table = torch.zeros(groups, out_features, 2, dtype=torch.bfloat16)
@@ -282,15 +315,20 @@ def _unit_scales_and_zeros(groups, out_features):
     return table
 
 
-def _cpu_int4_linear(x2d, packed, scale):
+def _cpu_int4_linear(x2d, packed, scale, layout):
     out_features, in_features = scale.shape[0], x2d.shape[1]
-    group_size = next(size for size in _CPU_INT4_GROUP_SIZES if in_features % size == 0)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x2d.to(torch.bfloat16).contiguous(),
-        packed.view(out_features, in_features // 2),
-        group_size,
-        _unit_scales_and_zeros(in_features // group_size, out_features),
-    )
+    x2d_bf16 = x2d.to(torch.bfloat16).contiguous()
+    if x2d.shape[0] >= CPU_GEMM_MIN_ROWS[4]:
+        weight = _unpack_cpu_int4(packed, out_features, in_features, layout, torch.bfloat16, signed=True)
+        out = F.linear(x2d_bf16, weight)
+    else:
+        group_size = next(size for size in _CPU_INT4_GROUP_SIZES if in_features % size == 0)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2d_bf16,
+            packed.view(out_features, in_features // 2),
+            group_size,
+            _unit_scales_and_zeros(in_features // group_size, out_features),
+        )
     return out.mul_(scale.to(torch.bfloat16)).to(x2d.dtype)
 
 
@@ -428,10 +466,10 @@ def _fallback_linear(x2d, weight, scale, bias, bits):
     return F.linear(x2d, dequantize_weight(weight, scale, bits).to(x2d.dtype), bias)
 
 
-def _quantized_linear(x2d, weight, scale, bias, bits):
-    """x2d [M, in] -> [M, out]; `weight` is released int8, or uint8 in the CPU int4 kernel layout."""
+def _quantized_linear(x2d, weight, scale, bias, bits, cpu_layout):
+    """x2d [M, in] -> [M, out]; `weight` is released int8, or uint8 in the CPU int4 kernel layout `cpu_layout`."""
     if weight.dtype == torch.uint8:
-        out = _cpu_int4_linear(x2d, weight, scale)
+        out = _cpu_int4_linear(x2d, weight, scale, cpu_layout)
     elif weight.device.type == "cpu" and bits == 8 and _cpu_int8_kernel_fits(x2d.shape[1]):
         out = _cpu_int8_linear(x2d, weight, scale)
     elif _triton_fits(x2d, weight):
@@ -441,8 +479,8 @@ def _quantized_linear(x2d, weight, scale, bias, bits):
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def _quantized_linear_nd(x, weight, scale, bias, bits):
-    out = _quantized_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, bits)
+def _quantized_linear_nd(x, weight, scale, bias, bits, cpu_layout):
+    out = _quantized_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, bits, cpu_layout)
     return out.view(*x.shape[:-1], scale.shape[0])
 
 
@@ -456,7 +494,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         ctx.cpu_layout = cpu_layout
         ctx.has_bias = bias is not None
         ctx.in_features = x.shape[-1]
-        return _quantized_linear_nd(x, weight, scale, bias, bits)
+        return _quantized_linear_nd(x, weight, scale, bias, bits, cpu_layout)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -611,7 +649,7 @@ class QuantizedLinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.
-            return _quantized_linear_nd(x, weight, self.weight_scale, self.bias, self.bits)
+            return _quantized_linear_nd(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
         return _QuantizedLinearFunction.apply(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
 
 

@@ -177,16 +177,37 @@ def forbid_fallback(monkeypatch):
     monkeypatch.setattr(Q, "_fallback_linear", fail)
 
 
+CPU_KERNELS = {4: "_weight_int4pack_mm_for_cpu", 8: "_weight_int8pack_mm"}
+
+
+def count_kernel_calls(monkeypatch, bits):
+    """Count the calls of the weight-only CPU kernel for `bits` (the calls still go through)."""
+    kernel = getattr(torch.ops.aten, CPU_KERNELS[bits])
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(torch.ops.aten, CPU_KERNELS[bits], counted)
+    return calls
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_kernel_output_matches_dequantized_reference(monkeypatch, bits, dtype):
+@pytest.mark.parametrize("many_rows", [False, True], ids=["kernel-rows", "gemm-rows"])
+def test_cpu_kernel_output_matches_dequantized_reference(monkeypatch, bits, dtype, many_rows):
+    """Few rows (decode) go through the weight-only kernel, many (prefill) through a bfloat16 GEMM."""
+    rows = Q.CPU_GEMM_MIN_ROWS[bits] + 5 if many_rows else 6
     layer = make_layer(*KERNEL_SHAPE, bits, dtype)
-    x = torch.randn(2, 3, KERNEL_SHAPE[1]).to(dtype)
+    x = torch.randn(1, rows, KERNEL_SHAPE[1]).to(dtype)
     forbid_fallback(monkeypatch)
+    kernel_calls = count_kernel_calls(monkeypatch, bits)
     out = layer(x)
-    assert out.shape == (2, 3, KERNEL_SHAPE[0]) and out.dtype == dtype
-    # The CPU kernels run in bfloat16 (see _cpu_int8_linear): one bfloat16 rounding of x and out.
+    assert out.shape == (1, rows, KERNEL_SHAPE[0]) and out.dtype == dtype
+    # The CPU paths run in bfloat16 (see _cpu_int8_linear): one bfloat16 rounding of x, two of out.
     assert_close_relative(out, reference_output(layer, x), 1e-2)
+    assert len(kernel_calls) == (0 if many_rows else 1)
     if bits == 4:
         assert layer.weight.dtype == torch.uint8  # converted to torch's CPU int4 layout
 
