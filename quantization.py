@@ -620,9 +620,15 @@ class QuantizedLinear(nn.Module):
         # `.data` keeps the Parameter object that optimizers, hooks and tied-weight maps may hold.
         with torch.inference_mode(False):
             if cpu_layout is None:
-                self.weight.data = self.released_weight()
+                converted = self.released_weight()
             else:
-                self.weight.data = _pack_cpu_int4(_released_to_unsigned(self.weight.detach()), cpu_layout)
+                converted = _pack_cpu_int4(_released_to_unsigned(self.weight.detach()), cpu_layout)
+            if self.weight.is_inference():
+                # Made under inference_mode (`quantize` called there): such a Parameter cannot take
+                # normal data, and nothing that trains can hold it.
+                self.weight = nn.Parameter(converted, requires_grad=False)
+            else:
+                self.weight.data = converted
         self._cpu_layout = cpu_layout
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

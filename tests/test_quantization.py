@@ -508,6 +508,21 @@ def test_kernel_conversion_under_inference_mode_leaves_a_weight_training_can_use
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_layer_quantized_under_inference_mode_runs_there_and_after(bits):
+    """Serving code may load and quantize inside inference_mode; the CPU kernels must still run."""
+    linear = nn.Linear(KERNEL_SHAPE[1], KERNEL_SHAPE[0])
+    x = torch.randn(3, KERNEL_SHAPE[1])
+    with torch.inference_mode():
+        layer = Q.QuantizedLinear.from_linear(linear, bits)
+        inside = layer(x)
+        again = layer(x)
+    torch.testing.assert_close(again, inside)
+    with torch.no_grad():  # inference tensors cannot enter autograd; plain no_grad use works
+        torch.testing.assert_close(layer(x), inside)
+    assert_close_relative(inside, reference_output(layer, x), 1e-2)
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize_model
 # ---------------------------------------------------------------------------------------------
