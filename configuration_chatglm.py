@@ -45,6 +45,7 @@ class ChatGLMConfig(PretrainedConfig):
         attention_softmax_in_fp32=True,
         fp32_residual_connection=False,
         quantization_bit=0,
+        output_layer_quantization_bit=0,
         pre_seq_len=None,
         prefix_projection=False,
         original_rope=True,
@@ -74,6 +75,8 @@ class ChatGLMConfig(PretrainedConfig):
         self.attention_softmax_in_fp32 = attention_softmax_in_fp32
         self.fp32_residual_connection = fp32_residual_connection
         self.quantization_bit = quantization_bit
+        # Not in the release: `quantize(bits, output_layer_bits=...)` sets it (opt-in).
+        self.output_layer_quantization_bit = output_layer_quantization_bit
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
         self.original_rope = original_rope
@@ -122,8 +125,10 @@ class ChatGLMConfig(PretrainedConfig):
                 f"ChatGLMConfig.num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"multi_query_group_num ({self.multi_query_group_num})"
             )
-        if self.quantization_bit not in (0, 4, 8):
-            raise ValueError(f"ChatGLMConfig.quantization_bit must be 0, 4 or 8, got {self.quantization_bit!r}")
+        for name in ("quantization_bit", "output_layer_quantization_bit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in (0, 4, 8):
+                raise ValueError(f"ChatGLMConfig.{name} must be 0, 4 or 8, got {value!r}")
         if self.pre_seq_len is not None and (
             isinstance(self.pre_seq_len, bool) or not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 1
         ):

@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_chatglm import ChatGLMConfig
-from .quantization import QUANTIZED_PROJECTIONS, check_stored_weight, quantize_model
+from .quantization import QUANTIZED_PROJECTIONS, check_stored_weight, quantize_model, quantize_output_layer
 
 logger = logging.get_logger(__name__)
 
@@ -346,6 +346,8 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
 }
 PROJECTION_WEIGHT = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$")
+OUTPUT_LAYER_WEIGHT = re.compile(r"(?:^|\.)output_layer\.weight$")
+QUANTIZATION_SETTINGS = ("quantization_bit", "output_layer_quantization_bit")
 
 
 def projection_shapes(config):
@@ -377,18 +379,29 @@ def stored_tensors(folder):
 
 
 def check_checkpoint_quantization(folder, config):
-    """Refuse, naming the tensor, a checkpoint whose projections do not match `config.quantization_bit`.
+    """Refuse, naming the tensor, a checkpoint whose projections do not match `config.quantization_bit`
+    (or whose `output_layer` does not match `config.output_layer_quantization_bit`).
 
     transformers would otherwise cast a float weight into an int8 parameter (4.x) or fail with a
     generic size-mismatch report (5.x).
     """
     shapes = projection_shapes(config)
     for file_name, key, dtype, shape in stored_tensors(Path(folder)):
+        if dtype is None:
+            continue
         match = PROJECTION_WEIGHT.search(key)
-        if match and dtype is not None:
+        if match:
             out_features, in_features = shapes[match.group(1)]
+            check_stored_weight(f"{file_name}: {key}", dtype, shape, out_features, in_features, config.quantization_bit)
+        elif OUTPUT_LAYER_WEIGHT.search(key):
             check_stored_weight(
-                f"{file_name}: {key}", dtype, shape, out_features, in_features, config.quantization_bit
+                f"{file_name}: {key}",
+                dtype,
+                shape,
+                config.padded_vocab_size,
+                config.hidden_size,
+                config.output_layer_quantization_bit,
+                setting="output_layer_quantization_bit",
             )
 
 
@@ -423,8 +436,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             config = kwargs.get("config")
             if not hasattr(config, "quantization_bit"):
                 config = ChatGLMConfig.from_pretrained(pretrained_model_name_or_path)
-            if "quantization_bit" in kwargs:
-                config = ChatGLMConfig.from_dict({**config.to_dict(), "quantization_bit": kwargs["quantization_bit"]})
+            overrides = {name: kwargs[name] for name in QUANTIZATION_SETTINGS if name in kwargs}
+            if overrides:
+                config = ChatGLMConfig.from_dict({**config.to_dict(), **overrides})
             check_checkpoint_quantization(pretrained_model_name_or_path, config)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -433,21 +447,28 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             model.base_model.freeze_all_but_prefix()
         return loaded
 
-    def quantize(self, bits, empty_init=False, device=None, **kwargs):
+    def quantize(self, bits, empty_init=False, device=None, output_layer_bits=0, **kwargs):
         """Quantize the four projection matrices of every layer to `bits` (4 or 8) in place; returns the model.
 
         `bits=0` and a second call are no-ops. With `device`, each layer moves there before it is
         quantized, so `.quantize(4, device="cuda")` never holds the float model on the GPU.
+
+        `output_layer_bits` (4 or 8; opt-in, not in the release) also quantizes `output_layer`, the
+        vocabulary projection: at 8 bits it halves the 533 MB every 6B decode step reads there.
+        Checkpoints saved with it record `output_layer_quantization_bit` and load only with this code.
         """
-        if bits == 0:
-            return self
-        current = self.config.quantization_bit
-        if current:
-            if current != bits:
-                raise ValueError(f"the model is already quantized to {current} bits; cannot re-quantize to {bits}")
-            return self
-        quantize_model(self.base_model, bits, empty_init=empty_init, device=device)
-        self.config.quantization_bit = bits
+        for setting, requested in (("quantization_bit", bits), ("output_layer_quantization_bit", output_layer_bits)):
+            current = getattr(self.config, setting)
+            if requested and current and current != requested:
+                raise ValueError(
+                    f"the model is already quantized to {current} bits ({setting}); cannot re-quantize to {requested}"
+                )
+        if bits and not self.config.quantization_bit:
+            quantize_model(self.base_model, bits, empty_init=empty_init, device=device)
+            self.config.quantization_bit = bits
+        if output_layer_bits and not self.config.output_layer_quantization_bit:
+            quantize_output_layer(self.base_model, output_layer_bits, empty_init=empty_init, device=device)
+            self.config.output_layer_quantization_bit = output_layer_bits
         return self
 
 
@@ -469,6 +490,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             self.freeze_all_but_prefix()
         if config.quantization_bit:
             quantize_model(self, config.quantization_bit, empty_init=True)
+        if config.output_layer_quantization_bit:
+            quantize_output_layer(self, config.output_layer_quantization_bit, empty_init=True)
         self.post_init()
 
     def freeze_all_but_prefix(self):

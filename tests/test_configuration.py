@@ -40,6 +40,7 @@ CLASS_DEFAULTS = {
     "quantization_bit": 0,
     "pre_seq_len": None,
     "prefix_projection": False,
+    "output_layer_quantization_bit": 0,  # ours, opt-in: the release keeps output_layer in floating point
 }
 
 # Spec §1: the values of the 6B config.json where they differ from the class defaults.
@@ -130,6 +131,8 @@ def test_save_and_reload_round_trips_every_attribute(config_dir, tmp_path):
         ({"multi_query_attention": True, "num_attention_heads": 32, "multi_query_group_num": 3}, "multi_query_group_num"),
         ({"quantization_bit": 2}, "quantization_bit"),
         ({"quantization_bit": 16}, "quantization_bit"),
+        ({"quantization_bit": True}, "quantization_bit"),
+        ({"output_layer_quantization_bit": 2}, "output_layer_quantization_bit"),
         ({"pre_seq_len": 0}, "pre_seq_len"),
         ({"pre_seq_len": 2.5}, "pre_seq_len"),
         ({"hidden_size": 0}, "hidden_size"),

@@ -146,3 +146,57 @@ def test_ptuning_trains_on_a_quantized_base(float_folder):
     assert model.transformer.prefix_encoder.embedding.weight.grad.abs().sum() > 0
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["transformer.prefix_encoder.embedding.weight"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in: the output layer quantized too (not in the release)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_output_layer_quantization_is_opt_in_and_stays_close(float_folder):
+    reference = load(float_folder)(ids_of(batch=2, length=12)).logits
+    layers_only = load(float_folder).quantize(4)
+    assert isinstance(layers_only.transformer.output_layer, torch.nn.Linear)
+    assert layers_only.config.output_layer_quantization_bit == 0
+
+    model = load(float_folder).quantize(4, output_layer_bits=8)
+    output_layer = model.transformer.output_layer
+    assert type(output_layer).__name__ == "QuantizedLinear" and output_layer.bits == 8
+    assert model.config.output_layer_quantization_bit == 8
+    logits = model(ids_of(batch=2, length=12)).logits
+    layers_only_logits = layers_only(ids_of(batch=2, length=12)).logits
+    # The int8 output layer adds far less error than the int4 layers already bring.
+    assert relative_error(logits, layers_only_logits) < 0.5 * relative_error(layers_only_logits, reference)
+
+
+def test_output_layer_quantization_can_follow_and_is_idempotent(float_folder):
+    model = load(float_folder).quantize(8)
+    assert model.quantize(8, output_layer_bits=8) is model
+    output_layer = model.transformer.output_layer
+    assert model.quantize(8, output_layer_bits=8).transformer.output_layer is output_layer
+    with pytest.raises(ValueError, match="output_layer_quantization_bit"):
+        model.quantize(8, output_layer_bits=4)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        load(float_folder).quantize(8, output_layer_bits=2)
+
+
+def test_saved_model_with_quantized_output_layer_reloads_bit_for_bit(float_folder, tmp_path):
+    model = load(float_folder).quantize(4, output_layer_bits=8)
+    ids = ids_of()
+    logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    copy_code(tmp_path)
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert (saved_config["quantization_bit"], saved_config["output_layer_quantization_bit"]) == (4, 8)
+    state = model.state_dict()
+    assert state["transformer.output_layer.weight"].dtype == torch.int8
+    assert state["transformer.output_layer.weight_scale"].shape == (VOCAB,)
+
+    reloaded, info = AutoModel.from_pretrained(tmp_path, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, tensor in state.items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+    torch.testing.assert_close(reloaded.eval()(ids).logits, logits)
+
+    with pytest.raises(ValueError, match=r"output_layer\.weight: a floating point layer .*set output_layer_quantization_bit=8"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True, output_layer_quantization_bit=0)
