@@ -45,6 +45,12 @@ def parse_args(argv):
         action="store_true",
         help="skip loading the fp16 shards and calling .quantize(bits) (measured for load time and memory only)",
     )
+    parser.add_argument(
+        "--output-layer-bits",
+        type=int,
+        choices=(4, 8),
+        help="also measure each int8/int4 file with output_layer quantized to these bits (opt-in, not the release)",
+    )
     parser.add_argument("--runs", type=int, help="repetitions of each speed measurement (default 3; --quick 1)")
     parser.add_argument("--prefill-lengths", type=integer_list, help="prompt lengths; decode follows the first (default 128,512)")
     parser.add_argument("--batches", type=integer_list, help="decode batch sizes (default 1,4)")
@@ -99,6 +105,14 @@ def plan_configurations(args, config):
             continue
         long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
         configurations.append(dict(configuration, load_path=f"int{bits} file", flags=long_conversation))
+        if args.output_layer_bits:
+            configurations.append(dict(
+                configuration,
+                label=f"{precision}, int{args.output_layer_bits} output_layer",
+                load_path=f"int{bits} file + quantize(output_layer_bits={args.output_layer_bits})",
+                output_layer_bits=args.output_layer_bits,
+                flags=long_conversation + ["--output-layer-bits", str(args.output_layer_bits)],
+            ))
         if not args.no_quantize_path:
             configurations.append(dict(
                 configuration,
@@ -145,7 +159,9 @@ def add_rooflines(row, config, args, bandwidth):
         return
     row["roofline"] = {}
     for batch in args.batches:
-        roofline = decode_roofline(config, row["bits"], bandwidth, args.prefill_lengths[0], args.new_tokens, batch)
+        roofline = decode_roofline(
+            config, row["bits"], bandwidth, args.prefill_lengths[0], args.new_tokens, batch, row["output_layer_bits"]
+        )
         roofline["fraction"] = row["decode"][f"batch{batch}"]["tokens_per_second"]["median"] / roofline["tokens_per_second"]
         row["roofline"][f"batch{batch}"] = roofline
 
@@ -166,6 +182,7 @@ def main(argv=None):
     for configuration in configurations:
         print(f"== {configuration['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
         row = {key: configuration[key] for key in ("label", "precision", "bits", "load_path")}
+        row["output_layer_bits"] = configuration.get("output_layer_bits", 16)
         row.update(run_worker(configuration, args))
         add_rooflines(row, config, args, rate)
         rows.append(row)
@@ -180,6 +197,7 @@ def main(argv=None):
             "prefill_lengths": args.prefill_lengths,
             "batches": args.batches,
             "new_tokens": args.new_tokens,
+            "output_layer_bits": args.output_layer_bits,
             "seed": args.seed,
         },
         "machine": describe_machine(args.device),

@@ -114,28 +114,35 @@ def kv_cache_bytes_per_token(config, element_bytes=2):
     return config["num_layers"] * 2 * groups * config["kv_channels"] * element_bytes
 
 
-def decode_step_bytes(config, bits, context, batch=1, element_bytes=2):
+def decode_step_bytes(config, bits, context, batch=1, element_bytes=2, output_layer_bits=16):
     """Bytes one decode step must read from memory: the least any implementation can move.
 
-    The quantized matrices at `bits` (16 = unquantized) with one scale per output row, the other
-    weights except the embedding (a decode step reads one row of it) at `element_bytes`, and the KV
-    cache of `context` tokens for each of `batch` sequences.
+    The quantized matrices at `bits` (16 = unquantized) with one scale per output row, `output_layer`
+    likewise at `output_layer_bits`, the other weights except the embedding (a decode step reads one
+    row of it) at `element_bytes`, and the KV cache of `context` tokens for each of `batch` sequences.
     """
     weights = 0
     for tensor in release_tensors(config):
         if tensor.name == "transformer.embedding.word_embeddings.weight":
             weights += tensor.shape[1] * element_bytes * batch
-        elif tensor.quantized and bits < 16:
-            weights += tensor.numel * bits // 8 + tensor.shape[0] * element_bytes
-        elif tensor.init != "inv_freq":
+            continue
+        if tensor.init == "inv_freq":
+            continue
+        if tensor.name == "transformer.output_layer.weight":
+            tensor_bits = output_layer_bits
+        else:
+            tensor_bits = bits if tensor.quantized else 16
+        if tensor_bits < 16:
+            weights += tensor.numel * tensor_bits // 8 + tensor.shape[0] * element_bytes
+        else:
             weights += tensor.numel * element_bytes
     return weights + kv_cache_bytes_per_token(config, element_bytes) * context * batch
 
 
-def decode_roofline(config, bits, bandwidth_bytes_per_second, prompt_length, new_tokens, batch):
+def decode_roofline(config, bits, bandwidth_bytes_per_second, prompt_length, new_tokens, batch, output_layer_bits=16):
     """Tokens/s if a decode step took exactly its bytes / bandwidth, at the mean context of the run."""
     mean_context = prompt_length + new_tokens / 2
-    step_bytes = decode_step_bytes(config, bits, mean_context, batch)
+    step_bytes = decode_step_bytes(config, bits, mean_context, batch, output_layer_bits=output_layer_bits)
     return {
         "bytes_per_step": step_bytes,
         "tokens_per_second": batch * bandwidth_bytes_per_second / step_bytes,

@@ -58,12 +58,15 @@ def markdown(results, image_path):
         f"{prefill_lengths[0]}-token prompt through `generate`; at batch > 1 the tokens of all sequences count. "
         f"First generate: the first `generate` call after loading ({WARMUP_PROMPT_LENGTH} prompt tokens, {WARMUP_NEW_TOKENS} new), one-time work included. "
         f"The roofline is the bytes one decode step must read (quantized matrices at their precision with their "
-        f"scales, `output_layer` and the rest at 2 bytes, the KV cache) divided by the read bandwidth. "
+        f"scales, `output_layer` and the rest at 2 bytes unless quantized, the KV cache) divided by the read bandwidth. "
+        f"Peak RSS (VmHWM) also counts the pages of a memory-mapped checkpoint that loading touched, which the "
+        f"kernel can drop and re-read; peak anonymous is the highest RssAnon (sampled every 20 ms), the memory "
+        f"that cannot be given back. "
         f"Other processes: the CPU time other processes (and hypervisor steal) took while the configuration "
         f"ran, in cores; above zero, they competed with the measurement.",
         "",
     ]
-    header = ["precision", "weights loaded from", "load (s)", "first generate (s)", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)"]
+    header = ["precision", "weights loaded from", "load (s)", "first generate (s)", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)", "peak anonymous (GB)"]
     header += [f"prefill {length} (tok/s)" for length in prefill_lengths]
     header += [f"decode b{batch} (tok/s)" for batch in batches]
     header += [f"b{batches[0]} roofline (tok/s)", f"b{batches[0]} % of roofline"]
@@ -85,6 +88,7 @@ def markdown(results, image_path):
             _gb(row["rss_after_load_bytes"]),
             _gb(row.get("rss_after_runs_bytes")),
             _gb(row["peak_rss_bytes"]),
+            _gb(row.get("peak_anonymous_bytes")),
         ]
         cells += [_rate(_speed(row, "prefill", str(length))) for length in prefill_lengths]
         cells += [_rate(_speed(row, "decode", f"batch{batch}")) for batch in batches]
@@ -165,6 +169,7 @@ def write_chart(results, path):
             ("RSS after load", lambda row: _gigabytes(row.get("rss_after_load_bytes"))),
             ("RSS after runs", lambda row: _gigabytes(row.get("rss_after_runs_bytes"))),
             ("peak RSS", lambda row: _gigabytes(row.get("peak_rss_bytes"))),
+            ("peak anonymous", lambda row: _gigabytes(row.get("peak_anonymous_bytes"))),
         ],
         "GB",
         "memory",

@@ -7,6 +7,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +57,49 @@ def reset_peak_rss():
     except OSError:
         return False
     return True
+
+
+class AnonymousPeakSampler:
+    """Highest anonymous resident memory (RssAnon) seen, sampled every `interval` seconds in a thread.
+
+    VmHWM also counts the checkpoint pages a memory-mapped load touches, which the kernel can drop
+    and re-read; this is the memory that cannot be given back. None where /proc is missing.
+    """
+
+    def __init__(self, interval=0.02):
+        self.interval = interval
+        self.peak = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _sample(self):
+        value = _status_bytes("RssAnon")
+        self.peak = value if self.peak is None else max(self.peak, value)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self):
+        if PROC_STATUS.exists():
+            self._sample()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def take_peak(self):
+        """The peak since `start` or the last call, and start over from the current value."""
+        if self._thread is None:
+            return None
+        self._sample()
+        peak, self.peak = self.peak, None
+        self._sample()
+        return peak
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class OtherProcessesMeter:

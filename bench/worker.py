@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModel
 from transformers.generation.streamers import BaseStreamer
 
-from .system import OtherProcessesMeter, current_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_split_bytes, summary
+from .system import AnonymousPeakSampler, OtherProcessesMeter, current_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_split_bytes, summary
 
 # Random prompts avoid the special ids at the bottom of the vocabulary (pad, bos, eos).
 FIRST_ORDINARY_TOKEN = 3
@@ -77,6 +77,8 @@ def load_model(args, dtype):
     model = AutoModel.from_pretrained(args.folder, trust_remote_code=True, dtype=dtype)
     if args.quantize_bits:
         model = model.quantize(args.quantize_bits, device=args.device if args.device == "cuda" else None)
+    if args.output_layer_bits:
+        model = model.quantize(model.config.quantization_bit, output_layer_bits=args.output_layer_bits)
     model = model.to(args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -164,6 +166,7 @@ def parse_args(argv):
     parser.add_argument("--folder", required=True, help="model folder: code files, config.json and weights")
     parser.add_argument("--label", required=True, help="name of this configuration in progress lines")
     parser.add_argument("--quantize-bits", type=int, default=0, help="call model.quantize(bits) after loading")
+    parser.add_argument("--output-layer-bits", type=int, default=0, help="then quantize output_layer to these bits")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, required=True)
@@ -183,6 +186,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     # Other processes on the machine slow every number here: record how much CPU they took meanwhile.
     others = OtherProcessesMeter()
+    anonymous = AnonymousPeakSampler().start()
     result = {"threads": args.threads, "dtype": args.dtype, "device": args.device}
 
     log(f"  [{args.label}] loading {args.folder}")
@@ -196,6 +200,7 @@ def main(argv=None):
         rss_after_load_bytes=current_rss_bytes(),
         rss_after_load_split_bytes=rss_split_bytes(),
         peak_rss_load_bytes=peak_rss_bytes(),
+        peak_anonymous_load_bytes=anonymous.take_peak(),
     )
     log(f"  [{args.label}] loaded in {load_seconds:.1f} s, RSS {result['rss_after_load_bytes'] / 1e9:.2f} GB")
     if args.device == "cuda":
@@ -214,8 +219,12 @@ def main(argv=None):
         result["rss_after_runs_split_bytes"] = rss_split_bytes()
         # With the high-water mark reset after loading, VmHWM now covers the runs alone.
         result["peak_rss_run_bytes"] = peak_rss_bytes() if peak_reset else None
+        result["peak_anonymous_run_bytes"] = anonymous.take_peak()
+    anonymous.stop()
     result["other_processes_cores"] = others.cores()
     result["peak_rss_bytes"] = max(value for value in (result["peak_rss_load_bytes"], peak_rss_bytes()) if value)
+    anonymous_peaks = [result.get(key) for key in ("peak_anonymous_load_bytes", "peak_anonymous_run_bytes")]
+    result["peak_anonymous_bytes"] = max((value for value in anonymous_peaks if value), default=None)
 
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)

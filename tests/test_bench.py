@@ -20,7 +20,15 @@ from bench.checkpoint import MARKER, ensure_fp16_shards, ensure_quantized_file, 
 from bench.model_shapes import decode_roofline, release_tensors, released_config  # noqa: E402
 from bench.report import README_END, README_START  # noqa: E402
 
-QUICK_LABELS = ["bf16", "int8", "int8 via quantize", "int4", "int4 via quantize"]
+QUICK_LABELS = [
+    "bf16",
+    "int8",
+    "int8, int8 output_layer",
+    "int8 via quantize",
+    "int4",
+    "int4, int8 output_layer",
+    "int4 via quantize",
+]
 
 
 def test_release_tensor_list_matches_the_6b_checkpoint():
@@ -39,6 +47,15 @@ def test_int4_roofline_at_28_gb_per_second_is_about_8_tokens():
     # The figure: 2.85 GB of int4 matrices + 0.53 GB output_layer per token at 28 GB/s.
     roofline = decode_roofline(released_config(), 4, 28e9, prompt_length=128, new_tokens=64, batch=1)
     assert 8.0 < roofline["tokens_per_second"] < 8.5
+
+
+def test_roofline_counts_a_quantized_output_layer_at_its_bits():
+    config = released_config()
+    plain = decode_roofline(config, 4, 28e9, prompt_length=128, new_tokens=64, batch=1)
+    int8_output = decode_roofline(config, 4, 28e9, prompt_length=128, new_tokens=64, batch=1, output_layer_bits=8)
+    vocab, hidden = config["padded_vocab_size"], config["hidden_size"]
+    # 2 bytes per weight become 1, plus one 2-byte scale per row.
+    assert plain["bytes_per_step"] - int8_output["bytes_per_step"] == vocab * hidden - 2 * vocab
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +126,8 @@ def quick_run(tmp_path_factory):
     readme = work / "README.md"
     readme.write_text(f"# Title\n\nbefore\n{README_START}\nold table\n{README_END}\nafter\n")
     out = work / "results"
-    command = [sys.executable, "-m", "bench", "--quick", "--cache-dir", str(work / "cache"), "--out", str(out), "--readme", str(readme)]
+    command = [sys.executable, "-m", "bench", "--quick", "--output-layer-bits", "8"]
+    command += ["--cache-dir", str(work / "cache"), "--out", str(out), "--readme", str(readme)]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     return out, readme, json.loads((out / "results.json").read_text())
@@ -126,6 +144,8 @@ def test_quick_run_measures_every_configuration(quick_run):
         assert not row.get("error"), (label, row.get("error"))
         assert row["load_seconds"] > 0 and row["peak_rss_bytes"] > 0
         assert row["rss_after_load_bytes"] > 0
+        assert 0 < row["peak_anonymous_bytes"] <= row["peak_rss_bytes"]
+        assert row["output_layer_bits"] == (8 if "output_layer" in label else 16)
         if "via quantize" in label:
             assert "decode" not in row  # that path is measured for loading and memory only
             continue

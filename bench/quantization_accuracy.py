@@ -1,0 +1,100 @@
+"""`python -m bench.quantization_accuracy`: how far int8 and int4 move the bundled tiny model from float32.
+
+Random weights say nothing about accuracy, so this uses `demo/tiny-chatglm2`, a trained model, loaded
+as a user loads it. For every training dialog it teacher-forces the trained answer through the chat
+prompt and compares the logits of `quantize(8)` and `quantize(4)` with float32 (relative L2 error,
+agreement of the top token), then replays each prompt through greedy `chat` and counts answers that
+equal float32's. Prints a table and writes `<out>/quantization-accuracy.json`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from .model_shapes import REPO_ROOT
+
+DEMO_MODEL = REPO_ROOT / "demo" / "tiny-chatglm2"
+DIALOGS = REPO_ROOT / "demo" / "data" / "dialogs.jsonl"
+
+
+def turns(path):
+    """(query, history, response) for every turn of every dialog."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        history = []
+        for query, response in json.loads(line):
+            yield query, list(history), response
+            history.append((query, response))
+
+
+def teacher_forced_ids(tokenizer, query, history, response):
+    prompt = tokenizer.build_prompt(query, history)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return torch.tensor([prompt_ids + response_ids]), len(prompt_ids)
+
+
+def load(bits, model_path):
+    model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=torch.float32).eval()
+    return model.quantize(bits) if bits else model
+
+
+@torch.inference_mode()
+def measure(model_path, limit):
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
+    samples = list(turns(DIALOGS))[:limit]
+    models = {bits: load(bits, model_path) for bits in (0, 8, 4)}
+    errors = {8: [], 4: []}
+    agreeing = {8: 0, 4: 0}
+    answers_equal = {8: 0, 4: 0}
+    positions = 0
+    for query, history, response in samples:
+        ids, prompt_length = teacher_forced_ids(tokenizer, query, history, response)
+        logits = {bits: model(ids).logits[0, prompt_length - 1 : -1].float() for bits, model in models.items()}
+        positions += logits[0].shape[0]
+        answer = models[0].chat(tokenizer, query, history, do_sample=False)[0]
+        for bits in (8, 4):
+            errors[bits].append(((logits[bits] - logits[0]).norm() / logits[0].norm()).item())
+            agreeing[bits] += int((logits[bits].argmax(-1) == logits[0].argmax(-1)).sum())
+            answers_equal[bits] += int(models[bits].chat(tokenizer, query, history, do_sample=False)[0] == answer)
+    return {
+        "model": str(model_path),
+        "turns": len(samples),
+        "answer_positions": positions,
+        "results": {
+            f"int{bits}": {
+                "mean_relative_logit_error": sum(errors[bits]) / len(errors[bits]),
+                "max_relative_logit_error": max(errors[bits]),
+                "top_token_agreement": agreeing[bits] / positions,
+                "greedy_answers_equal_to_float32": answers_equal[bits] / len(samples),
+            }
+            for bits in (8, 4)
+        },
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.quantization_accuracy", description=__doc__)
+    parser.add_argument("--model-path", type=Path, default=DEMO_MODEL)
+    parser.add_argument("--limit", type=int, default=None, help="first N turns only")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    result = measure(args.model_path, args.limit)
+    print(f"{result['turns']} turns, {result['answer_positions']} teacher-forced answer positions, vs float32:")
+    print("| weights | mean rel. logit error | max rel. logit error | top-token agreement | greedy answers equal |")
+    print("|---|---|---|---|---|")
+    for name, row in result["results"].items():
+        print(
+            f"| {name} | {row['mean_relative_logit_error']:.4f} | {row['max_relative_logit_error']:.4f} | "
+            f"{row['top_token_agreement']:.1%} | {row['greedy_answers_equal_to_float32']:.1%} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quantization-accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
