@@ -287,9 +287,9 @@ def _as_released(weight, out_features, in_features, cpu_layout):
 # linearly with the rows): right for decode, up to 10x slower than a bfloat16 GEMM for a prompt.
 # From CPU_GEMM_MIN_ROWS[bits] rows on, the layer's integers are unpacked to a temporary bfloat16
 # matrix (exact: |q| <= 127) and multiplied by oneDNN's GEMM (AMX / AVX512-BF16 where the CPU has
-# them). The row counts are where the unpacking (cheap for int8, about a 128-row kernel call for
-# int4) pays off on the 6B shapes on the benchmark machine (bench/README.md).
-CPU_GEMM_MIN_ROWS = {8: 64, 4: 128}
+# them). Unpacking costs about what a 60-row (int8) or 150-row (int4) kernel call does on the 6B shapes
+# on the benchmark machine (bench/README.md); the thresholds sit at or above those break-evens.
+CPU_GEMM_MIN_ROWS = {8: 64, 4: 192}
 
 
 def _cpu_int8_linear(x2d, weight, scale):
