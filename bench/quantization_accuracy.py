@@ -2,9 +2,9 @@
 
 Random weights say nothing about accuracy, so this uses `demo/tiny-chatglm2`, a trained model, loaded
 as a user loads it. For every training dialog it teacher-forces the trained answer through the chat
-prompt and compares the logits of `quantize(8)` and `quantize(4)` with float32 (relative L2 error,
-agreement of the top token), then replays each prompt through greedy `chat` and counts answers that
-equal float32's. Prints a table and writes `<out>/quantization-accuracy.json`.
+prompt and compares the logits of `quantize(8)`, `quantize(4)` and `quantize(4, output_layer_bits=8)`
+with float32 (relative L2 error, agreement of the top token), then replays each prompt through
+greedy `chat` and counts answers that equal float32's. Prints a table and writes `<out>/quantization-accuracy.json`.
 """
 
 import argparse
@@ -19,6 +19,8 @@ from .model_shapes import REPO_ROOT
 
 DEMO_MODEL = REPO_ROOT / "demo" / "tiny-chatglm2"
 DIALOGS = REPO_ROOT / "demo" / "data" / "dialogs.jsonl"
+# name -> (bits of the layers, bits of output_layer; 0 = float)
+VARIANTS = {"int8": (8, 0), "int4": (4, 0), "int4, int8 output_layer": (4, 8)}
 
 
 def turns(path):
@@ -37,41 +39,43 @@ def teacher_forced_ids(tokenizer, query, history, response):
     return torch.tensor([prompt_ids + response_ids]), len(prompt_ids)
 
 
-def load(bits, model_path):
+def load(model_path, bits=0, output_layer_bits=0):
     model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=torch.float32).eval()
-    return model.quantize(bits) if bits else model
+    return model.quantize(bits, output_layer_bits=output_layer_bits)
 
 
 @torch.inference_mode()
 def measure(model_path, limit):
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
     samples = list(turns(DIALOGS))[:limit]
-    models = {bits: load(bits, model_path) for bits in (0, 8, 4)}
-    errors = {8: [], 4: []}
-    agreeing = {8: 0, 4: 0}
-    answers_equal = {8: 0, 4: 0}
+    reference = load(model_path)
+    models = {name: load(model_path, *bits) for name, bits in VARIANTS.items()}
+    errors = {name: [] for name in models}
+    agreeing = dict.fromkeys(models, 0)
+    answers_equal = dict.fromkeys(models, 0)
     positions = 0
     for query, history, response in samples:
         ids, prompt_length = teacher_forced_ids(tokenizer, query, history, response)
-        logits = {bits: model(ids).logits[0, prompt_length - 1 : -1].float() for bits, model in models.items()}
-        positions += logits[0].shape[0]
-        answer = models[0].chat(tokenizer, query, history, do_sample=False)[0]
-        for bits in (8, 4):
-            errors[bits].append(((logits[bits] - logits[0]).norm() / logits[0].norm()).item())
-            agreeing[bits] += int((logits[bits].argmax(-1) == logits[0].argmax(-1)).sum())
-            answers_equal[bits] += int(models[bits].chat(tokenizer, query, history, do_sample=False)[0] == answer)
+        expected = reference(ids).logits[0, prompt_length - 1 : -1].float()
+        positions += expected.shape[0]
+        answer = reference.chat(tokenizer, query, history, do_sample=False)[0]
+        for name, model in models.items():
+            logits = model(ids).logits[0, prompt_length - 1 : -1].float()
+            errors[name].append(((logits - expected).norm() / expected.norm()).item())
+            agreeing[name] += int((logits.argmax(-1) == expected.argmax(-1)).sum())
+            answers_equal[name] += int(model.chat(tokenizer, query, history, do_sample=False)[0] == answer)
     return {
         "model": str(model_path),
         "turns": len(samples),
         "answer_positions": positions,
         "results": {
-            f"int{bits}": {
-                "mean_relative_logit_error": sum(errors[bits]) / len(errors[bits]),
-                "max_relative_logit_error": max(errors[bits]),
-                "top_token_agreement": agreeing[bits] / positions,
-                "greedy_answers_equal_to_float32": answers_equal[bits] / len(samples),
+            name: {
+                "mean_relative_logit_error": sum(errors[name]) / len(errors[name]),
+                "max_relative_logit_error": max(errors[name]),
+                "top_token_agreement": agreeing[name] / positions,
+                "greedy_answers_equal_to_float32": answers_equal[name] / len(samples),
             }
-            for bits in (8, 4)
+            for name in models
         },
     }
 
