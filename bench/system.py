@@ -69,12 +69,14 @@ class AnonymousPeakSampler:
     def __init__(self, interval=0.02):
         self.interval = interval
         self.peak = None
+        self._lock = threading.Lock()  # the thread's read-modify-write must not straddle a reset
         self._stop = threading.Event()
         self._thread = None
 
     def _sample(self):
         value = _status_bytes("RssAnon")
-        self.peak = value if self.peak is None else max(self.peak, value)
+        with self._lock:
+            self.peak = value if self.peak is None else max(self.peak, value)
 
     def _run(self):
         while not self._stop.wait(self.interval):
@@ -92,8 +94,8 @@ class AnonymousPeakSampler:
         if self._thread is None:
             return None
         self._sample()
-        peak, self.peak = self.peak, None
-        self._sample()
+        with self._lock:
+            peak, self.peak = self.peak, _status_bytes("RssAnon")
         return peak
 
     def stop(self):
