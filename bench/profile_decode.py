@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint import cache_root, model_folder
 from .model_shapes import REPO_ROOT, released_config
-from .worker import random_prompt
+from .worker import generate_exactly, random_prompt
 
 PRECISION_BITS = {"bf16": 16, "int8": 8, "int4": 4}
 # Profiler steps before the recorded window: generate's setup, then the prefill, then one warm-up decode step.
@@ -76,14 +76,7 @@ def main(argv=None):
     ) as profiler:
         stepper = ProfilerStepper(profiler)
         # One token more than the steps profiled, so the last recorded step is closed by a put().
-        model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=recorded,
-            min_new_tokens=recorded,
-            do_sample=False,
-            streamer=stepper,
-        )
+        generate_exactly(model, prompt, recorded, stepper)
     # times[0]: prompt; times[1]: first token (end of prefill); recorded steps end at times[3..].
     step_seconds = [later - earlier for earlier, later in zip(stepper.times[2:-1], stepper.times[3:])][: args.steps]
     averages = profiler.key_averages()

@@ -51,17 +51,22 @@ def random_prompt(vocab_size, batch, length, seed, device):
     return torch.randint(FIRST_ORDINARY_TOKEN, vocab_size, (batch, length), generator=generator).to(device)
 
 
-def timed_generate(model, input_ids, new_tokens):
-    """(prefill seconds, decode tokens/s over the tokens after the first, or None for one new token)."""
-    clock = TokenClock()
+def generate_exactly(model, input_ids, new_tokens, streamer):
+    """Greedy `generate` of exactly `new_tokens` tokens (eos does not stop it), reporting to `streamer`."""
     model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
-        streamer=clock,
+        streamer=streamer,
     )
+
+
+def timed_generate(model, input_ids, new_tokens):
+    """(prefill seconds, decode tokens/s over the tokens after the first, or None for one new token)."""
+    clock = TokenClock()
+    generate_exactly(model, input_ids, new_tokens, clock)
     if len(clock.times) != new_tokens + 1:
         raise RuntimeError(f"generate streamed {len(clock.times) - 1} new tokens, expected {new_tokens}")
     prefill_seconds = clock.times[1] - clock.times[0]
