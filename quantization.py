@@ -194,6 +194,26 @@ def _pack_cpu_int4(unsigned, layout):
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+# Rows packed per step by `_pack_cpu_int4_into`: a few MB of temporaries, whatever the layer's size.
+_CPU_INT4_PACK_ROWS = 1024
+
+
+def _pack_cpu_int4_into(released, destination, layout):
+    """Write released int4 int8 [out, in/2] into `destination`, flat uint8 [out * in / 2], in torch's CPU layout.
+
+    A block of rows takes the same bytes in both layouts, so this goes block by block and
+    `destination` may be `released`'s own memory: the conversion then allocates nothing lasting.
+    """
+    block = layout[0]
+    out_features, half = released.shape
+    full_rows = out_features - out_features % block
+    step = block * max(1, _CPU_INT4_PACK_ROWS // block)
+    edges = sorted({*range(0, full_rows, step), full_rows, out_features})
+    for start, stop in zip(edges, edges[1:]):
+        packed = _pack_cpu_int4(_released_to_unsigned(released[start:stop]), layout)
+        destination[start * half : stop * half] = packed
+
+
 def _pair_rows(rows, split):
     """[blocks, B, K] nibbles -> the bytes of those blocks, [blocks, K, B/2] flattened."""
     half = rows.shape[1] // 2
@@ -272,6 +292,24 @@ def _cpu_int4_kernel_fits(out_features, in_features):
 def _cpu_int8_kernel_fits(in_features):
     # The bfloat16 kernel reads out of bounds (crash or garbage) when in_features % 16 != 0 (torch 2.13).
     return in_features % 16 == 0 and _HAS_CPU_INT8_KERNEL
+
+
+def _only_holder_of_storage(tensor):
+    """True when rewriting `tensor` in place is unobservable: no other tensor, process or file shares its memory.
+
+    A checkpoint that transformers memory-maps (`.bin` files) hands its tensors over as the
+    parameters themselves, in a private mapping: rewriting a weight there turns its file pages
+    into the process's own pages one for one, where a converted copy would add a second copy of
+    the weights until the last layer has converted and the mapping goes away. A user's state dict,
+    a `model.state_dict()` taken before the first forward, tensors shared between processes and
+    inference-mode tensors (read-only outside inference mode) get a converted copy instead.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it, always copy
+    if use_count is None or tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_inference():
+        return False
+    storage = tensor.untyped_storage()
+    # The tensor and the `storage` object just made are the two expected holders.
+    return not storage.is_shared() and use_count(storage._cdata) == 2
 
 
 def _as_released(weight, out_features, in_features, cpu_layout):
@@ -522,7 +560,8 @@ class QuantizedLinear(nn.Module):
     in that released format.
 
     One copy of the weight: on the CPU, a 4-bit layer converts `weight`, at its first forward there,
-    into PyTorch's int4 kernel layout: the same Parameter then holds flat uint8 data of the same size.
+    into PyTorch's int4 kernel layout: the same Parameter then holds flat uint8 data of the same size,
+    written over the released bytes when no other tensor shares them (`_only_holder_of_storage`).
     Saving converts back, and so does the first forward on any other device after `.to(...)`; the
     kernel layout is never written anywhere. Its distinct dtype and shape mark it, so a loader that
     writes a released tensor into a converted layer fails its shape check instead of mixing layouts.
@@ -623,7 +662,13 @@ class QuantizedLinear(nn.Module):
             if cpu_layout is None:
                 converted = self.released_weight()
             else:
-                converted = _pack_cpu_int4(_released_to_unsigned(self.weight.detach()), cpu_layout)
+                in_place = _only_holder_of_storage(self.weight)  # before `detach` adds a holder
+                released = self.weight.detach()
+                if in_place:
+                    converted = released.view(torch.uint8).view(-1)
+                else:
+                    converted = torch.empty(released.numel(), dtype=torch.uint8)
+                _pack_cpu_int4_into(released, converted, cpu_layout)
             if self.weight.is_inference():
                 # Made under inference_mode (`quantize` called there): such a Parameter cannot take
                 # normal data, and nothing that trains can hold it.

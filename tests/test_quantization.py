@@ -294,6 +294,57 @@ def test_cpu_int4_layout_is_torchs_packing_and_converts_back_to_the_same_release
     assert torch.equal(layer.released_weight(), released)
 
 
+@pytest.mark.parametrize("out_features", [48, 176, 272])
+def test_cpu_int4_packing_block_by_block_matches_packing_the_whole_matrix(monkeypatch, out_features):
+    # Steps of one 64-row block: several steps, then the rows torch packs as a block of their own.
+    monkeypatch.setattr(Q, "_CPU_INT4_PACK_ROWS", 64)
+    layout = Q._cpu_int4_layout()
+    released = make_layer(out_features, 96, 4, bias=False).weight.detach().clone()
+    expected = Q._pack_cpu_int4(Q._released_to_unsigned(released), layout)
+    into_new = torch.empty(released.numel(), dtype=torch.uint8)
+    Q._pack_cpu_int4_into(released, into_new, layout)
+    in_place = released.clone()
+    Q._pack_cpu_int4_into(in_place, in_place.view(torch.uint8).view(-1), layout)
+    assert torch.equal(into_new, expected)
+    assert torch.equal(in_place.view(torch.uint8).view(-1), expected)
+
+
+def test_only_a_tensor_nothing_else_shares_counts_as_sole_holder_of_its_memory():
+    alone = torch.zeros(8, dtype=torch.int8)
+    assert Q._only_holder_of_storage(alone)
+    viewed = torch.zeros(8, dtype=torch.int8)
+    view = viewed[2:]
+    assert not Q._only_holder_of_storage(viewed) and not Q._only_holder_of_storage(view)
+    shared = torch.zeros(8, dtype=torch.int8).share_memory_()  # another process may map it
+    assert not Q._only_holder_of_storage(shared)
+    with torch.inference_mode():
+        inference = torch.zeros(8, dtype=torch.int8)
+    assert not Q._only_holder_of_storage(inference)
+    assert not Q._only_holder_of_storage(torch.zeros(4, 4, dtype=torch.int8).t())
+    assert not Q._only_holder_of_storage(torch.zeros(8, dtype=torch.int8, device="meta"))
+
+
+def test_cpu_int4_conversion_rewrites_a_weight_nothing_else_holds_in_its_own_memory():
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    address = layer.weight.data_ptr()
+    x = torch.randn(3, KERNEL_SHAPE[1])
+    expected = reference_output(layer, x)
+    out = layer(x)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.data_ptr() == address
+    assert_close_relative(out, expected, 1e-2)
+
+
+def test_cpu_int4_conversion_leaves_a_state_dict_taken_before_it_as_it_was():
+    # A user's tensor must never be rewritten behind their back: the layer converts a copy.
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    held = layer.state_dict()["weight"]
+    snapshot = held.clone()
+    layer(torch.randn(1, KERNEL_SHAPE[1]))
+    assert layer.weight.dtype == torch.uint8 and layer.weight.data_ptr() != held.data_ptr()
+    assert torch.equal(held, snapshot)
+    assert torch.equal(layer.state_dict()["weight"], snapshot)
+
+
 # ---------------------------------------------------------------------------------------------
 # QuantizedLinear: state dict, devices, loading
 # ---------------------------------------------------------------------------------------------

@@ -104,6 +104,30 @@ def test_released_int4_single_file_loads_as_is(float_folder, tmp_path):
     torch.testing.assert_close(loaded.eval()(ids).logits, quantized(ids).logits)
 
 
+def test_int4_weights_of_a_mapped_bin_checkpoint_convert_where_they_were_loaded(float_folder, tmp_path):
+    # transformers memory-maps .bin files and hands their tensors over as the parameters. Converting
+    # them in place keeps one copy of the weights in memory; the mapping is private, so the file
+    # on disk stays the released bytes.
+    quantized = load(float_folder, dtype=torch.float16).quantize(4)
+    state = {key: tensor.clone() for key, tensor in quantized.state_dict().items()}
+    copy_code(tmp_path)
+    write_config(tmp_path, VOCAB, add_qkv_bias=True, quantization_bit=4, torch_dtype="float16")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    file_bytes = (tmp_path / "pytorch_model.bin").read_bytes()
+    loaded = load(tmp_path, dtype="auto")
+    weights = [
+        module.weight for module in loaded.modules() if type(module).__name__ == "QuantizedLinear"
+    ]
+    addresses = [weight.data_ptr() for weight in weights]
+    ids = ids_of()
+    torch.testing.assert_close(loaded(ids).logits, quantized(ids).logits)
+    assert all(weight.dtype == torch.uint8 for weight in weights)
+    assert [weight.data_ptr() for weight in weights] == addresses
+    assert (tmp_path / "pytorch_model.bin").read_bytes() == file_bytes
+    for key, tensor in state.items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
 def test_checkpoint_not_matching_quantization_bit_names_the_tensor(float_folder, tmp_path):
     copy_code(tmp_path)
     write_config(tmp_path, VOCAB, add_qkv_bias=True, quantization_bit=4)
