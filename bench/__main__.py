@@ -27,9 +27,13 @@ PRECISIONS = {"bf16": 16, "int8": 8, "int4": 4}
 FULL_DEFAULTS = {"runs": 3, "prefill_lengths": [128, 512], "batches": [1, 4], "new_tokens": 64, "bandwidth_bytes": 1 << 30}
 QUICK_DEFAULTS = {"runs": 1, "prefill_lengths": [16, 32], "batches": [1, 4], "new_tokens": 8, "bandwidth_bytes": 64 << 20}
 WORKER_TAIL_LINES = 20
-# Activations and unquantized weights. The CPU int8/int4 kernels compute in bfloat16 whatever the
-# model dtype, float16 matmuls are slow on CPUs, and every GPU with bfloat16 (Ampere on) runs it fast.
-ACTIVATION_DTYPE = "bfloat16"
+# Activations and unquantized weights of the float model and the .quantize() path: float16 matmuls
+# are slow on CPUs, and every GPU with bfloat16 (Ampere on) runs it fast.
+FLOAT_DTYPE = "bfloat16"
+# Quantized files are measured as stored ("auto": the checkpoint's float16, used where it was loaded,
+# the smallest footprint; the CPU int8/int4 kernels compute in bfloat16 either way) and in bfloat16
+# (the embedding and output layer converted at load: faster on CPUs, about 1 GB more resident).
+QUANTIZED_FILE_DTYPES = {"auto": "", "bfloat16": ", bf16"}
 
 
 def integer_list(text):
@@ -94,17 +98,26 @@ def parse_args(argv):
 
 
 def plan_configurations(args, config):
-    """What to measure: (label, precision, bits, load path, model folder, worker flags); writes missing checkpoints."""
+    """What to measure: (label, precision, bits, load path, model folder, dtype, worker flags); writes missing checkpoints."""
     root = cache_root(args.cache_dir, args.quick, args.seed)
     configurations = []
     for precision in args.precisions:
         bits = PRECISIONS[precision]
-        configuration = {"label": precision, "precision": precision, "bits": bits, "folder": model_folder(root, config, args.seed, bits)}
+        configuration = {
+            "label": precision,
+            "precision": precision,
+            "bits": bits,
+            "folder": model_folder(root, config, args.seed, bits),
+            "dtype": "auto",
+        }
         if bits == 16:
-            configurations.append(dict(configuration, load_path="fp16 shards", flags=[]))
+            configurations.append(dict(configuration, load_path="fp16 shards", dtype=FLOAT_DTYPE, flags=[]))
             continue
         long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
-        configurations.append(dict(configuration, load_path=f"int{bits} file", flags=long_conversation))
+        for dtype, suffix in QUANTIZED_FILE_DTYPES.items():
+            configurations.append(
+                dict(configuration, label=precision + suffix, load_path=f"int{bits} file", dtype=dtype, flags=long_conversation)
+            )
         if args.output_layer_bits:
             configurations.append(dict(
                 configuration,
@@ -119,6 +132,7 @@ def plan_configurations(args, config):
                 label=f"{precision} via quantize",
                 load_path=f"fp16 shards + quantize({bits})",
                 folder=model_folder(root, config, args.seed, 16),
+                dtype=FLOAT_DTYPE,
                 flags=["--quantize-bits", str(bits), "--load-only"],
             ))
     return configurations
@@ -132,7 +146,7 @@ def run_worker(configuration, args):
             sys.executable, "-m", "bench.worker",
             "--folder", str(configuration["folder"]),
             "--label", configuration["label"],
-            "--dtype", ACTIVATION_DTYPE,
+            "--dtype", configuration["dtype"],
             "--device", args.device,
             "--threads", str(args.threads),
             "--prefill-lengths", ",".join(map(str, args.prefill_lengths)),
@@ -191,7 +205,6 @@ def main(argv=None):
         "harness": {
             "quick": args.quick,
             "shapes": {key: config[key] for key in ("num_layers", "hidden_size", "ffn_hidden_size", "padded_vocab_size")},
-            "dtype": ACTIVATION_DTYPE,
             "threads": args.threads,
             "runs": args.runs,
             "prefill_lengths": args.prefill_lengths,

@@ -49,13 +49,14 @@ def markdown(results, image_path):
     shapes = "tiny `--quick` shapes" if harness["quick"] else "ChatGLM2-6B shapes"
     cuda = machine["device"] == "cuda"
     lines = [
-        f"**{shapes}, random weights, device {machine['device']}, activations {harness['dtype']}.** "
+        f"**{shapes}, random weights, device {machine['device']}.** "
         f"Machine: {machine_line(machine, harness)}.",
         "",
         f"Memory read bandwidth: **{rate['median'] / 1e9:.1f} GB/s** ({bandwidth['method']}; median of "
         f"{len(rate['runs'])}, {rate['min'] / 1e9:.1f}–{rate['max'] / 1e9:.1f}). Speeds are tokens/s, the median "
         f"of {harness['runs']} run(s) (min–max). Decode: {harness['new_tokens']} new tokens after a "
         f"{prefill_lengths[0]}-token prompt through `generate`; at batch > 1 the tokens of all sequences count. "
+        f"dtype: the model's floating point dtype (`dtype=\"auto\"` keeps the checkpoint's float16). "
         f"First generate: the first `generate` call after loading ({WARMUP_PROMPT_LENGTH} prompt tokens, {WARMUP_NEW_TOKENS} new), one-time work included. "
         f"The roofline is the bytes one decode step must read (quantized matrices at their precision with their "
         f"scales, `output_layer` and the rest at 2 bytes unless quantized, the KV cache) divided by the read bandwidth. "
@@ -66,7 +67,7 @@ def markdown(results, image_path):
         f"ran, in cores; above zero, they competed with the measurement.",
         "",
     ]
-    header = ["precision", "weights loaded from", "load (s)", "first generate (s)", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)", "peak anonymous (GB)"]
+    header = ["precision", "weights loaded from", "dtype", "load (s)", "first generate (s)", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)", "peak anonymous (GB)"]
     header += [f"prefill {length} (tok/s)" for length in prefill_lengths]
     header += [f"decode b{batch} (tok/s)" for batch in batches]
     header += [f"b{batches[0]} roofline (tok/s)", f"b{batches[0]} % of roofline"]
@@ -83,6 +84,7 @@ def markdown(results, image_path):
         cells = [
             row["precision"],
             row["load_path"],
+            row["dtype"],
             f"{row['load_seconds']:.1f}",
             f"{row['first_generate_seconds']:.1f}" if "first_generate_seconds" in row else "—",
             _gb(row["rss_after_load_bytes"]),
@@ -178,7 +180,7 @@ def write_chart(results, path):
     machine = results["machine"]
     shapes = "tiny --quick shapes" if harness["quick"] else "ChatGLM2-6B shapes"
     figure.suptitle(
-        f"{shapes}, {machine['device']}, {harness['dtype']} — {machine['cpu']}, {harness['threads']} threads, "
+        f"{shapes}, {machine['device']} — {machine['cpu']}, {harness['threads']} threads, "
         f"{results['bandwidth']['bytes_per_second']['median'] / 1e9:.1f} GB/s read — {machine['date']}"
     )
     figure.tight_layout()

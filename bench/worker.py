@@ -172,7 +172,7 @@ def parse_args(argv):
     parser.add_argument("--label", required=True, help="name of this configuration in progress lines")
     parser.add_argument("--quantize-bits", type=int, default=0, help="call model.quantize(bits) after loading")
     parser.add_argument("--output-layer-bits", type=int, default=0, help="then quantize output_layer to these bits")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", help="torch dtype name, or auto: the checkpoint's (config torch_dtype)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--prefill-lengths", type=lambda text: [int(v) for v in text.split(",")], required=True)
@@ -188,11 +188,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     # Other processes on the machine slow every number here: record how much CPU they took meanwhile.
     others = OtherProcessesMeter()
     anonymous = AnonymousPeakSampler().start()
-    result = {"threads": args.threads, "dtype": args.dtype, "device": args.device}
+    result = {"threads": args.threads, "device": args.device}
 
     log(f"  [{args.label}] loading {args.folder}")
     # Loaded outside any inference/no-grad context, as users load; `generate` itself runs without grad.
@@ -200,6 +200,7 @@ def main(argv=None):
     gc.collect()
     vocab_size = min(model.config.padded_vocab_size, model.get_input_embeddings().num_embeddings)
     result.update(
+        dtype=str(model.dtype).removeprefix("torch."),
         load_seconds=load_seconds,
         model_bytes=model_bytes(model),
         rss_after_load_bytes=current_rss_bytes(),

@@ -23,12 +23,16 @@ from bench.report import README_END, README_START  # noqa: E402
 QUICK_LABELS = [
     "bf16",
     "int8",
+    "int8, bf16",
     "int8, int8 output_layer",
     "int8 via quantize",
     "int4",
+    "int4, bf16",
     "int4, int8 output_layer",
     "int4 via quantize",
 ]
+# Quantized files load as stored (the release's float16) and in bfloat16; the float model in bfloat16.
+BFLOAT16_LABELS = {"bf16", "int8, bf16", "int8 via quantize", "int4, bf16", "int4 via quantize"}
 
 
 def test_release_tensor_list_matches_the_6b_checkpoint():
@@ -146,6 +150,7 @@ def test_quick_run_measures_every_configuration(quick_run):
         assert row["rss_after_load_bytes"] > 0
         assert 0 < row["peak_anonymous_bytes"] <= row["peak_rss_bytes"]
         assert row["output_layer_bits"] == (8 if "output_layer" in label else 16)
+        assert row["dtype"] == ("bfloat16" if label in BFLOAT16_LABELS else "float16"), label
         if "via quantize" in label:
             assert "decode" not in row  # that path is measured for loading and memory only
             continue
