@@ -30,7 +30,11 @@ def test_converted_checkpoint_equals_quantizing_the_loaded_model(released_fp16, 
     destination = tmp_path / f"int{bits}"
     result = run_tool("--bits", bits, released_fp16, destination)
     assert result.returncode == 0, result.stderr
-    assert len(list(destination.glob("model-*-of-00003.safetensors"))) == 3
+    shards = list(destination.glob("model-*-of-00003.safetensors"))
+    assert len(shards) == 3
+    # As readable as the config written beside them (safetensors alone makes them owner-only).
+    config_mode = (destination / "config.json").stat().st_mode & 0o777
+    assert all(shard.stat().st_mode & 0o777 == config_mode for shard in shards)
 
     converted, info = AutoModel.from_pretrained(
         destination, trust_remote_code=True, dtype="auto", output_loading_info=True

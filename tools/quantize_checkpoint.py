@@ -11,6 +11,7 @@ than the whole model. The output folder gets this package's code and json files,
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -59,6 +60,13 @@ def source_shards(source):
     fail(f"no weights in {source}: expected pytorch_model.bin(.index.json) or model.safetensors(.index.json)")
 
 
+def new_file_mode():
+    """The mode `open()` gives a new file here: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def load_shard(path):
     if path.suffix == ".safetensors":
         return load_file(path)
@@ -96,10 +104,14 @@ def convert(source, destination, bits, force=False):
 
     weight_map = {}
     total_size = 0
+    # safetensors writes its files readable by their owner only; a model folder is often read by
+    # other users (a server's account), so the shards get the mode of every other file written here.
+    mode = new_file_mode()
     for number, shard in enumerate(tqdm(shards, desc=f"int{bits}", unit="shard"), start=1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         quantized = quantize_state(load_shard(shard), bits)
         save_file(quantized, destination / name, metadata={"format": "pt"})
+        (destination / name).chmod(mode)
         for key, tensor in quantized.items():
             weight_map[key] = name
             total_size += tensor.numel() * tensor.element_size()
