@@ -123,7 +123,7 @@ def write_chart(results, path):
     harness = results["harness"]
     rows = [row for row in results["results"] if not row.get("error")]
     timed = [row for row in rows if row.get("decode")]
-    figure, (decode_axis, prefill_axis, memory_axis) = plt.subplots(1, 3, figsize=(16, 5.2))
+    figure, (decode_axis, prefill_axis, memory_axis) = plt.subplots(1, 3, figsize=(16, 6))
 
     def bars(axis, group_rows, series, ylabel, title):
         """Grouped bars: one group per row, one bar per (label, getter) in `series`."""
@@ -140,7 +140,7 @@ def write_chart(results, path):
                 lows.append(median - stats["min"] if isinstance(stats, dict) else 0)
                 highs.append(stats["max"] - median if isinstance(stats, dict) else 0)
             axis.bar(positions, heights, width, yerr=[lows, highs], capsize=3, label=label)
-        axis.set_xticks(range(len(group_rows)), [row["label"] for row in group_rows], rotation=15)
+        axis.set_xticks(range(len(group_rows)), [row["label"] for row in group_rows], rotation=35, ha="right")
         axis.set_ylabel(ylabel)
         axis.set_title(title)
 
