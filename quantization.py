@@ -18,6 +18,7 @@ Importing this module has no side effects: nothing is compiled and no global fla
 
 import functools
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -297,19 +298,32 @@ def _cpu_int8_kernel_fits(in_features):
 def _only_holder_of_storage(tensor):
     """True when rewriting `tensor` in place is unobservable: no other tensor, process or file shares its memory.
 
-    A checkpoint that transformers memory-maps (`.bin` files) hands its tensors over as the
-    parameters themselves, in a private mapping: rewriting a weight there turns its file pages
-    into the process's own pages one for one, where a converted copy would add a second copy of
-    the weights until the last layer has converted and the mapping goes away. A user's state dict,
-    a `model.state_dict()` taken before the first forward, tensors shared between processes and
-    inference-mode tensors (read-only outside inference mode) get a converted copy instead.
+    A checkpoint that transformers memory-maps (`.bin` files, safetensors) hands its tensors over
+    as the parameters themselves, in a private mapping: rewriting a weight there turns its file
+    pages into the process's own pages one for one, where a converted copy would add a second copy
+    of the weights until the last layer has converted and the mapping goes away. A user's state
+    dict, a `model.state_dict()` taken before the first forward, a held storage object, tensors
+    shared between processes and inference-mode tensors (read-only outside inference mode) get a
+    converted copy instead.
     """
-    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: without it, always copy
-    if use_count is None or tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_inference():
+    if not hasattr(torch._C, "_storage_Use_Count"):  # private: without it, always copy
         return False
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_inference():
+        return False
+    return not tensor.untyped_storage().is_shared() and _storage_holders(tensor) == _lone_tensor_storage_holders()
+
+
+def _storage_holders(tensor):
+    """(tensors and storage objects holding `tensor`'s storage, Python references to its storage object)."""
     storage = tensor.untyped_storage()
-    # The tensor and the `storage` object just made are the two expected holders.
-    return not storage.is_shared() and use_count(storage._cdata) == 2
+    return torch._C._storage_Use_Count(storage._cdata), sys.getrefcount(storage)
+
+
+@functools.cache
+def _lone_tensor_storage_holders():
+    # What `_storage_holders` sees for a tensor nothing else holds, in this torch build: the counts
+    # include this lookup's own references, whose number torch versions may change.
+    return _storage_holders(torch.empty(1, dtype=torch.int8))
 
 
 def _as_released(weight, out_features, in_features, cpu_layout):

@@ -315,6 +315,11 @@ def test_only_a_tensor_nothing_else_shares_counts_as_sole_holder_of_its_memory()
     viewed = torch.zeros(8, dtype=torch.int8)
     view = viewed[2:]
     assert not Q._only_holder_of_storage(viewed) and not Q._only_holder_of_storage(view)
+    held = torch.zeros(8, dtype=torch.int8)
+    storage = held.untyped_storage()  # reads and writes the same bytes
+    assert not Q._only_holder_of_storage(held)
+    del storage
+    assert Q._only_holder_of_storage(held)
     shared = torch.zeros(8, dtype=torch.int8).share_memory_()  # another process may map it
     assert not Q._only_holder_of_storage(shared)
     with torch.inference_mode():
