@@ -90,12 +90,18 @@ def test_saved_quantized_model_uses_the_released_names_and_reloads_bit_for_bit(f
     torch.testing.assert_close(reloaded.eval()(ids).logits, logits)
 
 
-def test_released_int4_single_file_loads_as_is(float_folder, tmp_path):
+def write_released_int4_file(float_folder, folder):
+    """`folder` as the int4 release ships: one float16 `pytorch_model.bin`. Returns (model, its state dict)."""
     quantized = load(float_folder, dtype=torch.float16).quantize(4)
     state = {key: tensor.clone() for key, tensor in quantized.state_dict().items()}
-    copy_code(tmp_path)
-    write_config(tmp_path, VOCAB, add_qkv_bias=True, quantization_bit=4, torch_dtype="float16")
-    torch.save(state, tmp_path / "pytorch_model.bin")
+    copy_code(folder)
+    write_config(folder, VOCAB, add_qkv_bias=True, quantization_bit=4, torch_dtype="float16")
+    torch.save(state, folder / "pytorch_model.bin")
+    return quantized, state
+
+
+def test_released_int4_single_file_loads_as_is(float_folder, tmp_path):
+    quantized, state = write_released_int4_file(float_folder, tmp_path)
     loaded, info = AutoModel.from_pretrained(tmp_path, trust_remote_code=True, output_loading_info=True, dtype="auto")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for key, tensor in state.items():
@@ -108,11 +114,7 @@ def test_int4_weights_of_a_mapped_bin_checkpoint_convert_where_they_were_loaded(
     # transformers memory-maps .bin files and hands their tensors over as the parameters. Converting
     # them in place keeps one copy of the weights in memory; the mapping is private, so the file
     # on disk stays the released bytes.
-    quantized = load(float_folder, dtype=torch.float16).quantize(4)
-    state = {key: tensor.clone() for key, tensor in quantized.state_dict().items()}
-    copy_code(tmp_path)
-    write_config(tmp_path, VOCAB, add_qkv_bias=True, quantization_bit=4, torch_dtype="float16")
-    torch.save(state, tmp_path / "pytorch_model.bin")
+    quantized, state = write_released_int4_file(float_folder, tmp_path)
     file_bytes = (tmp_path / "pytorch_model.bin").read_bytes()
     loaded = load(tmp_path, dtype="auto")
     weights = [
