@@ -25,15 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from quantization import QUANTIZED_PROJECTIONS, quantize_weight  # noqa: E402
+from upgrade_checkpoint import copy_package_files  # noqa: E402  (beside this script)
 
-CODE_FILES = (
-    "configuration_chatglm.py",
-    "modeling_chatglm.py",
-    "quantization.py",
-    "tokenization_chatglm.py",
-    "tokenizer_config.json",
-    "generation_config.json",
-)
 PROJECTION_WEIGHT = re.compile(
     r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$"
 )
@@ -122,8 +115,7 @@ def convert(source, destination, bits, force=False):
     ours = json.loads((REPO_ROOT / "config.json").read_text())
     config.update(quantization_bit=bits, auto_map=ours["auto_map"])
     (destination / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    for name in CODE_FILES:
-        shutil.copy(REPO_ROOT / name, destination / name)
+    copy_package_files(destination)
     if (source / "tokenizer.model").exists():
         shutil.copy(source / "tokenizer.model", destination / "tokenizer.model")
     return total_size

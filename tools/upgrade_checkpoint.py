@@ -163,6 +163,12 @@ def place(source, target, copy):
         raise RefusedError(f"cannot create the symlink {target} ({error}); pass --copy to copy the files instead") from None
 
 
+def copy_package_files(dst):
+    """This repository's code files, `tokenizer_config.json` and `generation_config.json`, into `dst`."""
+    for name in CODE_FILES + PACKAGE_JSON_FILES:
+        shutil.copyfile(REPO_ROOT / name, dst / name)
+
+
 def upgrade(src, dst, force=False, copy=False):
     """Write DST as described in the module docstring; returns the names linked (or copied) from SRC."""
     if not src.is_dir():
@@ -172,8 +178,7 @@ def upgrade(src, dst, force=False, copy=False):
     weights = weight_files(src)
     prepare_destination(src, dst, force)
 
-    for name in CODE_FILES + PACKAGE_JSON_FILES:
-        shutil.copyfile(REPO_ROOT / name, dst / name)
+    copy_package_files(dst)
     # The checkpoint's own values (shapes, quantization_bit, torch_dtype) stay; only the code mapping is ours.
     config["auto_map"] = read_json(REPO_ROOT / "config.json")["auto_map"]
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
