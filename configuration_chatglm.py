@@ -6,11 +6,18 @@ scripts and inference engines read directly; aliases give transformers' generic 
 """
 
 from transformers import PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# --- transformers 4.57 / 5.x ---
+# 5.x renamed the cache field of model outputs (and the cache argument of `forward` and `generate`)
+# from `past_key_values` to `cache`. The model reads and writes whichever this version declares.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class ChatGLMConfig(PretrainedConfig):
     model_type = "chatglm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output keys that Trainer.evaluate/predict leave out of the predictions: the KV cache.
+    keys_to_ignore_at_inference = [CACHE_FIELD]
     attribute_map = {
         "num_hidden_layers": "num_layers",
         "vocab_size": "padded_vocab_size",
