@@ -252,4 +252,4 @@ def test_training_script_runs_quickly(tmp_path):
     model = AutoModel.from_pretrained(output, trust_remote_code=True)
     assert model.config.padded_vocab_size % 64 == 0 and model.config.padded_vocab_size >= tokenizer.vocab_size
     response, _ = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=4)
-    assert isinstance(response, str)
+    assert response
