@@ -2,7 +2,7 @@
 
     python -m serve                                   # the bundled demo model on http://127.0.0.1:8000
     python -m serve --model-path PATH --quantize 4    # a folder made by tools/upgrade_checkpoint.py
-    python -m serve --host 0.0.0.0 --api-key "$KEY"   # reachable from other machines: set a key
+    SERVE_API_KEY=... python -m serve --host 0.0.0.0  # reachable from other machines: set a key
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings,
 GET /health, and the web chat at /. See serve/README.md.
@@ -11,6 +11,7 @@ GET /health, and the web chat at /. See serve/README.md.
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,11 @@ def build_parser():
     parser.add_argument("--quantize", type=int, choices=(0, 4, 8), default=0, help="quantize the weights to 4 or 8 bits after loading (0: no)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on cpu, bfloat16 (or float16) on cuda, float16 on mps")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $SERVE_API_KEY, which keeps the key out of the process list; unset: no key)",
+    )
     parser.add_argument("--max-batch-size", type=positive_int, default=16, help="sequences decoded together in one batch (default: 16)")
     parser.add_argument("--max-waiting", type=positive_int, default=64, help="requests that may wait for a batch; more get 429 (default: 64)")
     parser.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0, help="how long the first waiting request waits for others to join its batch (default: 10)")

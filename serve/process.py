@@ -1,6 +1,7 @@
 """Start `python -m serve` as a child process on a free loopback port (for the tests and the load test)."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -36,7 +37,9 @@ class ServerProcess:
             return json.loads(response.read())
 
     def __enter__(self):
-        self.process = subprocess.Popen(self.args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Only the arguments decide the server's key, not a SERVE_API_KEY left in the environment.
+        environment = {name: value for name, value in os.environ.items() if name != "SERVE_API_KEY"}
+        self.process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._log_lines = []
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
