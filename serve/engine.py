@@ -90,9 +90,8 @@ class Job:
 def _holdback(text, stops, partial_markers):
     """How many characters at the end of `text` must wait: an incomplete character, the start of a
     stop string, or an unclosed placeholder the post-processing may still rewrite."""
-    if text.endswith("\ufffd"):
-        return len(text)  # wait for the rest of the character; the tail is rewritten as it completes
-    hold = 0
+    # Decoding the first bytes of a character gives U+FFFD; the rest of it rewrites that tail.
+    hold = len(text) - len(text.rstrip("\ufffd"))
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:size]):
@@ -218,6 +217,7 @@ class Engine:
         self.eos_ids = set([eos] if isinstance(eos, int) else eos or [tokenizer.eos_token_id])
         self.pad_id = tokenizer.pad_token_id
         self.waiting = collections.deque()
+        self.running = []  # the jobs of the batch being decoded
         self.running_rows = 0
         self.batches = 0
         self.cancelled_rows = 0  # rows dropped mid-generation because their client went away
@@ -257,8 +257,11 @@ class Engine:
             }
 
     def close(self):
+        """Stop taking jobs, end the running batch at its next step, and wait for the worker."""
         with self.condition:
             self.stopping = True
+            for job in self.running:
+                job.cancel()
             self.condition.notify()
         self.thread.join(timeout=30)
 
@@ -283,6 +286,7 @@ class Engine:
                 else:
                     keep.append(job)
             self.waiting = keep
+            self.running = batch
             self.running_rows = rows
             return batch
 
@@ -301,6 +305,7 @@ class Engine:
                     job.send("error", "generation failed on the server")
             finally:
                 with self.condition:
+                    self.running = []
                     self.running_rows = 0
                     self.batches += 1
 

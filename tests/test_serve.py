@@ -129,6 +129,24 @@ def test_max_tokens_ends_with_finish_reason_length(client):
     assert trained_answer("你好").startswith(answer.choices[0].message.content)
 
 
+def test_text_parts_developer_role_and_max_completion_tokens(client):
+    parts = [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "developer", "content": ""}, {"role": "user", "content": parts}], temperature=0)
+    assert answer.choices[0].message.content == trained_answer("你好")
+    cut = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}], temperature=0, max_completion_tokens=2)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
+
+
+def test_streamed_text_waits_for_whole_characters_stop_strings_and_placeholders():
+    from serve.engine import _holdback
+
+    assert _holdback("你好\ufffd\ufffd", (), ()) == 2  # the first bytes of a character
+    assert _holdback("Hello wor", ("world",), ()) == 3  # may become a stop string
+    assert _holdback("Hello wor", ("xyz",), ()) == 0
+    assert _holdback("今年是[[训练", (), (("[[", "]]"),)) == 4  # may become a placeholder
+    assert _holdback("[[训练时间]]年", (), (("[[", "]]"),)) == 0
+
+
 def test_stop_string_cuts_the_answer_before_it(client):
     answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}], temperature=0, stop=["我是"])
     assert answer.choices[0].message.content == trained_answer("你好").split("我是")[0]
@@ -201,11 +219,13 @@ def test_embeddings_are_the_normalized_mean_of_the_final_hidden_states(client, t
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 9}).encode(), 400, "n"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}).encode(), 400, "stop"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}).encode(), 400, "5000"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400, "messages[0].content[0]"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "max_completion_tokens": 5}).encode(), 400, "max_completion_tokens"),
     ],
     ids=[
         "bad-json", "not-an-object", "unknown-model", "negative-max-tokens", "wrong-type", "wrong-content-type",
         "no-messages", "unknown-field", "unsupported-logprobs", "unsupported-penalty", "bad-role-order", "tools-on-chatglm2",
-        "n-over-batch", "empty-stop", "max-tokens-over-context",
+        "n-over-batch", "empty-stop", "max-tokens-over-context", "image-part", "two-length-limits",
     ],
 )  # fmt: skip
 def test_bad_requests_get_a_status_and_a_message_naming_the_problem(server, client, body, status, named):
