@@ -127,6 +127,8 @@ def describe_validation_errors(errors):
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail})".replace(" ()", ""), None
+    if isinstance(first.get("input"), bytes) and tuple(first.get("loc", ())) == ("body",):
+        return "the request body must be JSON, sent with the header 'Content-Type: application/json'", None
     messages, param = [], None
     for error in errors:
         path = ""

@@ -236,6 +236,13 @@ def test_bad_requests_get_a_status_and_a_message_naming_the_problem(server, clie
     still_serving(client)
 
 
+def test_a_body_not_sent_as_json_is_refused_with_the_header_to_use(server, client):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, _, answer = raw_request(server, "POST", "/v1/chat/completions", body, {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 400 and "Content-Type: application/json" in answer["error"]["message"]
+    still_serving(client)
+
+
 def test_the_openai_client_sees_the_error_message(client):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-1)
