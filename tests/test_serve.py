@@ -11,20 +11,12 @@ import pytest
 import torch
 
 from serve.process import ServerProcess
+from test_cli_demo import trained_answer
 from tiny_checkpoint import REPO_ROOT
 
 DEMO_MODEL = REPO_ROOT / "demo" / "tiny-chatglm2"
 MODEL = "tiny-chatglm2"
 BODY_LIMIT = 65536
-
-
-def trained_answer(*queries):
-    """The dialog set's answer to the last query after the earlier ones."""
-    for line in (REPO_ROOT / "demo" / "data" / "dialogs.jsonl").read_text(encoding="utf-8").splitlines():
-        dialog = json.loads(line)
-        if [query for query, _ in dialog[: len(queries)]] == list(queries):
-            return dialog[len(queries) - 1][1]
-    raise KeyError(queries)
 
 
 @pytest.fixture(scope="module")

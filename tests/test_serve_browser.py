@@ -5,12 +5,11 @@ carries over, Clear forgets it, Stop keeps what was written and frees the server
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from serve.process import ServerProcess
-from test_serve import trained_answer
+from test_cli_demo import trained_answer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs the system chromium (apt-get install chromium; .ci/run does)")
