@@ -244,21 +244,26 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
             ) from None
         return job
 
-    async def next_event(job, request):
-        """The job's next event; cancels the job and returns None if the client went away."""
+    async def next_event(job, request, checked):
+        """The job's next event; cancels the job and returns None if the client went away.
+        `checked` holds when the connection was last looked at (at most every disconnect_poll_s)."""
         while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), timeout=settings.disconnect_poll_s)
-            except asyncio.TimeoutError:
+            if time.monotonic() - checked[0] >= settings.disconnect_poll_s:
+                checked[0] = time.monotonic()
                 if await request.is_disconnected():
                     job.cancel()
                     return None
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=settings.disconnect_poll_s)
+            except asyncio.TimeoutError:
+                continue
 
     async def gather(job, request):
         """Wait for the whole job; the finished texts per row, or None if the client left."""
         texts = [""] * len(job.rows)
+        checked = [time.monotonic()]
         while True:
-            event = await next_event(job, request)
+            event = await next_event(job, request, checked)
             if event is None:
                 return None
             if event[0] == "finish":

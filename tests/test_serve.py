@@ -266,14 +266,20 @@ def test_unknown_endpoint_and_method_get_json_errors(server):
     assert status == 405 and "GET" in answer["error"]["message"]
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting-for-the-whole-answer"])
+def test_a_client_that_leaves_frees_its_row(server, client, stream):
     before = server.health()["cancelled_rows"]
-    body = json.dumps({"model": MODEL, "prompt": "你好", "max_tokens": 1000, "min_tokens": 1000, "temperature": 0, "stream": True})
+    body = json.dumps({"model": MODEL, "prompt": "你好", "max_tokens": 1000, "min_tokens": 1000, "temperature": 0, "stream": stream})
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    assert response.status == 200
-    response.read1(64)  # the stream has started
+    if stream:
+        response = connection.getresponse()
+        assert response.status == 200
+        response.read1(64)  # the stream has started
+    else:
+        deadline = time.monotonic() + 60
+        while server.health()["running_rows"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the answer is being generated
     connection.sock.shutdown(2)
     connection.close()
     deadline = time.monotonic() + 60
