@@ -181,7 +181,9 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
             raise APIError(400, f"{refused[0]}: {refused[1]}", param=refused[0])
 
     def encode(text, param):
-        ids = tokenizer(text)["input_ids"]
+        return check_length(tokenizer(text)["input_ids"], param)
+
+    def check_length(ids, param):
         if len(ids) >= settings.context_length:
             raise APIError(
                 400,
@@ -369,10 +371,11 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         check_supported(body)
         messages = chat_messages(body)
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The tokenizer renders and encodes the chat (prefix tokens included, as `chat` does).
+            encoding = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         except (ValueError, TypeError, jinja2.TemplateError) as error:
             raise APIError(400, f"messages: {error}", param="messages") from None
-        prompt_ids = encode(text, "messages")
+        prompt_ids = check_length(list(encoding["input_ids"]), "messages")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "max_completion_tokens: give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
         limit_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
