@@ -53,9 +53,9 @@ def build_parser():
     return parser
 
 
-def chat_postprocess(model):
-    """The model's own answer post-processing (ChatGLM2: strip, "[[训练时间]]" -> "2023年"), as `chat` applies it."""
-    return sys.modules[type(model).__module__].process_response
+def chat_postprocess(tokenizer):
+    """The tokenizer's answer post-processing (ChatGLM2: strip, "[[训练时间]]" -> "2023年"), as `chat` applies it."""
+    return lambda text: tokenizer.process_chat_response(text, "", [])[0]
 
 
 def is_loopback(host):
@@ -104,7 +104,7 @@ def main(argv=None):
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
     )
-    app = create_app(engine, tokenizer, settings, chat_postprocess=chat_postprocess(model))
+    app = create_app(engine, tokenizer, settings, chat_postprocess=chat_postprocess(tokenizer))
     log.info("serving %s (context %d tokens) on http://%s:%d", settings.model_name, settings.context_length, args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, timeout_graceful_shutdown=5)
