@@ -211,15 +211,14 @@ def test_a_failure_half_way_leaves_the_old_destination_as_it_was(source, tmp_pat
     dst = tmp_path / "dst"
     assert run("quantize", src, dst) == 0
     written = digests(dst)
-    tool = TOOLS["quantize"]
-    load_shard = tool.load_shard
+    load_weights = model_folder.load_weights
 
     def second_shard_fails(path):
         if path.name.startswith("pytorch_model-00002-"):
             raise ModelFolderError(f"{path}: cannot read its weights (simulated)")
-        return load_shard(path)
+        return load_weights(path)
 
-    monkeypatch.setattr(tool, "load_shard", second_shard_fails)
+    monkeypatch.setattr(quantize_checkpoint, "load_weights", second_shard_fails)
     assert run("quantize", src, dst, "--force") == 2
     assert "pytorch_model-00002-of-00002.bin: cannot read its weights (simulated)" in capsys.readouterr().err
     assert digests(dst) == written and digests(src) == before
@@ -247,3 +246,23 @@ def test_replace_file_replaces_a_link_not_its_target(tmp_path):
     assert target.read_text() == "original"
     assert not (tmp_path / "link").is_symlink() and (tmp_path / "link").read_text() == "new"
     assert os.path.exists(target)
+
+
+@pytest.mark.parametrize(
+    "failure, status, message",
+    [
+        (KeyboardInterrupt(), model_folder.INTERRUPTED, "interrupted: no output was written"),
+        (OSError(28, "No space left on device"), model_folder.WRITE_FAILED, "error: [Errno 28] No space left on device"),
+    ],
+)
+def test_ctrl_c_or_a_full_disk_while_writing_is_one_line_and_leaves_no_output(failure, status, message, source, tmp_path, monkeypatch, capsys):
+    src, before = source
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(quantize_checkpoint, "save_file", fail)
+    assert run("quantize", src, tmp_path / "out") == status
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["release"]
+    assert digests(src) == before

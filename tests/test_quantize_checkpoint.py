@@ -69,7 +69,7 @@ def assert_refused(result, *fragments):
     status, stderr = result
     assert status == 2
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("quantize_checkpoint: error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
@@ -110,7 +110,7 @@ BROKEN_SOURCES = {
     "no tokenizer": (lambda f: (f / "tokenizer.model").unlink(), "tokenizer.model is missing"),
     "not a tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"\0" * 64), "not a SentencePiece model"),
     "config not json": (lambda f: (f / "config.json").write_text("{"), "config.json: cannot read it as JSON"),
-    "config without shapes": (lambda f: set_config(f, num_layers="two"), "num_layers is 'two'"),
+    "config with a bad value": (lambda f: set_config(f, num_layers="two"), "ChatGLMConfig.num_layers must be a positive integer, got 'two'"),
     "truncated shard": (lambda f: truncate(f / "pytorch_model-00002-of-00003.bin"), "pytorch_model-00002-of-00003.bin: cannot read"),
     "missing shard": (lambda f: (f / "pytorch_model-00003-of-00003.bin").unlink(), "pytorch_model-00003-of-00003.bin is missing"),
 }

@@ -9,12 +9,13 @@ import it: transformers copies them flat into its module cache, without this fol
   and a check that each one reads and agrees with its index.
 - `check_destination` / `staged_folder`: a tool's output folder is never its source (symlinks
   resolved) and appears only complete, renamed into place from a temporary folder beside it.
-- `ModelFolderError`, `USAGE_ERROR`, `INTERRUPTED`: one-line errors and the exit statuses that go with them.
+- `ModelFolderError`, `exit_status` and the statuses it returns: errors as one line naming the file.
 """
 
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -33,13 +34,30 @@ TOKENIZER_FILE = "tokenizer.model"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 
-# Exit statuses of the tools and the demo (0: done).
-USAGE_ERROR = 2  # bad arguments, or a model folder refused or unreadable: one line on stderr says why
+# Exit statuses of the tools and the demo (0: done); each failure is one line on stderr.
+WRITE_FAILED = 1  # the output could not be written (disk full, permissions); no partial output is left
+USAGE_ERROR = 2  # bad arguments, or a model folder refused or unreadable
 INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 class ModelFolderError(Exception):
     """A model folder, or a file in it, cannot be used; the message names the file and the problem."""
+
+
+def exit_status(work):
+    """Run `work()` (a tool's whole job) and return its exit status, each failure told in one line on stderr."""
+    try:
+        work()
+    except ModelFolderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return WRITE_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return INTERRUPTED
+    return 0
 
 
 def first_line(error):
@@ -84,27 +102,43 @@ def weight_files(folder):
     return [name, *shards]
 
 
+@contextmanager
+def _reading(path):
+    try:
+        yield
+    except Exception as error:  # whatever the reader raises, the user needs the file's name
+        raise ModelFolderError(f"{path}: cannot read its weights, the file is truncated or corrupt ({first_line(error)})") from None
+
+
+def load_weights(path):
+    """Every tensor of one weight file (memory-mapped from a torch zip file); ModelFolderError naming the file if it cannot be read."""
+    path = Path(path)
+    with _reading(path):
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        import torch
+
+        # Only the zip format can be memory-mapped; older pickles are read whole.
+        state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelFolderError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
 def tensor_names(path):
     """The tensor names one weight file holds, read lazily (a safetensors header, a memory-mapped pickle).
 
     ModelFolderError naming the file when it cannot be read: truncated, corrupt, or not weights.
     """
     path = Path(path)
-    try:
-        if path.name.endswith(".safetensors"):
-            from safetensors import safe_open
+    if not path.name.endswith(".safetensors"):
+        return list(load_weights(path))
+    from safetensors import safe_open
 
-            with safe_open(path, framework="pt") as file:
-                return list(file.keys())
-        import torch
-
-        # Only the zip format can be memory-mapped; older pickles are read whole.
-        state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception as error:  # whatever the reader raises, the user needs the file's name
-        raise ModelFolderError(f"{path}: cannot read its weights, the file is truncated or corrupt ({first_line(error)})") from None
-    if not isinstance(state, dict):
-        raise ModelFolderError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
-    return list(state)
+    with _reading(path), safe_open(path, framework="pt") as file:
+        return list(file.keys())
 
 
 def check_weights(folder):

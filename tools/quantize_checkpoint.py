@@ -23,8 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +31,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from quantization import QUANTIZED_PROJECTIONS, quantize_weight  # noqa: E402
 from tools.model_folder import (  # noqa: E402
-    CONFIG_FILE,
-    INTERRUPTED,
     TOKENIZER_FILE,
-    USAGE_ERROR,
     ModelFolderError,
     check_destination,
     copy_package_files,
     default_mode,
-    first_line,
+    exit_status,
+    load_weights,
     staged_folder,
 )
 from tools.upgrade_checkpoint import check_source, write_config  # noqa: E402
@@ -48,15 +45,6 @@ from tools.upgrade_checkpoint import check_source, write_config  # noqa: E402
 PROJECTION_WEIGHT = re.compile(
     r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$"
 )
-
-
-def load_shard(path):
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as error:  # it read when checked; whatever fails now, the user needs the file's name
-        raise ModelFolderError(f"{path}: cannot read its weights ({first_line(error)})") from None
 
 
 def quantize_state(state, bits, shard):
@@ -92,7 +80,7 @@ def convert(source, destination, bits, force=False):
     with staged_folder(destination) as folder:
         for number, shard in enumerate(tqdm(shards, desc=f"int{bits}", unit="shard"), start=1):
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            quantized = quantize_state(load_shard(shard), bits, shard)
+            quantized = quantize_state(load_weights(shard), bits, shard)
             save_file(quantized, folder / name, metadata={"format": "pt"})
             (folder / name).chmod(mode)
             for key, tensor in quantized.items():
@@ -114,16 +102,12 @@ def main(argv=None):
     parser.add_argument("--bits", type=int, choices=(4, 8), required=True)
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
     args = parser.parse_args(argv)
-    try:
+
+    def work():
         total_size = convert(args.source, args.destination, args.bits, force=args.force)
-    except ModelFolderError as error:
-        print(f"quantize_checkpoint: error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    except KeyboardInterrupt:
-        print(f"quantize_checkpoint: interrupted; {args.destination} was not written", file=sys.stderr)
-        return INTERRUPTED
-    print(f"wrote {total_size / 1e9:.2f} GB of int{args.bits} weights to {args.destination}")
-    return 0
+        print(f"wrote {total_size / 1e9:.2f} GB of int{args.bits} weights to {args.destination}")
+
+    return exit_status(work)
 
 
 if __name__ == "__main__":

@@ -35,20 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.model_folder import (  # noqa: E402
     CONFIG_FILE,
-    INTERRUPTED,
     REPO_ROOT,
     TOKENIZER_FILE,
-    USAGE_ERROR,
     ModelFolderError,
     check_destination,
     check_weights,
     copy_package_files,
+    exit_status,
+    first_line,
     read_json,
     staged_folder,
 )
 
-# Keys only ChatGLM2's config carries; ChatGLM-6B (v1) has none of them. Each is a positive whole
-# number, but multi_query_attention, a boolean.
+# Keys only ChatGLM2's config carries; ChatGLM-6B (v1) has none of them.
 CHATGLM2_KEYS = (
     "num_layers",
     "padded_vocab_size",
@@ -77,12 +76,12 @@ def check_config(src):
     missing = [key for key in CHATGLM2_KEYS if key not in config]
     if missing:
         raise ModelFolderError(f"{config_path}: not a ChatGLM2 config, it lacks {', '.join(missing)}")
-    for key in CHATGLM2_KEYS:
-        value = config[key]
-        valid = isinstance(value, bool) if key == "multi_query_attention" else type(value) is int and value > 0
-        if not valid:
-            expected = "true or false" if key == "multi_query_attention" else "a positive whole number"
-            raise ModelFolderError(f"{config_path}: {key} is {value!r}, not {expected}")
+    from configuration_chatglm import ChatGLMConfig  # the package's own checks of each value
+
+    try:
+        ChatGLMConfig.from_dict(config)
+    except (TypeError, ValueError) as error:
+        raise ModelFolderError(f"{config_path}: {first_line(error)}") from None
     if config.get("rope_ratio", 1) != 1:
         raise ModelFolderError(
             f"{config_path}: rope_ratio={config['rope_ratio']} (the 32K variant); this package does not implement rope scaling"
@@ -167,18 +166,14 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace the files of a non-empty DST")
     parser.add_argument("--copy", action="store_true", help="copy the weights and tokenizer.model instead of linking them")
     args = parser.parse_args(argv)
-    try:
+
+    def work():
         linked = upgrade(args.src, args.dst, force=args.force, copy=args.copy)
-    except ModelFolderError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return INTERRUPTED
-    how = "copied" if args.copy else "linked"
-    print(f"wrote {args.dst}: this package's code and config, {how} {len(linked)} file(s) from {args.src}")
-    print(f'load it with AutoModel.from_pretrained("{args.dst}", trust_remote_code=True)')
-    return 0
+        how = "copied" if args.copy else "linked"
+        print(f"wrote {args.dst}: this package's code and config, {how} {len(linked)} file(s) from {args.src}")
+        print(f'load it with AutoModel.from_pretrained("{args.dst}", trust_remote_code=True)')
+
+    return exit_status(work)
 
 
 if __name__ == "__main__":
