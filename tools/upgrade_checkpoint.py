@@ -79,7 +79,7 @@ def check_config(src):
     from configuration_chatglm import ChatGLMConfig  # the package's own checks of each value
 
     try:
-        ChatGLMConfig.from_dict(config)
+        ChatGLMConfig.from_dict(dict(config))  # transformers 4.57 adds keys to the dict it is given
     except (TypeError, ValueError) as error:
         raise ModelFolderError(f"{config_path}: {first_line(error)}") from None
     if config.get("rope_ratio", 1) != 1:
