@@ -388,18 +388,32 @@ def projection_shapes(config):
     }
 
 
+def unreadable_weights(path, error):
+    return OSError(f"{path}: cannot read its weights, the file is truncated or corrupt ({error})")
+
+
 def stored_tensors(folder):
-    """(file name, key, dtype, shape) of the weights transformers would load from `folder`, read lazily."""
+    """(file name, key, dtype, shape) of the weights transformers would load from `folder`, read lazily.
+
+    A file that cannot be read raises OSError naming it (the readers' own errors do not).
+    """
     safetensors_files = sorted(folder.glob("model*.safetensors"))
     if safetensors_files:
         for path in safetensors_files:
-            with safe_open(path, framework="pt") as file:
+            try:
+                file = safe_open(path, framework="pt")
+            except Exception as error:
+                raise unreadable_weights(path, error) from None
+            with file:
                 for key in file.keys():
                     piece = file.get_slice(key)
                     yield path.name, key, SAFETENSORS_DTYPES.get(piece.get_dtype()), tuple(piece.get_shape())
         return
     for path in sorted(folder.glob("pytorch_model*.bin")):
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as error:
+            raise unreadable_weights(path, error) from None
         for key, tensor in state.items():
             yield path.name, key, tensor.dtype, tuple(tensor.shape)
 
