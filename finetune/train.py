@@ -109,8 +109,11 @@ def parse_arguments(argv=None):
     from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments), description=__doc__)
-    # Our dataset yields exactly the model's inputs, and the logs should say how training goes.
-    parser.set_defaults(remove_unused_columns=False, logging_steps=10, report_to="none")
+    # Our dataset yields exactly the model's inputs, and the logs should say how training goes. Every
+    # trainable parameter (adapter or prefix) takes part in every step, so DDP need not search for unused ones.
+    parser.set_defaults(
+        remove_unused_columns=False, logging_steps=10, report_to="none", ddp_find_unused_parameters=False
+    )
     namespace = parser.parse_args(argv)
     check_launch(namespace)
     if namespace.gradient_checkpointing and not namespace.gradient_checkpointing_kwargs:
@@ -168,7 +171,7 @@ def dry_run(options, tokenizer, examples, report):
 
 
 def train(options, training):
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
 
     is_main = training.process_index == 0
     tokenizer = load_tokenizer(options.model)
@@ -180,6 +183,8 @@ def train(options, training):
     if report.count and is_main:
         logger.warning(report.describe(len(examples)))
 
+    # Before the model is built: new adapters and prefixes are initialised at random.
+    set_seed(training.seed)
     model = load_base(
         options.model, options.method, options.pre_seq_len, options.prefix_projection, options.quantize
     )
