@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from finetune.train import parse_arguments, train  # noqa: E402
 
 
-def digest(model):
+def digest(model, keep=lambda name, parameter: parameter.requires_grad):
     hasher = hashlib.sha256()
     for name, parameter in sorted(model.named_parameters()):
-        if parameter.requires_grad:
+        if keep(name, parameter):
             hasher.update(name.encode())
             hasher.update(parameter.detach().to(torch.float32).contiguous().numpy().tobytes())
     return hasher.hexdigest()
