@@ -47,7 +47,7 @@ def launch(command, output_dir, *extra):
 
 def test_two_cpu_processes_train_one_model_like_one_process_with_twice_the_accumulation(tmp_path):
     ranks, ddp_losses = launch(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
         tmp_path / "ddp",
     )
     assert [(r["rank"], r["world_size"], r["parallel_mode"]) for r in ranks] == [
