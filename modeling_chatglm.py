@@ -62,25 +62,57 @@ def make_norm(config, device=None, dtype=None):
     return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
 
 
-def rotary_inverse_frequencies(rotary_dim, device=None):
-    return 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+ROTARY_BASE = 10000.0
+
+
+def rotary_inverse_frequencies(rotary_dim, base=ROTARY_BASE, device=None):
+    """theta_i = base ** (-2i / rotary_dim), i < rotary_dim / 2, computed in float32."""
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+def rotary_scaling(config):
+    """(base, position divisor) of the rotary angles: `rope_ratio` scales one of them (see ChatGLMConfig)."""
+    ratio = float(getattr(config, "rope_ratio", 1) or 1)
+    applies_to = getattr(config, "rope_ratio_applies_to", None)
+    if ratio == 1:
+        return ROTARY_BASE, 1.0
+    if applies_to == "positions":
+        return ROTARY_BASE, ratio
+    if applies_to == "base":
+        return ROTARY_BASE * ratio, 1.0
+    raise ValueError(
+        f"config.rope_ratio_applies_to must be 'positions' or 'base' when rope_ratio is {ratio}, got {applies_to!r}"
+    )
 
 
 class RotaryEmbedding(nn.Module):
     """Angles for the ChatGLM2 rotary embedding, which rotates only the first half of each head.
 
-    `inv_freq` is a persistent buffer because the released checkpoints store it.
+    The angle of pair i at position p is `(p / position_divisor) * base ** (-2i / rotary_dim)`:
+    `rope_ratio` raises the base (ChatGLM3-32K/128K) or divides the positions (ChatGLM2-32K).
+    Positions, frequencies and angles are computed in float32 at every call, from these settings.
+
+    `inv_freq` (the base-10000 frequencies) is a persistent buffer only because the released
+    checkpoints store it; its values are never read. The release stores it in float16, whose
+    rounding would misplace angles by up to 0.3 radian at position 2000 and 5 radians at 32K, and
+    the ChatGLM3-32K/128K releases store the unscaled base there; their code recomputed it too.
     """
 
-    def __init__(self, rotary_dim, device=None):
+    def __init__(self, rotary_dim, base=ROTARY_BASE, position_divisor=1.0, device=None):
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.base = float(base)
+        self.position_divisor = float(position_divisor)
         self.register_buffer("inv_freq", rotary_inverse_frequencies(rotary_dim, device=device), persistent=True)
 
     def forward(self, position_ids, dtype):
-        # Positions, angles and cos/sin in float32; only the finished tables are rounded to the
-        # model dtype (float16 positions would already be wrong above 2048).
-        angles = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+        # Only the finished cos/sin tables are rounded to the model dtype (float16 positions would
+        # already be wrong above 2048).
+        theta = rotary_inverse_frequencies(self.rotary_dim, self.base, device=position_ids.device)
+        positions = position_ids.float()
+        if self.position_divisor != 1.0:
+            positions = positions / self.position_divisor
+        angles = positions[..., None] * theta
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -481,7 +513,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         super().__init__(config)
         self.embedding = Embedding(config, device=device)
         self.num_layers = config.num_layers
-        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels // 2, device=device)
+        base, position_divisor = rotary_scaling(config)
+        self.rotary_pos_emb = RotaryEmbedding(
+            config.kv_channels // 2, base=base, position_divisor=position_divisor, device=device
+        )
         self.encoder = GLMTransformer(config, device=device)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
         self.pre_seq_len = config.pre_seq_len

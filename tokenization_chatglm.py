@@ -481,3 +481,70 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.sp_model = sentencepiece.SentencePieceProcessor()
         self.sp_model.LoadFromSerializedProto(state["sp_model"])
 
+
+
+# ChatGLM3 function calling: the model's tool calls, read without running them.
+import ast  # noqa: E402  (kept beside its only user)
+import math  # noqa: E402
+
+TOOL_CALL_MAX_CHARS = 16384
+TOOL_CALL_FENCE = re.compile(r"\A```[ \t]*(?:python)?[ \t]*\n(?P<code>.*)\n[ \t]*```\Z", re.DOTALL)
+
+
+def parse_tool_call(metadata, content, max_chars=TOOL_CALL_MAX_CHARS):
+    """A ChatGLM3 assistant turn calling a tool, as `{"name": ..., "parameters": {...}}`, else `content` unchanged.
+
+    ChatGLM3 calls the tool named by the turn's metadata (the text after `<|assistant|>` on its
+    line) with a body like
+        ```python
+        tool_call(location="beijing", unit="celsius")
+        ```
+    The published code passed that body to `eval`. Here it is parsed and never run: the body must
+    be one call of the plain name `tool_call` with keyword arguments only, each value a Python
+    literal read by `ast.literal_eval` that JSON can hold (strings, finite numbers, True/False/None,
+    lists, tuples, dicts with string keys). Anything else (another function, a name, attribute
+    access, an operator, a nested call, positional or `**` arguments, a body over `max_chars`
+    characters, nesting the parser refuses, a tool name spanning lines) is not a tool call, and the
+    content comes back as the text it is.
+    """
+    name = metadata.strip() if isinstance(metadata, str) else ""
+    if not isinstance(content, str) or not name or "\n" in name or len(content) > max_chars:
+        return content
+    code = content.strip()
+    fenced = TOOL_CALL_FENCE.match(code)
+    if fenced:
+        code = fenced.group("code").strip()
+    try:
+        call = ast.parse(code, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return content
+    if not (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id == "tool_call"
+        and not call.args
+        and all(keyword.arg is not None for keyword in call.keywords)
+    ):
+        return content
+    parameters = {}
+    for keyword in call.keywords:
+        try:
+            value = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return content
+        if keyword.arg in parameters or not _json_value(value):
+            return content
+        parameters[keyword.arg] = value
+    return {"name": name, "parameters": parameters}
+
+
+def _json_value(value):
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_json_value(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _json_value(item) for key, item in value.items())
+    return False
