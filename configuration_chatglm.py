@@ -9,6 +9,12 @@ chatglm2-6b, chatglm2-6b-32k, chatglm3-6b (-base, -32k, -128k) and codegeex2-6b 
 import re
 
 from transformers import PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# --- transformers 4.57 / 5.x ---
+# 5.x renamed the cache field of model outputs (and the cache argument of `forward` and `generate`)
+# from `past_key_values` to `cache`. The model reads and writes whichever this version declares.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # What `rope_ratio` scales (see `ChatGLMConfig`): the position ids, or the rotary base.
 ROPE_RATIO_TARGETS = ("positions", "base")
@@ -55,7 +61,8 @@ class ChatGLMConfig(PretrainedConfig):
     """
 
     model_type = "chatglm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output keys that Trainer.evaluate/predict leave out of the predictions: the KV cache.
+    keys_to_ignore_at_inference = [CACHE_FIELD]
     attribute_map = {
         "num_hidden_layers": "num_layers",
         "vocab_size": "padded_vocab_size",

@@ -5,7 +5,9 @@ unchanged. Attention runs through transformers' attention interface (SDPA by def
 and the KV cache is a transformers `Cache` holding only the key/value groups of multi-query attention.
 """
 
+import queue
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -14,29 +16,35 @@ from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .configuration_chatglm import ChatGLMConfig
+from .configuration_chatglm import CACHE_FIELD, ChatGLMConfig
 from .quantization import QUANTIZED_PROJECTIONS, check_stored_weight, quantize_model, quantize_output_layer
 
 logger = logging.get_logger(__name__)
 
-# transformers 5.x renamed the cache field of its model outputs from `past_key_values` to `cache`
-# (and passes `cache=` to `forward` during generation); use whichever this version declares.
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# --- transformers 4.57 / 5.x differences, all in this block ---
+# The KV-cache argument and output field is `past_key_values` on 4.57 and `cache` on 5.x: CACHE_FIELD
+# (configuration_chatglm). A static cache tells its length through a method renamed in 5.x.
+
+
+def static_cache_length(cache):
+    """Slots a compileable (static) cache hands every layer, written or not; None for a growing cache."""
+    if cache is None or not cache.is_compileable:
+        return None
+    return cache.get_max_length() if hasattr(cache, "get_max_length") else cache.get_max_cache_shape()
+
 
 INITIALIZER_STD = 0.02
 PREFIX_DROPOUT = 0.1
@@ -200,13 +208,13 @@ class SelfAttention(nn.Module):
             query, key, value = mixed.view(batch, seq, self.num_heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-    def forward(self, hidden_states, rotary, attention_mask, cache=None, prefix=None, output_attentions=False):
+    def forward(self, hidden_states, rotary, attention_mask, prefix=None, cache=None, output_attentions=False):
         query, key, value = self.split_heads(self.query_key_value(hidden_states))
-        cos, sin = rotary
+        cos, sin, cache_position = rotary
         query = apply_rotary_pos_emb(query, cos, sin)
         key = apply_rotary_pos_emb(key, cos, sin)
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+            key, value = cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
         if prefix is not None:
             key = torch.cat((prefix[0].to(key.dtype), key), dim=2)
             value = torch.cat((prefix[1].to(value.dtype), value), dim=2)
@@ -246,7 +254,11 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
-class GLMBlock(nn.Module):
+class GLMBlock(GradientCheckpointingLayer):
+    """One transformer layer; transformers' base class does the gradient checkpointing. The P-Tuning v2
+    prefix key and value are separate positional tensors: reentrant checkpointing (the 4.57 default)
+    only tracks gradients of tensors passed that way, and the prefix is all that trains."""
+
     def __init__(self, config, layer_number, device=None, dtype=None):
         super().__init__()
         self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
@@ -257,10 +269,13 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = make_norm(config, device=device, dtype=dtype)
         self.mlp = MLP(config, device=device, dtype=dtype)
 
-    def forward(self, hidden_states, rotary, attention_mask, cache=None, prefix=None, output_attentions=False):
+    def forward(
+        self, hidden_states, rotary, attention_mask, prefix_key=None, prefix_value=None, cache=None, output_attentions=False
+    ):
         normed = self.input_layernorm(hidden_states)
+        prefix = None if prefix_key is None else (prefix_key, prefix_value)
         attention_output, probs = self.self_attention(
-            normed, rotary, attention_mask, cache=cache, prefix=prefix, output_attentions=output_attentions
+            normed, rotary, attention_mask, prefix, cache=cache, output_attentions=output_attentions
         )
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
@@ -274,7 +289,6 @@ class GLMBlock(nn.Module):
 class GLMTransformer(nn.Module):
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
-        self.gradient_checkpointing = False
         self.layers = nn.ModuleList(
             [GLMBlock(config, number, device=device, dtype=dtype) for number in range(1, config.num_layers + 1)]
         )
@@ -295,15 +309,10 @@ class GLMTransformer(nn.Module):
         for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            prefix = prefixes[index] if prefixes is not None else None
-            if self.gradient_checkpointing and self.training:
-                hidden_states, probs = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, rotary, attention_mask, cache, prefix, output_attentions
-                )
-            else:
-                hidden_states, probs = layer(
-                    hidden_states, rotary, attention_mask, cache=cache, prefix=prefix, output_attentions=output_attentions
-                )
+            prefix = prefixes[index] if prefixes is not None else (None, None)
+            hidden_states, probs = layer(
+                hidden_states, rotary, attention_mask, *prefix, cache=cache, output_attentions=output_attentions
+            )
             if output_attentions:
                 all_attentions += (probs,)
         if self.final_layernorm is not None:
@@ -342,24 +351,34 @@ class PrefixEncoder(nn.Module):
         return self.trans(prefix) if self.prefix_projection else prefix
 
 
-def attention_mask_for(padding_mask, batch, query_length, past_length, prefix_length, device):
-    """Boolean mask [batch, 1, query, prefix + past + query] (True = attend), or None for plain causal.
+def attention_mask_for(attention_mask, batch, query_length, past_length, prefix_length, device, key_length=None):
+    """Boolean mask [batch, 1, query, prefix + keys] (True = attend), or None for plain causal.
 
-    `padding_mask` is [batch, past + query] with 0 at (left) padding. The prefix is always visible.
-    A padding query still attends to itself so that its row never becomes all-masked (which would
-    produce NaN that travels through the values).
+    `attention_mask` is either [batch, past + query] with 0 at (left) padding, or a 4D mask that
+    transformers already built (boolean, or additive with 0 where attention is allowed), as it does
+    for static caches. `key_length` is how many keys the layers see after the cache update: past +
+    query, or a static cache's whole length, whose unwritten slots lie in the future and are masked
+    by causality. The prefix is always visible. A padding query still attends to itself so that
+    its row never becomes all-masked (which would produce NaN that travels through the values).
     """
-    has_padding = padding_mask is not None and not bool(padding_mask.all())
-    if not has_padding and prefix_length == 0 and (query_length == 1 or past_length == 0):
-        return None
-    key_length = past_length + query_length
-    query_positions = torch.arange(past_length, key_length, device=device)
-    key_positions = torch.arange(key_length, device=device)
-    mask = key_positions[None, :] <= query_positions[:, None]
-    mask = mask.expand(batch, query_length, key_length)
-    if has_padding:
-        diagonal = key_positions[None, :] == query_positions[:, None]
-        mask = (mask & padding_mask[:, None, :].to(device=device, dtype=torch.bool)) | diagonal
+    natural_length = past_length + query_length
+    key_length = natural_length if key_length is None else key_length
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        mask = mask[:, 0].to(device).expand(batch, query_length, -1)
+    else:
+        has_padding = attention_mask is not None and not bool(attention_mask.all())
+        if not has_padding and prefix_length == 0 and key_length == natural_length and (query_length == 1 or past_length == 0):
+            return None
+        query_positions = torch.arange(past_length, natural_length, device=device)
+        key_positions = torch.arange(key_length, device=device)
+        mask = key_positions[None, :] <= query_positions[:, None]
+        mask = mask.expand(batch, query_length, key_length)
+        if has_padding:
+            padding = attention_mask.to(device=device, dtype=torch.bool)
+            padding = F.pad(padding, (0, key_length - natural_length))
+            diagonal = key_positions[None, :] == query_positions[:, None]
+            mask = (mask & padding[:, None, :]) | diagonal
     if prefix_length:
         mask = torch.cat((mask.new_ones(batch, query_length, prefix_length), mask), dim=-1)
     return mask[:, None]
@@ -563,9 +582,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cache=None,
+        cache_position=None,
         **kwargs,
     ):
-        cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
+        cache = past_key_values if cache is None else cache
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -574,7 +595,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
-        if self.encoder.gradient_checkpointing and self.training and use_cache:
+        checkpointing = any(layer.gradient_checkpointing for layer in self.encoder.layers)
+        if checkpointing and self.training and use_cache:
             logger.warning_once("the KV cache is not used with gradient checkpointing in training; use_cache=False")
             use_cache = False
         if cache is not None and not isinstance(cache, Cache):
@@ -589,15 +611,20 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         device = inputs_embeds.device
         if use_cache and cache is None:
             cache = DynamicCache()
-        past_length = cache.get_seq_length() if cache is not None else 0
+        if cache_position is not None:
+            past_length = int(cache_position[0])
+        else:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            cache_position = torch.arange(past_length, past_length + query_length, device=device)
+        key_length = static_cache_length(cache)
 
-        if attention_mask is not None and attention_mask.shape[-1] != past_length + query_length:
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] != past_length + query_length:
             raise ValueError(
                 f"`attention_mask` covers {attention_mask.shape[-1]} tokens but the cache holds {past_length} "
                 f"and the input {query_length}; it must cover both ({past_length + query_length})"
             )
         if position_ids is None:
-            if attention_mask is not None:
+            if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = positions_from_mask(attention_mask)[:, -query_length:]
             else:
                 position_ids = torch.arange(past_length, past_length + query_length, device=device).expand(batch, -1)
@@ -607,8 +634,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if self.pre_seq_len is not None:
             prefixes = self.prefix_key_values(batch, device, inputs_embeds.dtype)
             prefix_length = self.pre_seq_len
-        mask = attention_mask_for(attention_mask, batch, query_length, past_length, prefix_length, device)
-        rotary = self.rotary_pos_emb(position_ids.to(device), inputs_embeds.dtype)
+        mask = attention_mask_for(attention_mask, batch, query_length, past_length, prefix_length, device, key_length)
+        rotary = (*self.rotary_pos_emb(position_ids.to(device), inputs_embeds.dtype), cache_position)
 
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             inputs_embeds,
@@ -640,21 +667,28 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return scores
 
 
-def process_response(response):
-    return response.strip().replace("[[训练时间]]", "2023年")
+class _TokenQueue(BaseStreamer, StoppingCriteria):
+    """Carries the tokens `generate` makes in a worker thread to the caller, and the caller's "stop"
+    back: as a streamer it queues each step's tokens (the prompt it is first handed is skipped); as a
+    stopping criterion it ends generation once the caller has gone away."""
 
+    DONE = object()
 
-def check_chat_arguments(query, history):
-    if not isinstance(query, str):
-        raise TypeError(f"`query` must be a str, got {type(query).__name__}")
-    if history is None:
-        return []
-    if not isinstance(history, (list, tuple)):
-        raise TypeError(f"`history` must be a list of (query, response) pairs, got {type(history).__name__}")
-    for index, turn in enumerate(history):
-        if not isinstance(turn, (list, tuple)) or len(turn) != 2 or not all(isinstance(text, str) for text in turn):
-            raise ValueError(f"`history[{index}]` must be a (query, response) pair of strings, got {turn!r}")
-    return [tuple(turn) for turn in history]
+    def __init__(self):
+        self.steps = queue.Queue()
+        self.cancelled = threading.Event()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.steps.put(value.reshape(-1, 1))
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
@@ -690,6 +724,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return_dict=None,
         return_last_logit=False,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         """Logits (and, with `labels`, the shifted cross-entropy; -100 is ignored).
@@ -704,6 +739,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -724,13 +760,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            shifted_labels = labels[:, 1:].to(logits.device).reshape(-1)
-            if num_items_in_batch is None:
-                loss = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)
-            else:
-                loss = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100, reduction="sum")
-                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+            loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
         cache = getattr(outputs, CACHE_FIELD)
         if not return_dict:
@@ -787,9 +817,36 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 f"raise max_length or shorten the history"
             )
 
-    @staticmethod
-    def _sampling_arguments(do_sample, top_p, temperature):
-        return {"do_sample": True, "top_p": top_p, "temperature": temperature} if do_sample else {"do_sample": False}
+    def _chat_generate_arguments(
+        self, tokenizer, query, history, cache, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+    ):
+        """`generate` arguments for one chat turn; the tokenizer renders the turn.
+
+        After a cache, `input_ids` start with pad ids standing for the cached tokens: `generate` feeds only
+        what the cache does not hold, and positions continue from the attention mask.
+        """
+        continuation = cache is not None and cache.get_seq_length() > 0
+        input_ids = tokenizer.build_chat_input(query, history, continuation=continuation)["input_ids"].to(self.device)
+        if continuation:
+            cached = input_ids.new_full((1, cache.get_seq_length()), tokenizer.pad_token_id)
+            input_ids = torch.cat((cached, input_ids), dim=1)
+        length_limit = {} if "max_new_tokens" in kwargs else {"max_length": max_length}
+        self._check_prompt(input_ids.shape[1], length_limit.get("max_length"))
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature} if do_sample else {"do_sample": False}
+        arguments = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "logits_processor": processors,
+            "tokenizer": tokenizer,  # for stop_strings
+            **length_limit,
+            **sampling,
+            **kwargs,
+        }
+        if cache is not None:
+            arguments[CACHE_FIELD] = cache
+        return arguments
 
     @torch.inference_mode()
     def chat(
@@ -805,24 +862,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         logits_processor=None,
         **kwargs,
     ):
-        """One chat turn: returns (response, history with (query, response) appended)."""
-        history = check_chat_arguments(query, history)
-        logits_processor = LogitsProcessorList(logits_processor or [])
-        logits_processor.append(InvalidScoreLogitsProcessor())
-        inputs = tokenizer([tokenizer.build_prompt(query, history)], return_tensors="pt").to(self.device)
-        prompt_length = inputs["input_ids"].shape[1]
-        length_limit = {} if "max_new_tokens" in kwargs else {"max_length": max_length}
-        self._check_prompt(prompt_length, length_limit.get("max_length"))
-        outputs = self.generate(
-            **inputs,
-            **length_limit,
-            num_beams=num_beams,
-            logits_processor=logits_processor,
-            **self._sampling_arguments(do_sample, top_p, temperature),
-            **kwargs,
+        """One chat turn: returns (response, history with (query, response) appended).
+
+        Any other `generate` keyword (`max_new_tokens`, `repetition_penalty`, `stop_strings`, ...) is passed on.
+        """
+        arguments = self._chat_generate_arguments(
+            tokenizer, query, history, None, max_length, do_sample, top_p, temperature, logits_processor, kwargs
         )
-        response = process_response(tokenizer.decode(outputs[0, prompt_length:].tolist()))
-        return response, history + [(query, response)]
+        outputs = self.generate(**arguments, num_beams=num_beams)
+        prompt_length = arguments["input_ids"].shape[1]
+        return tokenizer.process_chat_response(tokenizer.decode(outputs[0, prompt_length:].tolist()), query, history)
 
     @torch.inference_mode()
     def stream_chat(
@@ -841,131 +890,71 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     ):
         """Yield (response so far, history) as tokens arrive (and the cache, with `return_past_key_values`).
 
-        With `past_key_values` from the previous turn only the new round is encoded and positions
-        continue after the cached tokens. Partial outputs ending in an incomplete character are skipped.
+        With `past_key_values` from the previous turn only the new round is fed, as the same ids the whole
+        prompt would have there, and positions continue after the cached tokens. Partial outputs ending
+        in an incomplete character are skipped. Takes the same `generate` keywords as `chat`.
         """
-        history = check_chat_arguments(query, history)
-        if past_key_values is None:
-            inputs = tokenizer([tokenizer.build_prompt(query, history)], return_tensors="pt").to(self.device)
-            past_length = 0
-        else:
-            round_prompt = f"\n\n[Round {len(history) + 1}]\n\n问：{query}\n\n答："
-            inputs = tokenizer([round_prompt], add_special_tokens=False, return_tensors="pt").to(self.device)
-            past_length = past_key_values.get_seq_length()
-        prompt_length = inputs["input_ids"].shape[1]
-        self._check_prompt(past_length + prompt_length, max_length)
-        attention_mask = inputs["attention_mask"]
-        if past_length:
-            attention_mask = torch.cat((attention_mask.new_ones(1, past_length), attention_mask), dim=1)
-        for step in self.stream_generate(
-            inputs["input_ids"],
-            attention_mask=attention_mask,
-            position_ids=inputs["position_ids"] + past_length,
-            past_key_values=past_key_values,
-            max_length=max_length,
-            do_sample=do_sample,
-            top_p=top_p,
-            temperature=temperature,
-            logits_processor=logits_processor,
-            return_past_key_values=return_past_key_values,
-            **kwargs,
-        ):
-            output_ids, cache = step if return_past_key_values else (step, None)
+        if return_past_key_values and past_key_values is None:
+            past_key_values = DynamicCache()
+        arguments = self._chat_generate_arguments(
+            tokenizer, query, history, past_key_values, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+        )
+        prompt_length = arguments["input_ids"].shape[1]
+        for sequence in self.stream_generate(return_past_key_values=return_past_key_values, **arguments):
+            output_ids, cache = sequence if return_past_key_values else (sequence, None)
             response = tokenizer.decode(output_ids[0, prompt_length:].tolist())
             if response and response[-1] == "\ufffd":
                 continue
-            response = process_response(response)
-            new_history = history + [(query, response)]
+            response, new_history = tokenizer.process_chat_response(response, query, history)
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)
 
     @torch.inference_mode()
-    def stream_generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        max_length=None,
-        max_new_tokens=None,
-        do_sample=True,
-        top_p=0.8,
-        temperature=0.8,
-        top_k=None,
-        logits_processor=None,
-        eos_token_id=None,
-        return_past_key_values=False,
-    ):
-        """Yield the input ids followed by the tokens generated so far, one step at a time.
+    def stream_generate(self, input_ids, return_past_key_values=False, **kwargs):
+        """Yield the input ids followed by the tokens generated so far, one step at a time (and the cache,
+        with `return_past_key_values`).
 
-        `max_length` bounds the whole context (cached tokens included); `max_new_tokens` the new tokens.
-        The cache (with `return_past_key_values`) always holds every yielded token except a final eos,
-        so that it can continue the conversation.
+        This is transformers' `generate` with a streamer, so it takes every `generate` keyword. The cache
+        handed back holds every yielded token except a final eos, so that it can continue a conversation.
         """
-        if max_length is None and max_new_tokens is None:
-            max_length = self.generation_config.max_length
-        eos_token_id = self.generation_config.eos_token_id if eos_token_id is None else eos_token_id
-        eos_ids = torch.tensor(
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=input_ids.device
-        )
-        pad_token_id = self.generation_config.pad_token_id or 0
-        processors = LogitsProcessorList(logits_processor or [])
-        processors.append(InvalidScoreLogitsProcessor())
-        if do_sample:
-            if temperature is not None and temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                processors.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
+        cache = kwargs.pop(CACHE_FIELD, None) or kwargs.pop("past_key_values", None)
+        if cache is None and return_past_key_values:
+            cache = DynamicCache()
+        if cache is not None:
+            kwargs[CACHE_FIELD] = cache
+        tokens = _TokenQueue()
+        stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(tokens)
+        eos_ids = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+        eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
 
-        cache = past_key_values if past_key_values is not None else DynamicCache()
-        past_length = cache.get_seq_length()
-        batch = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = input_ids.new_ones(batch, past_length + input_ids.shape[1])
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
-        limit = max_length - past_length if max_new_tokens is None else input_ids.shape[1] + max_new_tokens
-        if max_new_tokens is not None and max_length is not None:
-            limit = min(limit, max_length - past_length)
+        def run():
+            try:
+                sequences = self.generate(input_ids, streamer=tokens, stopping_criteria=stopping, **kwargs)
+                last = sequences[:, -1:]
+                if cache is not None and not tokens.cancelled.is_set() and not set(last.flatten().tolist()) <= eos_ids:
+                    # Stopped by length or a stop string: feed the last token so the cache covers all yielded.
+                    given = kwargs.get("attention_mask")
+                    mask = torch.ones_like(sequences)
+                    if given is not None:
+                        mask[:, : given.shape[1]] = given
+                    with torch.no_grad():
+                        self(input_ids=last, attention_mask=mask, position_ids=None, use_cache=True, **{CACHE_FIELD: cache})
+            except BaseException as error:  # handed to the caller's thread
+                tokens.steps.put(error)
+            tokens.steps.put(_TokenQueue.DONE)
 
+        worker = threading.Thread(target=run, name="chatglm-generate", daemon=True)
+        worker.start()
         sequence = input_ids
-        step_ids = input_ids
-        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        while sequence.shape[1] < limit:
-            outputs = self(
-                input_ids=step_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            scores = processors(sequence, outputs.logits[:, -1, :].float())
-            if do_sample:
-                next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                next_tokens = scores.argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            sequence = torch.cat((sequence, next_tokens[:, None]), dim=-1)
-            unfinished &= ~torch.isin(next_tokens, eos_ids)
-            step_ids = next_tokens[:, None]
-            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, 1)), dim=-1)
-            position_ids = position_ids[:, -1:] + 1
-            finished = not bool(unfinished.any()) or sequence.shape[1] >= limit
-            if finished and return_past_key_values and bool(unfinished.any()):
-                # Stopped by length: feed the last token so the cache covers everything yielded.
-                self(
-                    input_ids=step_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-            yield (sequence, cache) if return_past_key_values else sequence
-            if finished:
-                break
+        try:
+            while (step := tokens.steps.get()) is not _TokenQueue.DONE:
+                if isinstance(step, BaseException):
+                    raise step
+                sequence = torch.cat((sequence, step.to(sequence.device)), dim=-1)
+                yield (sequence, cache) if return_past_key_values else sequence
+        finally:
+            tokens.cancelled.set()
+            worker.join()
 
 
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):

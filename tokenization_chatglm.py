@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizer
 from transformers.utils import PaddingStrategy
 
 VOCAB_FILE_NAME = "tokenizer.model"
+# The piece SentencePiece puts in front of a text (its "dummy prefix"), a lone word boundary.
+SENTENCEPIECE_SPACE = "\u2581"
 
 # What apply_chat_template(tokenize=True) returns unless told: the ids on 4.x, the encoding on 5.x.
 CHAT_RETURNS_DICT_BY_DEFAULT = inspect.signature(PreTrainedTokenizer.apply_chat_template).parameters[
@@ -28,10 +30,22 @@ GLM_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 # ordinary words ("philosophy", "people").
 SPECIAL_TOKENS_IN_TEXT = re.compile("(" + "|".join(re.escape(name) for name in GLM_SPECIAL_TOKENS[:3]) + ")")
 
-# The chat format of spec §5 as a Jinja template, so that front ends which only read
-# `tokenizer_config.json` render the same text as `build_prompt`. Every tag trims the whitespace
-# around it, so the output does not depend on the renderer's trim_blocks/lstrip_blocks settings.
-CHAT_TEMPLATE = r"""{%- if messages | length == 0 -%}
+# The chat format of spec §5, written once: `build_prompt`, the cache continuation and the Jinja
+# template below are all made from these pieces.
+ROUND_OPENING = "[Round {number}]\n\n问："
+ANSWER_OPENING = "\n\n答："
+TURN_END = "\n\n"
+
+
+def _jinja_string(text):
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The same format as a Jinja template, so that front ends which only read `tokenizer_config.json`
+# render the same text as `build_prompt`. Every tag trims the whitespace around it, so the output
+# does not depend on the renderer's trim_blocks/lstrip_blocks settings.
+CHAT_TEMPLATE = (
+    r"""{%- if messages | length == 0 -%}
     {{- raise_exception('ChatGLM2 chat template: the message list is empty') -}}
 {%- endif -%}
 {%- set system_offset = 1 if messages[0]['role'] == 'system' else 0 -%}
@@ -49,20 +63,20 @@ CHAT_TEMPLATE = r"""{%- if messages | length == 0 -%}
             {{- raise_exception(where ~ ' is a system message, which is only allowed first') -}}
         {%- endif -%}
         {%- if message['content'] -%}
-            {{- message['content'] ~ '\n\n' -}}
+            {{- message['content'] ~ TURN_END -}}
         {%- endif -%}
     {%- elif message['role'] == 'user' -%}
         {%- if turn % 2 != 0 -%}
             {{- raise_exception(where ~ ' is a user message, but roles must alternate user/assistant'
                 ~ ' and an assistant message is expected here') -}}
         {%- endif -%}
-        {{- '[Round ' ~ (turn // 2 + 1) ~ ']\n\n问：' ~ message['content'] ~ '\n\n' -}}
+        {{- ROUND_OPENING.replace('{number}', (turn // 2 + 1) | string) ~ message['content'] -}}
     {%- elif message['role'] == 'assistant' -%}
         {%- if turn % 2 != 1 -%}
             {{- raise_exception(where ~ ' is an assistant message, but roles must alternate user/assistant'
                 ~ ' and a user message is expected here') -}}
         {%- endif -%}
-        {{- '答：' ~ message['content'] ~ '\n\n' -}}
+        {{- ANSWER_OPENING ~ message['content'] ~ TURN_END -}}
     {%- else -%}
         {{- raise_exception(where ~ ' has unknown role "' ~ message['role'] ~ '"'
             ~ ' (expected system, user or assistant)') -}}
@@ -73,8 +87,12 @@ CHAT_TEMPLATE = r"""{%- if messages | length == 0 -%}
         {{- raise_exception('ChatGLM2 chat template: add_generation_prompt needs the last message to be'
             ~ ' from the user, it is from "' ~ messages[-1]['role'] ~ '"') -}}
     {%- endif -%}
-    {{- '答：' -}}
+    {{- ANSWER_OPENING -}}
 {%- endif -%}"""
+    .replace("ROUND_OPENING", _jinja_string(ROUND_OPENING))
+    .replace("ANSWER_OPENING", _jinja_string(ANSWER_OPENING))
+    .replace("TURN_END", _jinja_string(TURN_END))
+)
 
 
 def _load_sentencepiece(vocab_file, loading_from):
@@ -249,28 +267,56 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return super()._add_tokens(new_tokens, special_tokens=special_tokens)
 
     def _update_trie(self, unique_no_split_tokens=None):
-        # transformers splits text on every added token, which would turn the text "</s>" or "<unk>"
-        # into those ids; the released tokenizer left all text to SentencePiece. Only tokens added
-        # beyond the vocabulary (add_tokens) are matched in text.
+        # Only tokens added beyond the vocabulary (`add_tokens`) are matched in text; the released
+        # tokenizer left all other text to SentencePiece.
         for index, token in self._added_tokens_decoder.items():
             if index >= self.vocab_size:
                 self.tokens_trie.add(token.content)
         for token in unique_no_split_tokens or []:
             self.tokens_trie.add(token)
 
-    def _tokenize(self, text, **kwargs):
+    def tokenize(self, text, **kwargs):
+        """Pieces of `text`. User text is text: the literal strings `</s>`, `<unk>`, `[gMASK]`, `sop`
+        become ordinary pieces (transformers would turn a text that equals a special token into that
+        token); only tokens added with `add_tokens` are matched, and with `encode_special_tokens=True`
+        the bracketed GLM names."""
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        added = {token.content for index, token in self._added_tokens_decoder.items() if index >= self.vocab_size}
+        tokens = []
+        for chunk in self.tokens_trie.split(text):
+            if chunk in added:
+                tokens.append(chunk)
+            elif chunk:
+                tokens.extend(self._tokenize(chunk))
+        return tokens
+
+    def _tokenize(self, text, dummy_prefix=True, **kwargs):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"ChatGLMTokenizer: the text is not valid Unicode ({error.reason} at position {error.start}: "
+                f"{text[error.start:error.end]!r}); lone surrogates cannot be encoded"
+            ) from None
         if self.remove_space:
             text = " ".join(text.split())
         if self.do_lower_case:
             text = text.lower()
         if not self.encode_special_tokens:
-            return self.sp_model.encode(text, out_type=str)
+            chunks = [text]
+        else:
+            chunks = [chunk for chunk in SPECIAL_TOKENS_IN_TEXT.split(text) if chunk]
         tokens = []
-        for chunk in SPECIAL_TOKENS_IN_TEXT.split(text):
-            if chunk in GLM_SPECIAL_TOKENS:
+        for chunk in chunks:
+            if chunk in GLM_SPECIAL_TOKENS and self.encode_special_tokens:
                 tokens.append(chunk)
-            elif chunk:
-                tokens.extend(self.sp_model.encode(chunk, out_type=str))
+                continue
+            pieces = self.sp_model.encode(chunk, out_type=str)
+            if not dummy_prefix and pieces and pieces[0] == SENTENCEPIECE_SPACE and not chunk.startswith(" "):
+                # SentencePiece marks the start of a text with a space piece; inside a prompt there is none.
+                pieces = pieces[1:]
+            tokens.extend(pieces)
+            dummy_prefix = True
         return tokens
 
     def _convert_token_to_id(self, token):
@@ -390,15 +436,57 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 encoded_inputs[key] = [pad_value] * missing + list(encoded_inputs[key])
         return encoded_inputs
 
+    @staticmethod
+    def _chat_history(history):
+        """`history` as a list of (query, response) string pairs, or ValueError/TypeError naming the entry."""
+        if history is None:
+            return []
+        if not isinstance(history, (list, tuple)):
+            raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+        for index, turn in enumerate(history):
+            if not isinstance(turn, (list, tuple)) or len(turn) != 2 or not all(isinstance(text, str) for text in turn):
+                raise ValueError(f"history[{index}] must be a (query, response) pair of strings, got {turn!r}")
+        return [tuple(turn) for turn in history]
+
     def build_prompt(self, query, history=None):
         """The chat prompt of spec §5 for `query` after `history`, a list of (query, response) pairs."""
         prompt = ""
-        for number, turn in enumerate(history or [], start=1):
-            if len(turn) != 2:
-                raise ValueError(f"history[{number - 1}] must be a (query, response) pair, got {turn!r}")
-            old_query, response = turn
-            prompt += f"[Round {number}]\n\n问：{old_query}\n\n答：{response}\n\n"
-        return prompt + f"[Round {len(history or []) + 1}]\n\n问：{query}\n\n答："
+        for number, (old_query, response) in enumerate(self._chat_history(history), start=1):
+            prompt += ROUND_OPENING.format(number=number) + old_query + ANSWER_OPENING + response + TURN_END
+        return prompt + ROUND_OPENING.format(number=len(history or []) + 1) + query + ANSWER_OPENING
+
+    def get_prefix_tokens(self):
+        """The ids every prompt starts with: `[gMASK]`, `sop`."""
+        return [self.get_command("[gMASK]"), self.get_command("sop")]
+
+    def build_chat_input(self, query, history=None, role="user", continuation=False):
+        """Ids of one chat turn as a batch of one (`input_ids`, `attention_mask`, `position_ids`, tensors).
+
+        Without `continuation`: the whole prompt, `[gMASK] sop` + `build_prompt(query, history)`.
+        With `continuation=True`: only what follows a cache that holds the conversation so far (the
+        earlier prompt and the answer ids), i.e. the tail of the whole prompt's ids from the blank line
+        that ends the last answer: `"\n\n[Round n]\n\n问：{query}\n\n答："`, without the prefix and
+        without SentencePiece's dummy-prefix piece, which the whole prompt never has there.
+        ChatGLM2 has one role, "user".
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        if role != "user":
+            raise ValueError(f"ChatGLM2 chats as role 'user' only, got role={role!r}")
+        history = self._chat_history(history)
+        if not continuation or not history:
+            return self([self.build_prompt(query, history)], return_tensors="pt")
+        text = TURN_END + ROUND_OPENING.format(number=len(history) + 1) + query + ANSWER_OPENING
+        ids = self.convert_tokens_to_ids(self._tokenize(text, dummy_prefix=False))
+        return self.pad({"input_ids": [ids]}, return_tensors="pt")
+
+    def process_chat_response(self, response, query, history=None, role="user"):
+        """(response, history + [(query, response)]) for the decoded answer to `query`.
+
+        The answer is stripped and its `[[训练时间]]` placeholder filled in, as the released model expects.
+        """
+        response = response.strip().replace("[[训练时间]]", "2023年")
+        return response, self._chat_history(history) + [(query, response)]
 
     def apply_chat_template(
         self,

@@ -102,7 +102,7 @@ def test_stream_chat_continues_from_the_returned_cache(model, tokenizer):
     *_, (second, history, cache) = model.stream_chat(
         tokenizer, "再见", history, past_key_values=cache, do_sample=False, max_length=60, return_past_key_values=True
     )
-    round_ids = tokenizer(["\n\n[Round 2]\n\n问：再见\n\n答："], add_special_tokens=False, return_tensors="pt")
+    round_ids = tokenizer.build_chat_input("再见", history[:1], continuation=True)
     full = torch.cat((first_prompt, torch.tensor([first_tokens]), round_ids["input_ids"]), dim=1)
     _, expected = greedy_response(model, tokenizer, full, 60 - full.shape[1])
     assert_stream_final(second, expected.strip())
@@ -133,8 +133,30 @@ def modeling_module(model):
     return sys.modules[type(model).__module__]
 
 
-def test_process_response_strips_and_fills_the_training_date(model):
-    assert modeling_module(model).process_response("  截至[[训练时间]]。\n") == "截至2023年。"
+def test_process_chat_response_strips_fills_the_training_date_and_appends_the_turn(tokenizer):
+    response, history = tokenizer.process_chat_response("  截至[[训练时间]]。\n", "何时？", [("a", "b")])
+    assert response == "截至2023年。"
+    assert history == [("a", "b"), ("何时？", "截至2023年。")]
+
+
+def test_stream_chat_takes_every_generate_keyword_chat_takes(model, tokenizer):
+    for keywords in ({"repetition_penalty": 1.2}, {"no_repeat_ngram_size": 2}, {"top_k": 5}):
+        expected, _ = model.chat(tokenizer, "hello", max_new_tokens=8, do_sample=False, **keywords)
+        *_, (streamed, _) = model.stream_chat(tokenizer, "hello", max_new_tokens=8, do_sample=False, **keywords)
+        assert_stream_final(streamed, expected)
+
+
+def test_closing_a_stream_early_ends_its_generation_thread(model, tokenizer):
+    before = threading.active_count()
+    stream = model.stream_chat(tokenizer, "hello", max_new_tokens=50, do_sample=False)
+    next(stream)
+    stream.close()
+    assert threading.active_count() == before
+
+
+def test_errors_inside_streamed_generation_reach_the_caller(model, tokenizer):
+    with pytest.raises(ValueError, match="no_such_argument"):
+        next(model.stream_chat(tokenizer, "hello", max_new_tokens=5, no_such_argument=1))
 
 
 def test_invalid_scores_become_a_finite_distribution(model):

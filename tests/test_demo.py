@@ -169,6 +169,33 @@ def test_stream_chat_streams_the_trained_answer(model, tokenizer, queries):
     assert [response for _, response in history] == expected_conversation(queries)
 
 
+def test_cached_continuation_feeds_the_full_prompts_ids_and_gives_the_same_answers(model, tokenizer):
+    """Three turns through stream_chat's returned cache against fresh full prompts: the ids fed after the
+    cache are the tail of the full prompt's ids (no SentencePiece dummy-prefix piece), and the greedy
+    answers agree."""
+    history, cache = [], None
+    for query in ("你好", "你是谁？", "谢谢"):
+        if history:
+            fed = tokenizer.build_chat_input(query, history, continuation=True)["input_ids"][0].tolist()
+            full = tokenizer.build_chat_input(query, history)["input_ids"][0].tolist()
+            assert full[-len(fed) :] == fed
+            assert tokenizer.convert_ids_to_tokens(fed[:1]) == ["<0x0A>"]
+        *_, (cached, new_history, cache) = model.stream_chat(
+            tokenizer, query, history, past_key_values=cache, return_past_key_values=True, do_sample=False
+        )
+        fresh, _ = model.chat(tokenizer, query, history, do_sample=False)
+        assert cached == fresh and cached
+        history = new_history
+
+
+def test_chat_and_stream_chat_stop_at_stop_strings(model, tokenizer):
+    full, _ = model.chat(tokenizer, "你好", do_sample=False)
+    response, _ = model.chat(tokenizer, "你好", do_sample=False, stop_strings=["。"])
+    assert response == full[: full.index("。") + 1]
+    *_, (streamed, _) = model.stream_chat(tokenizer, "你好", do_sample=False, stop_strings=["。"])
+    assert streamed == response
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_answers_survive_quantization(tokenizer, bits):
     """Measured on all 326 training turns: every answer is still exact after quantize(8) and after

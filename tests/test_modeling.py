@@ -184,6 +184,31 @@ def test_generate_without_cache_matches_with_cache(model):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("spelling", ["past_key_values", "cache"])
+def test_generate_accepts_a_dynamic_cache_under_either_name(model, spelling):
+    from transformers import DynamicCache
+
+    ids = prompt_ids()
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    given = DynamicCache()
+    output = model.generate(ids, max_new_tokens=6, do_sample=False, **{spelling: given})
+    assert torch.equal(output, expected)
+    assert given.get_seq_length() == expected.shape[1] - 1
+
+
+def test_static_cache_generates_what_the_dynamic_cache_does(model):
+    """A static cache (what torch.compile of decode needs) hands every layer all its slots; transformers
+    builds a 4D mask for it."""
+    short, long = prompt_ids(length=5, seed=2), prompt_ids(length=9, seed=3)
+    ids = torch.cat((torch.cat((torch.zeros(1, 4, dtype=torch.long), short), dim=1), long), dim=0)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    for kwargs in ({"input_ids": long}, {"input_ids": ids, "attention_mask": mask}):
+        expected = model.generate(**kwargs, max_new_tokens=6, do_sample=False)
+        static = model.generate(**kwargs, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        assert torch.equal(static, expected)
+
+
 def test_left_padded_batch_generates_what_each_prompt_does_alone(model):
     short, long = prompt_ids(length=5, seed=2), prompt_ids(length=9, seed=3)
     ids = torch.cat((torch.zeros(1, 4, dtype=torch.long), short), dim=1)
@@ -289,6 +314,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(released_folder):
         model(ids, labels=ids).loss.backward()
         grads.append(model.transformer.encoder.layers[0].mlp.dense_h_to_4h.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_gradient_checkpointing_recomputes_every_layer_in_backward(released_folder):
+    """Counts MLP calls: once per layer without checkpointing, twice (forward, then recomputation in
+    backward) with it; a checkpointing switch that silently does nothing fails here."""
+    ids = prompt_ids(length=8)
+    for checkpointing, calls_per_layer in ((False, 1), (True, 2)):
+        model = load(released_folder).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        calls = []
+        for layer in model.transformer.encoder.layers:
+            layer.mlp.register_forward_pre_hook(lambda *args: calls.append(1))
+        model(ids, labels=ids).loss.backward()
+        assert len(calls) == calls_per_layer * model.config.num_layers
 
 
 def test_import_has_no_global_side_effects(tmp_path):

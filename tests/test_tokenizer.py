@@ -517,3 +517,44 @@ def test_importing_and_constructing_writes_no_files_and_touches_no_environment(t
     assert tokenizer.decode(tokenizer("你好")["input_ids"]) == "你好"
     assert sorted(os.listdir(folder)) == before
     assert dict(os.environ) == environment
+
+
+# --- user text is text ------------------------------------------------------------------------
+
+SPECIAL_STRINGS = ["<unk>", "<s>", "</s>", "[gMASK]", "sop", "[MASK]", "[sMASK]", "eop", "<unk></s>", " </s> ", "isopropyl"]
+
+
+def test_get_prefix_tokens_are_gmask_then_sop(tokenizer, prefix):
+    assert tokenizer.get_prefix_tokens() == prefix
+    assert tokenizer("hi")["input_ids"][:2] == prefix
+
+
+@pytest.mark.parametrize("text", SPECIAL_STRINGS)
+def test_text_that_is_exactly_a_special_string_stays_text(tokenizer, sp, text):
+    """transformers alone turns a text equal to `</s>` or `<unk>` into that control id, which then
+    vanishes on decode; the released tokenizer left all text to SentencePiece."""
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_saved_and_reloaded_tokenizer_encodes_special_strings_identically(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load(tmp_path)
+    for text in SPECIAL_STRINGS + TEXTS:
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+def test_lone_surrogate_is_refused_as_invalid_unicode(tokenizer):
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        tokenizer("a\ud800b")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        tokenizer.build_chat_input("a\ud800b")
+
+
+def test_continuation_input_is_the_tail_of_the_whole_prompt(tokenizer):
+    whole = tokenizer.build_chat_input("谢谢", TWO_TURNS)
+    continuation = tokenizer.build_chat_input("谢谢", TWO_TURNS, continuation=True)
+    fed = continuation["input_ids"][0].tolist()
+    assert whole["input_ids"][0].tolist()[-len(fed) :] == fed
+    assert tokenizer.decode(fed) == "\n\n[Round 3]\n\n问：谢谢\n\n答："
+    assert continuation["attention_mask"].tolist() == [[1] * len(fed)]

@@ -59,6 +59,49 @@ def test_only_the_prefix_encoder_trains(base_folder):
     assert model.transformer.prefix_encoder.embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("projection", [False, True])
+def test_ptuning_with_gradient_checkpointing_trains_the_prefix(base_folder, projection):
+    model = ptuning_model(base_folder, projection).train()
+    model.gradient_checkpointing_enable()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    ids = ids_of(batch=2, length=7)
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        gradient = model.transformer.prefix_encoder.embedding.weight.grad
+        assert gradient is not None and gradient.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_trainer_evaluate_and_predict_leave_the_cache_out(base_folder, tmp_path):
+    """keys_to_ignore_at_inference must name the output field this transformers puts the cache in
+    (past_key_values on 4.57, cache on 5.x), or Trainer tries to gather the cache as predictions."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Rows(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            ids = ids_of(batch=1, length=7, seed=index)[0]
+            return {"input_ids": ids, "labels": ids}
+
+    model = AutoModel.from_pretrained(base_folder, trust_remote_code=True)
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True, disable_tqdm=True
+    )
+    trainer = Trainer(model=model, args=arguments, eval_dataset=Rows())
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0
+    prediction = trainer.predict(Rows())
+    assert prediction.predictions.shape == (4, 7, model.config.padded_vocab_size)
+
+
 def test_prefix_acts_as_key_values_in_front_of_every_layer(base_folder):
     model = ptuning_model(base_folder, projection=True).eval()
     base = AutoModel.from_pretrained(base_folder, trust_remote_code=True).eval()
