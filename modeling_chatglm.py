@@ -818,15 +818,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             )
 
     def _chat_generate_arguments(
-        self, tokenizer, query, history, cache, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+        self, tokenizer, query, history, role, cache, max_length, do_sample, top_p, temperature, logits_processor, kwargs
     ):
-        """`generate` arguments for one chat turn; the tokenizer renders the turn.
+        """`generate` arguments for one chat turn; the tokenizer renders the turn and names its stop ids.
 
         After a cache, `input_ids` start with pad ids standing for the cached tokens: `generate` feeds only
         what the cache does not hold, and positions continue from the attention mask.
         """
         continuation = cache is not None and cache.get_seq_length() > 0
-        input_ids = tokenizer.build_chat_input(query, history, continuation=continuation)["input_ids"].to(self.device)
+        input_ids = tokenizer.build_chat_input(query, history, role=role, continuation=continuation)["input_ids"]
+        input_ids = input_ids.to(self.device)
         if continuation:
             cached = input_ids.new_full((1, cache.get_seq_length()), tokenizer.pad_token_id)
             input_ids = torch.cat((cached, input_ids), dim=1)
@@ -840,6 +841,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             "attention_mask": torch.ones_like(input_ids),
             "logits_processor": processors,
             "tokenizer": tokenizer,  # for stop_strings
+            "eos_token_id": tokenizer.chat_stop_ids,
             **length_limit,
             **sampling,
             **kwargs,
@@ -847,6 +849,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if cache is not None:
             arguments[CACHE_FIELD] = cache
         return arguments
+
+    @staticmethod
+    def _reply_ids(output_ids, prompt_length, stop_ids):
+        """The generated ids after the prompt, without the stop token that ended them."""
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or [])
+        reply = output_ids[prompt_length:].tolist()
+        return reply[:-1] if reply and reply[-1] in stop_ids else reply
 
     @torch.inference_mode()
     def chat(
@@ -860,18 +869,22 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         top_p=0.8,
         temperature=0.8,
         logits_processor=None,
+        role="user",
         **kwargs,
     ):
         """One chat turn: returns (response, history with (query, response) appended).
 
         Any other `generate` keyword (`max_new_tokens`, `repetition_penalty`, `stop_strings`, ...) is passed on.
+        ChatGLM3 (the tokenizer's `chat_format`): `history` is a list of message dicts, `role` is the
+        query's role ("observation" feeds a tool's result back), generation stops on `</s>`, `<|user|>`
+        or `<|observation|>`, and the response may be a tool call `{"name", "parameters"}`.
         """
         arguments = self._chat_generate_arguments(
-            tokenizer, query, history, None, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+            tokenizer, query, history, role, None, max_length, do_sample, top_p, temperature, logits_processor, kwargs
         )
         outputs = self.generate(**arguments, num_beams=num_beams)
-        prompt_length = arguments["input_ids"].shape[1]
-        return tokenizer.process_chat_response(tokenizer.decode(outputs[0, prompt_length:].tolist()), query, history)
+        reply = self._reply_ids(outputs[0], arguments["input_ids"].shape[1], arguments["eos_token_id"])
+        return tokenizer.process_chat_response(tokenizer.decode(reply), query, history, role=role)
 
     @torch.inference_mode()
     def stream_chat(
@@ -886,26 +899,28 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         temperature=0.8,
         logits_processor=None,
         return_past_key_values=False,
+        role="user",
         **kwargs,
     ):
         """Yield (response so far, history) as tokens arrive (and the cache, with `return_past_key_values`).
 
         With `past_key_values` from the previous turn only the new round is fed, as the same ids the whole
         prompt would have there, and positions continue after the cached tokens. Partial outputs ending
-        in an incomplete character are skipped. Takes the same `generate` keywords as `chat`.
+        in an incomplete character are skipped. Takes the same `generate` keywords and `role` as `chat`.
         """
         if return_past_key_values and past_key_values is None:
             past_key_values = DynamicCache()
         arguments = self._chat_generate_arguments(
-            tokenizer, query, history, past_key_values, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+            tokenizer, query, history, role, past_key_values, max_length, do_sample, top_p, temperature,
+            logits_processor, kwargs,
         )
         prompt_length = arguments["input_ids"].shape[1]
         for sequence in self.stream_generate(return_past_key_values=return_past_key_values, **arguments):
             output_ids, cache = sequence if return_past_key_values else (sequence, None)
-            response = tokenizer.decode(output_ids[0, prompt_length:].tolist())
+            response = tokenizer.decode(self._reply_ids(output_ids[0], prompt_length, arguments["eos_token_id"]))
             if response and response[-1] == "\ufffd":
                 continue
-            response, new_history = tokenizer.process_chat_response(response, query, history)
+            response, new_history = tokenizer.process_chat_response(response, query, history, role=role)
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)
 
     @torch.inference_mode()

@@ -1,9 +1,10 @@
-"""Make a model folder that runs this package's code on ChatGLM2-6B weights you already downloaded.
+"""Make a model folder that runs this package's code on GLM 6B family weights you already downloaded.
 
     python tools/upgrade_checkpoint.py ~/models/chatglm2-6b ~/models/chatglm2-6b-upgraded
 
-SRC must be a ChatGLM2 checkpoint (THUDM/chatglm2-6b or THUDM/chatglm2-6b-int4, or one saved by this
-package): a `config.json` with the ChatGLM2 shape keys, a SentencePiece `tokenizer.model`, and weights
+SRC must be a checkpoint of the ChatGLM2 architecture (THUDM/chatglm2-6b, -int4, -32k,
+chatglm3-6b, -base, -32k, -128k, codegeex2-6b, -int4, or one saved by this package; the tool says
+which it found): a `config.json` with the ChatGLM2 shape keys, a SentencePiece `tokenizer.model`, and weights
 (`pytorch_model.bin.index.json` with its shards, a single `pytorch_model.bin` as in the int4 release,
 or safetensors). DST receives this repository's code files, `tokenizer_config.json` and
 `generation_config.json`, SRC's `config.json` with this package's `auto_map`, and symlinks to SRC's
@@ -11,14 +12,17 @@ weights and `tokenizer.model` (`--copy` copies them instead, for filesystems wit
 
     AutoModel.from_pretrained(DST, trust_remote_code=True)
 
-runs this package's code on the released weights. Refused, with a one-line reason (exit status 2):
-ChatGLM-6B (v1, a different architecture); ChatGLM3 and GLM-4, which share the architecture but not
-the chat format (recognised by their names or their `<|user|>` token in config.json,
-tokenizer_config.json or tokenization_chatglm.py); the 32K variant (its `rope_ratio` scaling is not
-implemented here); and a non-empty DST without --force.
+runs this package's code on the released weights. ChatGLM3 checkpoints (recognised by their name
+or the `<|user|>` token in config.json, tokenizer_config.json or tokenization_chatglm.py) get
+`chat_format: "chatglm3"` and ChatGLM3's chat template in tokenizer_config.json, and the stop ids
+[</s>, <|user|>, <|observation|>] in generation_config.json. Refused, with a one-line reason (exit
+status 2): ChatGLM-6B (v1, a different architecture); GLM-4 (another tokenizer); a config this
+package's `ChatGLMConfig` refuses (e.g. a `rope_ratio` whose meaning it cannot tell: set
+`rope_ratio_applies_to`); and a non-empty DST without --force.
 """
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -39,7 +43,8 @@ CHATGLM2_KEYS = (
     "multi_query_attention",
 )
 # What ChatGLM3's and GLM-4's files say about themselves; their chat formats differ from ChatGLM2's.
-NEWER_GLM_MARKERS = ("chatglm3", "glm-4", "glm4", "<|user|>")
+GLM4_MARKERS = ("glm-4", "glm4")
+CHATGLM3_MARKERS = ("chatglm3", "<|user|>")
 NEWER_GLM_FILES = ("config.json", "tokenizer_config.json", "tokenization_chatglm.py")
 SHARD_INDEXES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -72,26 +77,44 @@ def check_config(src):
     missing = [key for key in CHATGLM2_KEYS if key not in config]
     if missing:
         raise RefusedError(f"{config_path}: not a ChatGLM2 config, it lacks {', '.join(missing)}")
-    if config.get("rope_ratio", 1) != 1:
-        raise RefusedError(
-            f"{config_path}: rope_ratio={config['rope_ratio']} (the 32K variant); this package does not implement rope scaling"
-        )
     if config.get("quantization_bit", 0) not in (0, 4, 8, None):
         raise RefusedError(f"{config_path}: quantization_bit={config['quantization_bit']}; only 0, 4 and 8 exist")
+    chat_format = "chatglm2"
     for name in NEWER_GLM_FILES:
         path = src / name
         if path.is_file():
             text = path.read_text(encoding="utf-8", errors="replace").lower()
-            marker = next((marker for marker in NEWER_GLM_MARKERS if marker in text), None)
+            marker = next((marker for marker in GLM4_MARKERS if marker in text), None)
             if marker:
-                raise RefusedError(
-                    f"{path} mentions {marker!r}: this is ChatGLM3 or GLM-4, whose tokenizer and chat format "
-                    "differ from ChatGLM2's"
-                )
-    return config
+                raise RefusedError(f"{path} mentions {marker!r}: this is GLM-4, whose tokenizer differs from ChatGLM2's")
+            if any(marker in text for marker in CHATGLM3_MARKERS):
+                chat_format = "chatglm3"
+    try:
+        package_config = package_module("configuration_chatglm").ChatGLMConfig.from_dict(dict(config))
+    except ValueError as error:
+        raise RefusedError(f"{config_path}: {error}") from None
+    return config, chat_format, describe(config, package_config, chat_format)
 
 
-def check_tokenizer(src, config):
+def package_module(name):
+    """This repository's `name`.py (the model files import nothing of each other at module level)."""
+    spec = importlib.util.spec_from_file_location(f"chatglm_package_{name}", REPO_ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def describe(config, package_config, chat_format):
+    """One line naming the model found: its release name when config.json carries it, and what it runs."""
+    name = str(config.get("_name_or_path") or "").rstrip("/").split("/")[-1] or "a ChatGLM2-architecture checkpoint"
+    rotary = "rotary base 10000"
+    if package_config.rope_ratio != 1:
+        rotary = f"rope_ratio {package_config.rope_ratio} applied to the {package_config.rope_ratio_applies_to}"
+    quantized = f", int{config['quantization_bit']}" if config.get("quantization_bit") else ""
+    return f"{name} ({chat_format} chat format, seq_length {config['seq_length']}, {rotary}{quantized})"
+
+
+def check_tokenizer(src, config, chat_format):
     path = src / "tokenizer.model"
     if not path.is_file():
         raise RefusedError(f"{path} is missing: the tokenizer needs it")
@@ -102,7 +125,8 @@ def check_tokenizer(src, config):
         model.Load(str(path))
     except (OSError, RuntimeError) as error:
         raise RefusedError(f"{path}: not a SentencePiece model ({error})") from None
-    token_ids = model.get_piece_size() + 5  # the pieces, then [MASK] [gMASK] [sMASK] sop eop
+    # The pieces, then [MASK] [gMASK] [sMASK] sop eop (and ChatGLM3's four role tokens).
+    token_ids = model.get_piece_size() + (9 if chat_format == "chatglm3" else 5)
     if token_ids > config["padded_vocab_size"]:
         raise RefusedError(
             f"{path}: {token_ids} token ids do not fit the model's padded_vocab_size={config['padded_vocab_size']}"
@@ -163,22 +187,32 @@ def place(source, target, copy):
         raise RefusedError(f"cannot create the symlink {target} ({error}); pass --copy to copy the files instead") from None
 
 
-def copy_package_files(dst):
-    """This repository's code files, `tokenizer_config.json` and `generation_config.json`, into `dst`."""
+def copy_package_files(dst, chat_format="chatglm2", vocab_file=None):
+    """This repository's code files, `tokenizer_config.json` and `generation_config.json`, into `dst`;
+    for ChatGLM3, those two JSON files in its dialect (template, stop ids of `vocab_file`'s tokenizer)."""
     for name in CODE_FILES + PACKAGE_JSON_FILES:
         shutil.copyfile(REPO_ROOT / name, dst / name)
+    if chat_format == "chatglm3":
+        tokenization = package_module("tokenization_chatglm")
+        tokenizer_config = read_json(REPO_ROOT / "tokenizer_config.json")
+        tokenizer_config.update(chat_format="chatglm3", chat_template=tokenization.CHATGLM3_CHAT_TEMPLATE)
+        (dst / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+        stops = tokenization.ChatGLMTokenizer(vocab_file=str(vocab_file), chat_format="chatglm3").chat_stop_ids
+        generation_config = {**read_json(REPO_ROOT / "generation_config.json"), "eos_token_id": stops}
+        (dst / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
 
 
 def upgrade(src, dst, force=False, copy=False):
     """Write DST as described in the module docstring; returns the names linked (or copied) from SRC."""
     if not src.is_dir():
         raise RefusedError(f"SRC {src}: no such folder")
-    config = check_config(src)
-    check_tokenizer(src, config)
+    config, chat_format, found = check_config(src)
+    check_tokenizer(src, config, chat_format)
     weights = weight_files(src)
     prepare_destination(src, dst, force)
 
-    copy_package_files(dst)
+    print(f"found {found}")
+    copy_package_files(dst, chat_format, src / "tokenizer.model")
     # The checkpoint's own values (shapes, quantization_bit, torch_dtype) stay; only the code mapping is ours.
     config["auto_map"] = read_json(REPO_ROOT / "config.json")["auto_map"]
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
