@@ -183,16 +183,14 @@ class SelfAttention(nn.Module):
         self.query_key_layer_scaling = config.apply_query_key_layer_scaling
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        projection_size = self.num_heads * self.head_dim
-        qkv_size = projection_size + 2 * self.num_key_value_heads * self.head_dim
+        shapes = projection_shapes(config)
+        qkv_size, hidden_size = shapes["self_attention.query_key_value"]
         self.query_key_value = nn.Linear(
-            config.hidden_size,
-            qkv_size,
-            bias=config.add_bias_linear or config.add_qkv_bias,
-            device=device,
-            dtype=dtype,
+            hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias, device=device, dtype=dtype
         )
-        self.dense = nn.Linear(projection_size, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype)
+        self.dense = nn.Linear(
+            *reversed(shapes["self_attention.dense"]), bias=config.add_bias_linear, device=device, dtype=dtype
+        )
 
     def split_heads(self, mixed):
         """Fused QKV output [batch, seq, qkv] -> query, key, value as [batch, heads, seq, head_dim]."""
@@ -242,11 +240,12 @@ class MLP(nn.Module):
 
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
+        shapes = projection_shapes(config)
         self.dense_h_to_4h = nn.Linear(
-            config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
+            *reversed(shapes["mlp.dense_h_to_4h"]), bias=config.add_bias_linear, device=device, dtype=dtype
         )
         self.dense_4h_to_h = nn.Linear(
-            config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device, dtype=dtype
+            *reversed(shapes["mlp.dense_4h_to_h"]), bias=config.add_bias_linear, device=device, dtype=dtype
         )
 
     def forward(self, hidden_states):
@@ -402,7 +401,8 @@ QUANTIZATION_SETTINGS = ("quantization_bit", "output_layer_quantization_bit")
 
 
 def projection_shapes(config):
-    """(out_features, in_features) of each quantizable projection."""
+    """(out_features, in_features) of each of a layer's four projections, the ones quantization replaces;
+    the layers size themselves from it and checkpoint checks compare stored tensors with it."""
     heads_size = config.num_attention_heads * config.kv_channels
     qkv_size = heads_size + 2 * config.num_key_value_heads * config.kv_channels
     return {

@@ -92,6 +92,9 @@ def test_trainer_evaluate_and_predict_leave_the_cache_out(base_folder, tmp_path)
             return {"input_ids": ids, "labels": ids}
 
     model = AutoModel.from_pretrained(base_folder, trust_remote_code=True)
+    outputs = model(ids_of(batch=1), use_cache=True)
+    cache_keys = [key for key, value in outputs.items() if isinstance(value, DynamicCache)]
+    assert cache_keys and set(cache_keys) <= set(model.config.keys_to_ignore_at_inference)
     arguments = TrainingArguments(
         output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True, disable_tqdm=True
     )
