@@ -753,9 +753,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         optional `metadata` (an assistant's tool name) and, on a system message, `tools`. `tools=`
         goes into the first system message (one with ChatGLM3's tool prompt is added if there is
         none); `{"type": "function", "function": f}` entries are rendered as `f`, as ChatGLM3 was
-        trained. With `tokenize=True` and the built-in template, the ids are built as
+        trained. With `tokenize=True` and no `chat_template` argument, the ids are built as
         `build_chat_input` builds them (`<|assistant|>` last with `add_generation_prompt=True`),
-        never by matching the rendered text; the template's text, tokenized with
+        never by matching the rendered text; the built-in template's text, tokenized with
         `encode_special_tokens=True`, gives the same ids.
         """
         if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
