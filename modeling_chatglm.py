@@ -34,9 +34,17 @@ from .quantization import QUANTIZED_PROJECTIONS, check_stored_weight, quantize_m
 
 logger = logging.get_logger(__name__)
 
-# --- transformers 4.57 / 5.x differences, all in this block ---
+# --- transformers 4.57 / 5.x differences ---
+# Helpers here; the other places that differ say so where they stand: ChatGLMPreTrainedModel.from_pretrained
+# (5.x loads the config class from its own module copy, and re-creates parameters as trainable).
 # The KV-cache argument and output field is `past_key_values` on 4.57 and `cache` on 5.x: CACHE_FIELD
-# (configuration_chatglm). A static cache tells its length through a method renamed in 5.x.
+# (configuration_chatglm) names this version's; `forward`, `generate` and `stream_chat` take either.
+
+
+def given_cache(cache, past_key_values):
+    """The KV cache a caller passed under either name (`cache` on 5.x; `past_key_values` on 4.57 and in
+    the published API)."""
+    return past_key_values if cache is None else cache
 
 
 def static_cache_length(cache):
@@ -173,7 +181,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config, layer_number, device=None, dtype=None):
         super().__init__()
         self.config = config
-        self.layer_number = max(1, layer_number)
+        self.layer_number = layer_number
         self.layer_idx = layer_number - 1
         self.num_heads = config.num_attention_heads
         self.head_dim = config.kv_channels
@@ -261,7 +269,6 @@ class GLMBlock(GradientCheckpointingLayer):
     def __init__(self, config, layer_number, device=None, dtype=None):
         super().__init__()
         self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
-        self.fp32_residual_connection = config.fp32_residual_connection
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = make_norm(config, device=device, dtype=dtype)
         self.self_attention = SelfAttention(config, layer_number, device=device, dtype=dtype)
@@ -413,18 +420,32 @@ def projection_shapes(config):
     }
 
 
+def unreadable_weights(path, error):
+    return OSError(f"{path}: cannot read its weights, the file is truncated or corrupt ({error})")
+
+
 def stored_tensors(folder):
-    """(file name, key, dtype, shape) of the weights transformers would load from `folder`, read lazily."""
+    """(file name, key, dtype, shape) of the weights transformers would load from `folder`, read lazily.
+
+    A file that cannot be read raises OSError naming it (the readers' own errors do not).
+    """
     safetensors_files = sorted(folder.glob("model*.safetensors"))
     if safetensors_files:
         for path in safetensors_files:
-            with safe_open(path, framework="pt") as file:
+            try:
+                file = safe_open(path, framework="pt")
+            except Exception as error:
+                raise unreadable_weights(path, error) from None
+            with file:
                 for key in file.keys():
                     piece = file.get_slice(key)
                     yield path.name, key, SAFETENSORS_DTYPES.get(piece.get_dtype()), tuple(piece.get_shape())
         return
     for path in sorted(folder.glob("pytorch_model*.bin")):
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as error:
+            raise unreadable_weights(path, error) from None
         for key, tensor in state.items():
             yield path.name, key, tensor.dtype, tuple(tensor.shape)
 
@@ -459,12 +480,10 @@ def check_checkpoint_quantization(folder, config):
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
-    is_parallelizable = False
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
-    _supports_cache_class = True
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -498,7 +517,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             model.base_model.freeze_all_but_prefix()
         return loaded
 
-    def quantize(self, bits, empty_init=False, device=None, output_layer_bits=0, **kwargs):
+    def quantize(self, bits, empty_init=False, device=None, output_layer_bits=0):
         """Quantize the four projection matrices of every layer to `bits` (4 or 8) in place; returns the model.
 
         `bits=0` and a second call are no-ops. With `device`, each layer moves there before it is
@@ -531,7 +550,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         # passing them keep working; transformers itself decides how weights are materialised.
         super().__init__(config)
         self.embedding = Embedding(config, device=device)
-        self.num_layers = config.num_layers
         base, position_divisor = rotary_scaling(config)
         self.rotary_pos_emb = RotaryEmbedding(
             config.kv_channels // 2, base=base, position_divisor=position_divisor, device=device
@@ -586,7 +604,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cache_position=None,
         **kwargs,
     ):
-        cache = past_key_values if cache is None else cache
+        cache = given_cache(cache, past_key_values)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -658,12 +676,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """Replace scores holding NaN/inf by a distribution on token 5, so that sampling never crashes."""
+    """Replace a row of scores that sampling cannot use (a NaN, a +inf, or nothing finite) by a
+    distribution on token 5 (the published code's choice), so that sampling never crashes.
+
+    A -inf that marks a banned token is left alone: the published processor replaced any row holding
+    one, which turned `min_new_tokens`, `bad_words_ids` or `suppress_tokens` into a stream of token 5.
+    """
 
     def __call__(self, input_ids, scores):
-        if torch.isnan(scores).any() or torch.isinf(scores).any():
-            scores.zero_()
-            scores[..., 5] = 5e4
+        broken = scores.isnan().any(-1) | scores.isposinf().any(-1) | ~scores.isfinite().any(-1)
+        if broken.any():
+            scores[broken] = 0.0
+            scores[broken, 5] = 5e4
         return scores
 
 
@@ -694,7 +718,7 @@ class _TokenQueue(BaseStreamer, StoppingCriteria):
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def __init__(self, config, empty_init=True, device=None):
         super().__init__(config)
-        self.max_sequence_length = config.seq_length
+        self.max_sequence_length = config.seq_length  # published attribute, read by user scripts
         self.transformer = ChatGLMModel(config, empty_init=empty_init, device=device)
         self.post_init()
 
@@ -931,7 +955,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         This is transformers' `generate` with a streamer, so it takes every `generate` keyword. The cache
         handed back holds every yielded token except a final eos, so that it can continue a conversation.
         """
-        cache = kwargs.pop(CACHE_FIELD, None) or kwargs.pop("past_key_values", None)
+        cache = given_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
         if cache is None and return_past_key_values:
             cache = DynamicCache()
         if cache is not None:
@@ -995,6 +1019,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -1003,6 +1028,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
             position_ids=position_ids,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,

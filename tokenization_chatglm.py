@@ -22,6 +22,8 @@ VOCAB_FILE_NAME = "tokenizer.model"
 # The piece SentencePiece puts in front of a text (its "dummy prefix"), a lone word boundary.
 SENTENCEPIECE_SPACE = "\u2581"
 
+# --- transformers 4.57 / 5.x differences ---
+# Here, and in ChatGLMTokenizer.from_pretrained (4.x hides the constructor's error behind an ImportError).
 # What apply_chat_template(tokenize=True) returns unless told: the ids on 4.x, the encoding on 5.x.
 CHAT_RETURNS_DICT_BY_DEFAULT = inspect.signature(PreTrainedTokenizer.apply_chat_template).parameters[
     "return_dict"
@@ -598,10 +600,11 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     def build_prompt(self, query, history=None):
         """The chat prompt of spec §5 for `query` after `history`, a list of (query, response) pairs."""
+        history = self._chat_history(history)
         prompt = ""
-        for number, (old_query, response) in enumerate(self._chat_history(history), start=1):
+        for number, (old_query, response) in enumerate(history, start=1):
             prompt += ROUND_OPENING.format(number=number) + old_query + ANSWER_OPENING + response + TURN_END
-        return prompt + ROUND_OPENING.format(number=len(history or []) + 1) + query + ANSWER_OPENING
+        return prompt + ROUND_OPENING.format(number=len(history) + 1) + query + ANSWER_OPENING
 
     def get_prefix_tokens(self):
         """The ids every prompt starts with: `[gMASK]`, `sop`."""
@@ -614,8 +617,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         With `continuation=True`: only what follows a cache that holds the conversation so far (the
         earlier prompt and the answer ids), i.e. the tail of the whole prompt's ids from the blank line
         that ends the last answer: `"\n\n[Round n]\n\n问：{query}\n\n答："`, without the prefix and
-        without SentencePiece's dummy-prefix piece, which the whole prompt never has there.
-        ChatGLM2 has one role, "user".
+        without SentencePiece's dummy-prefix piece, which the whole prompt never has there. Its
+        `position_ids` count from 0; after a cache, positions continue from the cache's length (`chat`
+        derives them from an attention mask that covers the cache). ChatGLM2 has one role, "user".
 
         ChatGLM3 (`chat_format="chatglm3"`): `history` is a list of `{"role", "content"[, "metadata"]
         [, "tools"]}` dicts and `role` one of system, user, assistant, observation. The prompt is

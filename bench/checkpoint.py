@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tools.model_folder import copy_package_files
+
 from .model_shapes import REPO_ROOT, release_tensors, shape_summary
 
-# The files a user puts beside the weights (the tokenizer is not needed to time the network).
-CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "generation_config.json")
 MARKER = "bench-checkpoint.json"
 # Bump when the bytes written for the same (seed, shapes) change, so stale caches are rewritten.
 FORMAT_VERSION = 1
@@ -180,11 +180,7 @@ def prepare_model_folder(weights_folder, config, quantization_bit=0):
     The code is copied on every run (the weights stay), so the measurement is of the code as it is now.
     """
     weights_folder = Path(weights_folder)
-    for name in CODE_FILES:
-        source = REPO_ROOT / name
-        if not source.exists():
-            raise FileNotFoundError(f"{source} is missing; the model folder needs it beside the weights")
-        shutil.copy(source, weights_folder / name)
+    copy_package_files(weights_folder)
     folder_config = dict(config)
     if quantization_bit:
         folder_config["quantization_bit"] = quantization_bit

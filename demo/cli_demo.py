@@ -14,15 +14,25 @@ import re
 import sys
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "tiny-chatglm2"
-CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DEMO_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(DEMO_DIR.parent))
+
+from tools.model_folder import (  # noqa: E402
+    CONFIG_FILE,
+    INTERRUPTED,
+    MODEL_MODULES,
+    TOKENIZER_FILE,
+    USAGE_ERROR,
+    ModelFolderError,
+    check_weights,
+    first_line,
+)
+
+BUNDLED_MODEL = DEMO_DIR / "tiny-chatglm2"
 CLEAR_COMMANDS = ("clear",)
 STOP_COMMANDS = ("stop", "exit", "quit")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-USAGE_ERROR = 2
-INTERRUPTED = 130
 BANNER = (
     "ChatGLM2 terminal chat. Type a message and press Enter.\n"
     "Commands: 'clear' forgets the conversation, 'stop' quits. "
@@ -100,13 +110,11 @@ def check_model_folder(folder):
         raise UsageError(f"--model-path {folder}: no such folder")
     if not folder.is_dir():
         raise UsageError(f"--model-path {folder}: not a folder")
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{folder / 'config.json'} is missing: not a model folder")
-    if not (folder / "tokenizer.model").is_file():
-        raise UsageError(f"{folder / 'tokenizer.model'} is missing: the tokenizer needs it")
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise UsageError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
-    for name in CODE_FILES:
+    if not (folder / CONFIG_FILE).is_file():
+        raise UsageError(f"{folder / CONFIG_FILE} is missing: not a model folder")
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise UsageError(f"{folder / TOKENIZER_FILE} is missing: the tokenizer needs it")
+    for name in MODEL_MODULES:
         code = folder / name
         if not code.is_file():
             raise UsageError(f"{code} is missing: make the folder with tools/upgrade_checkpoint.py")
@@ -117,6 +125,10 @@ def check_model_folder(folder):
                 f"{code} is a placeholder for a symlink to {text}: clone with symlinks enabled "
                 "(on Windows: git clone -c core.symlinks=true)"
             )
+    try:
+        check_weights(folder)  # a truncated or corrupt file is named here, not in a long traceback
+    except ModelFolderError as error:
+        raise UsageError(str(error)) from None
 
 
 def pick_device(name):
@@ -162,8 +174,7 @@ def load(args):
             # Layer by layer onto the device: the float model never has to fit there whole.
             model = model.quantize(args.quantize, device=device)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot load {args.model_path}: {first_line}") from None
+        raise UsageError(f"cannot load {args.model_path}: {first_line(error)}") from None
     return tokenizer, model.to(device).eval()
 
 

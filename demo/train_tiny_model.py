@@ -33,12 +33,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 DEMO_DIR = Path(__file__).resolve().parent
-REPO_ROOT = DEMO_DIR.parent
+sys.path.insert(0, str(DEMO_DIR.parent))
+
+from tools.model_folder import MODEL_MODULES, PACKAGE_JSON_FILES, REPO_ROOT, replace_file  # noqa: E402
+
 DEFAULT_DATA = DEMO_DIR / "data" / "dialogs.jsonl"
 DEFAULT_OUTPUT = DEMO_DIR / "tiny-chatglm2"
-CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
-# Written as regular files: they are data a user may edit or re-save, not implementation.
-ROOT_JSON_FILES = ("tokenizer_config.json", "generation_config.json")
 
 # ChatGLM2-6B's architecture (multi-query attention with 2 groups, half-rotary, SwiGLU, RMSNorm, QKV
 # bias) at a size that memorises a few hundred turns in minutes on 2 CPU cores and stays under 10 MB.
@@ -178,13 +178,14 @@ def write_model_folder(output, tokenizer_model, pieces):
     """Config, tokenizer files and code links; everything but the weights."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "tokenizer.model").write_bytes(tokenizer_model)
-    for name in CODE_FILES:
+    for name in MODEL_MODULES:
         link = output / name
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(os.path.relpath(REPO_ROOT / name, output))
-    for name in ROOT_JSON_FILES:
-        (output / name).write_text((REPO_ROOT / name).read_text(encoding="utf-8"), encoding="utf-8")
+    # Copies, not links: they are data a user may edit or re-save, not implementation.
+    for name in PACKAGE_JSON_FILES:
+        replace_file(REPO_ROOT / name, output / name)
     config = json.loads((REPO_ROOT / "config.json").read_text(encoding="utf-8"))
     token_ids = pieces + GLM_SPECIAL_TOKEN_COUNT
     config.update(TINY_SHAPES, padded_vocab_size=-(-token_ids // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE)

@@ -13,6 +13,9 @@ model the same way on other text, for tests that need a different vocabulary.
 load the release: `AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=True)`. Treat it
 as read-only; copy it to change it.
 
+The repository root goes on `sys.path`, so that tests import `tools.model_folder` (and `bench`) as
+the tools do.
+
 transformers copies remote code into HF_MODULES_CACHE (the user's home by default) when it loads
 it, and reads the variable at import, so this file points it at a temporary folder before any test
 imports transformers.
@@ -22,6 +25,7 @@ import atexit
 import io
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +33,8 @@ import pytest
 import sentencepiece
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 CORPUS = Path(__file__).resolve().parent / "data" / "bilingual_corpus.txt"
 SENTENCEPIECE_PIECES = 2000
 

@@ -86,7 +86,7 @@ def test_chat_answers_the_built_prompt_and_appends_the_turn(model, tokenizer):
 def test_stream_chat_grows_to_the_chat_response(model, tokenizer):
     expected, _ = model.chat(tokenizer, "hello", do_sample=False, max_length=40)
     partials = [response for response, _ in model.stream_chat(tokenizer, "hello", do_sample=False, max_length=40)]
-    assert partials
+    assert len(partials) > 1 and all(later.startswith(earlier) for earlier, later in zip(partials, partials[1:]))
     assert_stream_final(partials[-1], expected)
     assert all(not text.endswith("\ufffd") for text in partials)
 
@@ -141,19 +141,37 @@ def test_process_chat_response_strips_fills_the_training_date_and_appends_the_tu
     assert history == [("a", "b"), ("何时？", "截至2023年。")]
 
 
-def test_stream_chat_takes_every_generate_keyword_chat_takes(model, tokenizer):
-    for keywords in ({"repetition_penalty": 1.2}, {"no_repeat_ngram_size": 2}, {"top_k": 5}):
-        expected, _ = model.chat(tokenizer, "hello", max_new_tokens=8, do_sample=False, **keywords)
-        *_, (streamed, _) = model.stream_chat(tokenizer, "hello", max_new_tokens=8, do_sample=False, **keywords)
-        assert_stream_final(streamed, expected)
+def test_chat_and_stream_chat_take_every_generate_keyword(model, tokenizer):
+    prompt = tokenizer([tokenizer.build_prompt("hello")], return_tensors="pt")["input_ids"]
+    plain_tokens, plain = greedy_response(model, tokenizer, prompt, 12)
+    changed = False
+    for keywords in ({"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"bad_words_ids": [plain_tokens[:1]]}):
+        _, expected = greedy_response(model, tokenizer, prompt, 12, **keywords)
+        changed |= expected != plain
+        response, _ = model.chat(tokenizer, "hello", max_new_tokens=12, do_sample=False, **keywords)
+        assert response == expected.strip()
+        *_, (streamed, _) = model.stream_chat(tokenizer, "hello", max_new_tokens=12, do_sample=False, **keywords)
+        assert_stream_final(streamed, expected.strip())
+    assert changed, "no keyword changed the greedy answer, so the test shows nothing"
 
 
-def test_closing_a_stream_early_ends_its_generation_thread(model, tokenizer):
+def test_closing_a_stream_early_stops_generating_and_ends_its_thread(model, tokenizer, monkeypatch):
+    lengths = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        output = generate(*args, **kwargs)
+        lengths.append(output.shape[1])
+        return output
+
+    monkeypatch.setattr(model, "generate", recording_generate)
     before = threading.active_count()
-    stream = model.stream_chat(tokenizer, "hello", max_new_tokens=50, do_sample=False)
+    prompt_length = tokenizer.build_chat_input("hello")["input_ids"].shape[1]
+    stream = model.stream_chat(tokenizer, "hello", max_new_tokens=200, min_new_tokens=200, do_sample=False)
     next(stream)
     stream.close()
     assert threading.active_count() == before
+    assert lengths and lengths[0] < prompt_length + 200
 
 
 def test_errors_inside_streamed_generation_reach_the_caller(model, tokenizer):
@@ -162,9 +180,27 @@ def test_errors_inside_streamed_generation_reach_the_caller(model, tokenizer):
 
 
 def test_invalid_scores_become_a_finite_distribution(model):
-    scores = torch.tensor([[0.0, float("nan"), 1.0, float("inf"), 2.0, 3.0]])
-    fixed = modeling_module(model).InvalidScoreLogitsProcessor()(None, scores)
-    assert torch.isfinite(fixed).all() and fixed.argmax().item() == 5
+    inf = float("inf")
+    scores = torch.tensor(
+        [
+            [0.0, float("nan"), 1.0, 0.0, 2.0, 3.0, 4.0],
+            [0.0, 1.0, inf, 0.0, 2.0, 3.0, 4.0],
+            [-inf] * 7,
+            [0.0, -inf, 1.0, -inf, 2.0, 3.0, 4.0],
+        ]
+    )
+    fixed = modeling_module(model).InvalidScoreLogitsProcessor()(None, scores.clone())
+    assert torch.isfinite(fixed[:3]).all() and fixed[:3].argmax(-1).tolist() == [5, 5, 5]
+    assert torch.equal(fixed[3], scores[3]), "a banned token's -inf is a valid score and must stay"
+
+
+def test_min_new_tokens_bans_eos_without_derailing_the_answer(model, tokenizer):
+    """min_new_tokens sets eos to -inf; the published invalid-score guard then replaced every step by token 5."""
+    prompt = tokenizer([tokenizer.build_prompt("hello")], return_tensors="pt")["input_ids"]
+    tokens, _ = greedy_response(model, tokenizer, prompt, 6, min_new_tokens=6)
+    response, _ = model.chat(tokenizer, "hello", do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assert response == tokenizer.decode(tokens).strip()
+    assert tokens.count(5) < len(tokens)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,27 @@ def test_error_for_a_folder_without_tokenizer_model(tmp_path):
 def test_error_for_a_folder_without_weights(tmp_path):
     folder = copy_demo_model(tmp_path / "model", skip=("model.safetensors",))
     assert_one_line_error(run_cli("--model-path", folder, "--query", "hi"), "holds no weights")
+
+
+def truncated_demo_model(tmp_path):
+    folder = copy_demo_model(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return weights
+
+
+def test_error_for_truncated_weights_names_the_file(tmp_path):
+    weights = truncated_demo_model(tmp_path)
+    assert_one_line_error(run_cli("--model-path", weights.parent, "--query", "hi"), f"{weights}: cannot read its weights", "truncated")
+
+
+def test_from_pretrained_names_a_truncated_weights_file(tmp_path):
+    """Users who load the folder themselves get the file's name too, not the reader's bare message."""
+    from transformers import AutoModel
+
+    weights = truncated_demo_model(tmp_path)
+    with pytest.raises(OSError, match=f"^{re.escape(str(weights))}: cannot read its weights, the file is truncated or corrupt"):
+        AutoModel.from_pretrained(weights.parent, trust_remote_code=True)
 
 
 def test_error_for_a_folder_without_the_code_files(tmp_path):

@@ -30,15 +30,18 @@ def shell_lines():
 
 
 def python_commands():
-    """Every `python ...` command the README shows, as argument lists without the interpreter."""
+    """{program: [the README's commands that run it]}, a program being `script.py` or `-m module`."""
     commands = [line for line in shell_lines() if line.startswith("python ")]
     commands += INLINE_COMMAND.findall(README)
-    seen = {}
+    programs = {}
     for command in commands:
         words = shlex.split(command)[1:]
         program = words[:2] if words[0] == "-m" else words[:1]
-        seen.setdefault(tuple(program), command)
-    return seen
+        programs.setdefault(tuple(program), []).append(command)
+    return programs
+
+
+PYTHON_COMMANDS = python_commands()
 
 
 def test_readme_python_snippets_run_on_the_demo_model(tmp_path):
@@ -56,8 +59,8 @@ def test_readme_python_snippets_run_on_the_demo_model(tmp_path):
         assert result.returncode == 0, f"README snippet {number} failed:\n{snippet}\n{result.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("program", sorted(python_commands()), ids=" ".join)
-def test_readme_python_commands_start_and_parse_their_arguments(program):
+@pytest.mark.parametrize("program", sorted(PYTHON_COMMANDS), ids=" ".join)
+def test_readme_python_commands_start_and_know_the_options_the_readme_gives(program):
     if program == ("-m", "pytest"):
         pytest.skip("this is the test run")
     result = subprocess.run(
@@ -65,6 +68,9 @@ def test_readme_python_commands_start_and_parse_their_arguments(program):
     )
     assert result.returncode == 0, f"`python {' '.join(program)} --help` failed:\n{result.stderr[-3000:]}"
     assert "usage" in result.stdout.lower()
+    for command in PYTHON_COMMANDS[program]:
+        for option in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", command):
+            assert option in result.stdout, f"the README runs `{command}`, but {option} is not in its --help"
 
 
 def test_readme_install_commands_name_files_that_exist():

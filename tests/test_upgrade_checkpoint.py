@@ -5,7 +5,6 @@ The "release" folders here are tiny random ChatGLM2 models saved with the releas
 stand-ins for the published code that fail if they are ever run.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,29 +16,22 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from tiny_checkpoint import REPO_ROOT, random_model, write_released_shards
+from tools import upgrade_checkpoint as tool
+from tools.model_folder import MODEL_MODULES, PACKAGE_FILES, PACKAGE_JSON_FILES
 
 TOOL = REPO_ROOT / "tools" / "upgrade_checkpoint.py"
-CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
 VOCAB_ROWS = 2048  # the conftest tokenizer has 2000 pieces + 5 special tokens
 PUBLISHED_CODE_STAND_IN = 'raise RuntimeError("the published code ran instead of this package\'s")\n'
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("upgrade_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
 
 
 def make_release(folder, sentencepiece_model_path, **config_overrides):
     """A random tiny model in `folder` laid out like the release, minus its weight files; returns the model."""
     model = random_model(folder, VOCAB_ROWS, add_qkv_bias=True, **config_overrides)
-    for name in CODE_FILES:
+    for name in MODEL_MODULES:
         (folder / name).write_text(PUBLISHED_CODE_STAND_IN)
-    for name in ("tokenizer_config.json", "generation_config.json"):
+    for name in PACKAGE_JSON_FILES:
         (folder / name).unlink(missing_ok=True)
     shutil.copy(sentencepiece_model_path, folder / "tokenizer.model")
     return model
@@ -72,7 +64,7 @@ def test_sharded_release_runs_this_package_code_on_linked_weights(sharded_releas
     for name in weight_names + ["tokenizer.model"]:
         assert (dst / name).is_symlink(), f"{name} should be a link, not a copy"
         assert os.path.samefile(dst / name, src / name)
-    for name in CODE_FILES + ("tokenizer_config.json", "generation_config.json"):
+    for name in PACKAGE_FILES:
         assert (dst / name).read_bytes() == (REPO_ROOT / name).read_bytes(), name
 
     config = json.loads((dst / "config.json").read_text())

@@ -5,20 +5,11 @@ transformers saves them (safetensors). Nothing is downloaded.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE_FILES = (
-    "configuration_chatglm.py",
-    "modeling_chatglm.py",
-    "quantization.py",
-    "tokenization_chatglm.py",
-    "tokenizer_config.json",
-    "generation_config.json",
-)
+from tools.model_folder import REPO_ROOT, copy_package_files
 
 TINY_SHAPES = {
     "num_layers": 2,
@@ -36,9 +27,7 @@ TINY_SHAPES = {
 def copy_code(folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in CODE_FILES:
-        if (REPO_ROOT / name).exists():
-            shutil.copy(REPO_ROOT / name, folder / name)
+    copy_package_files(folder)
     return folder
 
 

@@ -7,72 +7,55 @@ released quantized format (spec §6), so peak memory is about one input shard pl
 than the whole model. The output folder gets this package's code and json files, the source's
 `config.json` with `quantization_bit` set, and a copy of `tokenizer.model`, so it loads with
 `AutoModel.from_pretrained(DST, trust_remote_code=True)`.
+
+SRC is checked as `upgrade_checkpoint.py` checks it (config, tokenizer, every weight file read and
+matched against its index) before anything is written, and DST may not be SRC, lie inside it or
+hold it (symlinks resolved). DST is written into a temporary folder beside it and renamed into place
+when complete, so a failure leaves no partial DST; with --force the old DST is swapped out only
+then, and links in it (from `upgrade_checkpoint.py`) are replaced, never written through. Errors
+are one line naming the file (exit status 2).
 """
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from quantization import QUANTIZED_PROJECTIONS, quantize_weight  # noqa: E402
-from upgrade_checkpoint import copy_package_files  # noqa: E402  (beside this script)
+from tools.model_folder import (  # noqa: E402
+    TOKENIZER_FILE,
+    ModelFolderError,
+    check_destination,
+    copy_package_files,
+    default_mode,
+    exit_status,
+    load_weights,
+    staged_folder,
+)
+from tools.upgrade_checkpoint import check_source, write_config  # noqa: E402
 
 PROJECTION_WEIGHT = re.compile(
     r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$"
 )
 
 
-def fail(message):
-    print(f"quantize_checkpoint: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def source_shards(source):
-    """The weight files of `source`, in the order their index lists them."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = source / index_name
-        if index.exists():
-            files = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-            missing = [name for name in files if not (source / name).exists()]
-            if missing:
-                fail(f"{index} lists {missing[0]}, which is not in {source}")
-            return [source / name for name in files]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (source / single).exists():
-            return [source / single]
-    fail(f"no weights in {source}: expected pytorch_model.bin(.index.json) or model.safetensors(.index.json)")
-
-
-def new_file_mode():
-    """The mode `open()` gives a new file here: 0o666 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def load_shard(path):
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-
-
-def quantize_state(state, bits):
+def quantize_state(state, bits, shard):
     """The shard's tensors with every projection weight replaced by its quantized weight and scale."""
     output = {}
     for key, tensor in state.items():
         if PROJECTION_WEIGHT.search(key):
             if not tensor.is_floating_point():
-                fail(f"{key} is already quantized ({tensor.dtype}); the source must be a floating-point checkpoint")
+                raise ModelFolderError(
+                    f"{shard}: {key} is already quantized ({tensor.dtype}); the source must be a floating-point checkpoint"
+                )
             qweight, scale = quantize_weight(tensor, bits)
             output[key] = qweight
             output[key + "_scale"] = scale
@@ -82,42 +65,33 @@ def quantize_state(state, bits):
 
 
 def convert(source, destination, bits, force=False):
-    config_path = source / "config.json"
-    if not config_path.exists():
-        fail(f"{config_path} not found: SRC must be a ChatGLM2 model folder")
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") != "chatglm" or "multi_query_attention" not in config:
-        fail(f"{config_path} is not a ChatGLM2 config (model_type chatglm with multi_query_attention)")
-    if config.get("quantization_bit", 0):
-        fail(f"{source} is already quantized to {config['quantization_bit']} bits")
-    shards = source_shards(source)
-    if destination.exists() and any(destination.iterdir()) and not force:
-        fail(f"{destination} is not empty (pass --force to write into it)")
-    destination.mkdir(parents=True, exist_ok=True)
+    """Write the quantized checkpoint; returns the bytes of its weights. ModelFolderError says what was refused."""
+    config, weights = check_source(source)
+    if config.get("quantization_bit"):
+        raise ModelFolderError(f"{source} is already quantized to {config['quantization_bit']} bits")
+    shards = [source / name for name in weights if not name.endswith(".index.json")]
+    destination = check_destination(destination, source, [TOKENIZER_FILE, *weights], force)
 
     weight_map = {}
     total_size = 0
     # safetensors writes its files readable by their owner only; a model folder is often read by
     # other users (a server's account), so the shards get the mode of every other file written here.
-    mode = new_file_mode()
-    for number, shard in enumerate(tqdm(shards, desc=f"int{bits}", unit="shard"), start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        quantized = quantize_state(load_shard(shard), bits)
-        save_file(quantized, destination / name, metadata={"format": "pt"})
-        (destination / name).chmod(mode)
-        for key, tensor in quantized.items():
-            weight_map[key] = name
-            total_size += tensor.numel() * tensor.element_size()
-        del quantized
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (destination / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-    ours = json.loads((REPO_ROOT / "config.json").read_text())
-    config.update(quantization_bit=bits, auto_map=ours["auto_map"])
-    (destination / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    copy_package_files(destination)
-    if (source / "tokenizer.model").exists():
-        shutil.copy(source / "tokenizer.model", destination / "tokenizer.model")
+    mode = default_mode()
+    with staged_folder(destination) as folder:
+        for number, shard in enumerate(tqdm(shards, desc=f"int{bits}", unit="shard"), start=1):
+            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            quantized = quantize_state(load_weights(shard), bits, shard)
+            save_file(quantized, folder / name, metadata={"format": "pt"})
+            (folder / name).chmod(mode)
+            for key, tensor in quantized.items():
+                weight_map[key] = name
+                total_size += tensor.numel() * tensor.element_size()
+            del quantized
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_config(folder, dict(config, quantization_bit=bits))
+        copy_package_files(folder)
+        shutil.copyfile(source / TOKENIZER_FILE, folder / TOKENIZER_FILE)
     return total_size
 
 
@@ -126,13 +100,15 @@ def main(argv=None):
     parser.add_argument("source", type=Path, help="folder with the floating-point checkpoint")
     parser.add_argument("destination", type=Path, help="folder to write the quantized checkpoint to")
     parser.add_argument("--bits", type=int, choices=(4, 8), required=True)
-    parser.add_argument("--force", action="store_true", help="write into a non-empty destination")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
     args = parser.parse_args(argv)
-    if not args.source.is_dir():
-        fail(f"{args.source} is not a folder")
-    total_size = convert(args.source, args.destination, args.bits, force=args.force)
-    print(f"wrote {total_size / 1e9:.2f} GB of int{args.bits} weights to {args.destination}")
+
+    def work():
+        total_size = convert(args.source, args.destination, args.bits, force=args.force)
+        print(f"wrote {total_size / 1e9:.2f} GB of int{args.bits} weights to {args.destination}")
+
+    return exit_status(work)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line tools beside the package (converters), and `tools.model_folder`, which demo, bench and tests share."""
