@@ -1,9 +1,12 @@
-"""Configuration of the ChatGLM2 architecture.
+"""Configuration of the ChatGLM2 architecture, shared by the GLM 6B family.
 
 Attribute names and defaults follow the released ChatGLM2-6B `config.json`, which fine-tuning
 scripts and inference engines read directly; aliases give transformers' generic utilities
-(caches, device maps) the names they expect.
+(caches, device maps) the names they expect. The same class loads the `config.json` of
+chatglm2-6b, chatglm2-6b-32k, chatglm3-6b (-base, -32k, -128k) and codegeex2-6b unchanged.
 """
+
+import re
 
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -13,8 +16,50 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # from `past_key_values` to `cache`. The model reads and writes whichever this version declares.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
+# What `rope_ratio` scales (see `ChatGLMConfig`): the position ids, or the rotary base.
+ROPE_RATIO_TARGETS = ("positions", "base")
+
+# The released configs do not say what their `rope_ratio` means; only the code beside them did.
+# Every chatglm2/codegeex2 release divides positions by it (chatglm2-6b-32k, ratio 16); every
+# chatglm3 release multiplies the base (chatglm3-6b-32k, 50; chatglm3-6b-128k, 500). Their
+# config.json files carry `_name_or_path` ("THUDM/chatglm2-6b-32k", ...), which tells them apart.
+# The pattern is matched against the last component of that path.
+RELEASE_ROPE_RATIO_TARGETS = (
+    (re.compile(r"^(chatglm2|codegeex2)", re.IGNORECASE), "positions"),
+    (re.compile(r"^chatglm3", re.IGNORECASE), "base"),
+)
+
 
 class ChatGLMConfig(PretrainedConfig):
+    """The ChatGLM2 architecture's settings, named as in the released `config.json`.
+
+    Rotary position embedding (the model rotates adjacent pairs of the first half of each head, at
+    angle `position * base ** (-2i / rotary_dim)`, base 10000):
+
+    - `rope_ratio` (default 1: no scaling) stretches the rotary embedding over longer contexts.
+      The releases used it in two opposite ways, and `rope_ratio_applies_to` says which:
+    - `rope_ratio_applies_to`:
+        - `"positions"`: linear position interpolation, the angle is
+          `(position / rope_ratio) * 10000 ** (-2i / rotary_dim)` (chatglm2-6b-32k, ratio 16);
+        - `"base"`: the base is scaled, the angle is
+          `position * (10000 * rope_ratio) ** (-2i / rotary_dim)` (chatglm3-6b-32k, ratio 50, and
+          chatglm3-6b-128k, ratio 500);
+        - `None` (default): only allowed with `rope_ratio` 1, where both are the same.
+      When a config sets `rope_ratio` but not this field, as every released one does, it is
+      inferred from the release named by `_name_or_path`: chatglm2-* and codegeex2-* mean
+      `"positions"`, chatglm3-* means `"base"`. Any other name is refused with an error asking for
+      this field, rather than guessed: a wrong guess still runs, and quietly computes another model.
+      The inferred value is stored, so a saved config states it.
+
+    CodeGeeX2-6B's `config.json` adds `rotary_percent: 0.5` and `interleaved_qkv: false`, read by
+    none of its code: they describe this architecture (half of each head rotated; the fused QKV
+    projection laid out `[all q | all k | all v]` rather than interleaved per head). They load as
+    attributes, and any other value is refused, since no code computes it. Its bfloat16 `RMSNorm`
+    skipped the float32 upcast; this package upcasts for every model: the published function
+    computed the float32 norm too until its fix of 2023-08-09 (the bfloat16 branch was dead code
+    before), the upcast is the more exact of the two, and the norm is a negligible cost.
+    """
+
     model_type = "chatglm"
     # Output keys that Trainer.evaluate/predict leave out of the predictions: the KV cache.
     keys_to_ignore_at_inference = [CACHE_FIELD]
@@ -56,6 +101,8 @@ class ChatGLMConfig(PretrainedConfig):
         pre_seq_len=None,
         prefix_projection=False,
         original_rope=True,
+        rope_ratio=1,
+        rope_ratio_applies_to=None,
         use_cache=True,
         **kwargs,
     ):
@@ -87,6 +134,10 @@ class ChatGLMConfig(PretrainedConfig):
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
         self.original_rope = original_rope
+        self.rope_ratio = rope_ratio
+        if rope_ratio_applies_to is None and _is_number(rope_ratio) and rope_ratio != 1:
+            rope_ratio_applies_to = _release_rope_ratio_target(kwargs.get("_name_or_path", kwargs.get("name_or_path")))
+        self.rope_ratio_applies_to = rope_ratio_applies_to
         self.use_cache = use_cache
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -96,6 +147,34 @@ class ChatGLMConfig(PretrainedConfig):
     def num_key_value_heads(self):
         """Heads in the KV cache: the query groups with multi-query attention, else all heads."""
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    def _validate_rotary(self):
+        if not _is_number(self.rope_ratio) or not self.rope_ratio > 0:
+            raise ValueError(f"ChatGLMConfig.rope_ratio must be a positive number, got {self.rope_ratio!r}")
+        target = self.rope_ratio_applies_to
+        if target is not None and target not in ROPE_RATIO_TARGETS:
+            raise ValueError(
+                f"ChatGLMConfig.rope_ratio_applies_to must be None, 'positions' or 'base', got {target!r}"
+            )
+        if target is None and self.rope_ratio != 1:
+            raise ValueError(
+                f"ChatGLMConfig.rope_ratio_applies_to must be set: rope_ratio is {self.rope_ratio} and "
+                f"_name_or_path {self._name_or_path!r} is not a release whose code says what it scales. Set "
+                f"'positions' to divide the position ids by it (as chatglm2-6b-32k) or 'base' to multiply "
+                f"the rotary base by it (as chatglm3-6b-32k/128k)"
+            )
+        # CodeGeeX2-6B's keys, read by no published code: only the values describing this architecture.
+        rotary_percent = getattr(self, "rotary_percent", 0.5)
+        if rotary_percent != 0.5:
+            raise ValueError(
+                f"ChatGLMConfig.rotary_percent must be 0.5 (this architecture rotates half of each head), "
+                f"got {rotary_percent!r}"
+            )
+        if getattr(self, "interleaved_qkv", False) is not False:
+            raise ValueError(
+                f"ChatGLMConfig.interleaved_qkv must be false (the fused QKV weight is laid out "
+                f"[all q | all k | all v]), got {self.interleaved_qkv!r}"
+            )
 
     def _validate(self):
         positive = (
@@ -132,6 +211,7 @@ class ChatGLMConfig(PretrainedConfig):
                 f"ChatGLMConfig.num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"multi_query_group_num ({self.multi_query_group_num})"
             )
+        self._validate_rotary()
         for name in ("quantization_bit", "output_layer_quantization_bit"):
             value = getattr(self, name)
             if isinstance(value, bool) or value not in (0, 4, 8):
@@ -140,3 +220,16 @@ class ChatGLMConfig(PretrainedConfig):
             isinstance(self.pre_seq_len, bool) or not isinstance(self.pre_seq_len, int) or self.pre_seq_len < 1
         ):
             raise ValueError(f"ChatGLMConfig.pre_seq_len must be None or an integer >= 1, got {self.pre_seq_len!r}")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _release_rope_ratio_target(name_or_path):
+    """`rope_ratio_applies_to` of the release named by `_name_or_path` (a hub id or folder), or None."""
+    name = re.split(r"[\\/]", str(name_or_path or "").rstrip("/\\"))[-1]
+    for pattern, target in RELEASE_ROPE_RATIO_TARGETS:
+        if pattern.match(name):
+            return target
+    return None

@@ -78,25 +78,57 @@ def make_norm(config, device=None, dtype=None):
     return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device, dtype=dtype)
 
 
-def rotary_inverse_frequencies(rotary_dim, device=None):
-    return 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+ROTARY_BASE = 10000.0
+
+
+def rotary_inverse_frequencies(rotary_dim, base=ROTARY_BASE, device=None):
+    """theta_i = base ** (-2i / rotary_dim), i < rotary_dim / 2, computed in float32."""
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+def rotary_scaling(config):
+    """(base, position divisor) of the rotary angles: `rope_ratio` scales one of them (see ChatGLMConfig)."""
+    ratio = float(getattr(config, "rope_ratio", 1) or 1)
+    applies_to = getattr(config, "rope_ratio_applies_to", None)
+    if ratio == 1:
+        return ROTARY_BASE, 1.0
+    if applies_to == "positions":
+        return ROTARY_BASE, ratio
+    if applies_to == "base":
+        return ROTARY_BASE * ratio, 1.0
+    raise ValueError(
+        f"config.rope_ratio_applies_to must be 'positions' or 'base' when rope_ratio is {ratio}, got {applies_to!r}"
+    )
 
 
 class RotaryEmbedding(nn.Module):
     """Angles for the ChatGLM2 rotary embedding, which rotates only the first half of each head.
 
-    `inv_freq` is a persistent buffer because the released checkpoints store it.
+    The angle of pair i at position p is `(p / position_divisor) * base ** (-2i / rotary_dim)`:
+    `rope_ratio` raises the base (ChatGLM3-32K/128K) or divides the positions (ChatGLM2-32K).
+    Positions, frequencies and angles are computed in float32 at every call, from these settings.
+
+    `inv_freq` (the base-10000 frequencies) is a persistent buffer only because the released
+    checkpoints store it; its values are never read. The release stores it in float16, whose
+    rounding would misplace angles by up to 0.3 radian at position 2000 and 5 radians at 32K, and
+    the ChatGLM3-32K/128K releases store the unscaled base there; their code recomputed it too.
     """
 
-    def __init__(self, rotary_dim, device=None):
+    def __init__(self, rotary_dim, base=ROTARY_BASE, position_divisor=1.0, device=None):
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.base = float(base)
+        self.position_divisor = float(position_divisor)
         self.register_buffer("inv_freq", rotary_inverse_frequencies(rotary_dim, device=device), persistent=True)
 
     def forward(self, position_ids, dtype):
-        # Positions, angles and cos/sin in float32; only the finished tables are rounded to the
-        # model dtype (float16 positions would already be wrong above 2048).
-        angles = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+        # Only the finished cos/sin tables are rounded to the model dtype (float16 positions would
+        # already be wrong above 2048).
+        theta = rotary_inverse_frequencies(self.rotary_dim, self.base, device=position_ids.device)
+        positions = position_ids.float()
+        if self.position_divisor != 1.0:
+            positions = positions / self.position_divisor
+        angles = positions[..., None] * theta
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -518,7 +550,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         # passing them keep working; transformers itself decides how weights are materialised.
         super().__init__(config)
         self.embedding = Embedding(config, device=device)
-        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels // 2, device=device)
+        base, position_divisor = rotary_scaling(config)
+        self.rotary_pos_emb = RotaryEmbedding(
+            config.kv_channels // 2, base=base, position_divisor=position_divisor, device=device
+        )
         self.encoder = GLMTransformer(config, device=device)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
         self.pre_seq_len = config.pre_seq_len
@@ -807,15 +842,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             )
 
     def _chat_generate_arguments(
-        self, tokenizer, query, history, cache, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+        self, tokenizer, query, history, role, cache, max_length, do_sample, top_p, temperature, logits_processor, kwargs
     ):
-        """`generate` arguments for one chat turn; the tokenizer renders the turn.
+        """`generate` arguments for one chat turn; the tokenizer renders the turn and names its stop ids.
 
         After a cache, `input_ids` start with pad ids standing for the cached tokens: `generate` feeds only
         what the cache does not hold, and positions continue from the attention mask.
         """
         continuation = cache is not None and cache.get_seq_length() > 0
-        input_ids = tokenizer.build_chat_input(query, history, continuation=continuation)["input_ids"].to(self.device)
+        input_ids = tokenizer.build_chat_input(query, history, role=role, continuation=continuation)["input_ids"]
+        input_ids = input_ids.to(self.device)
         if continuation:
             cached = input_ids.new_full((1, cache.get_seq_length()), tokenizer.pad_token_id)
             input_ids = torch.cat((cached, input_ids), dim=1)
@@ -829,6 +865,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             "attention_mask": torch.ones_like(input_ids),
             "logits_processor": processors,
             "tokenizer": tokenizer,  # for stop_strings
+            "eos_token_id": tokenizer.chat_stop_ids,
             **length_limit,
             **sampling,
             **kwargs,
@@ -836,6 +873,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if cache is not None:
             arguments[CACHE_FIELD] = cache
         return arguments
+
+    @staticmethod
+    def _reply_ids(output_ids, prompt_length, stop_ids):
+        """The generated ids after the prompt, without the stop token that ended them."""
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or [])
+        reply = output_ids[prompt_length:].tolist()
+        return reply[:-1] if reply and reply[-1] in stop_ids else reply
 
     @torch.inference_mode()
     def chat(
@@ -849,18 +893,22 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         top_p=0.8,
         temperature=0.8,
         logits_processor=None,
+        role="user",
         **kwargs,
     ):
         """One chat turn: returns (response, history with (query, response) appended).
 
         Any other `generate` keyword (`max_new_tokens`, `repetition_penalty`, `stop_strings`, ...) is passed on.
+        ChatGLM3 (the tokenizer's `chat_format`): `history` is a list of message dicts, `role` is the
+        query's role ("observation" feeds a tool's result back), generation stops on `</s>`, `<|user|>`
+        or `<|observation|>`, and the response may be a tool call `{"name", "parameters"}`.
         """
         arguments = self._chat_generate_arguments(
-            tokenizer, query, history, None, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+            tokenizer, query, history, role, None, max_length, do_sample, top_p, temperature, logits_processor, kwargs
         )
         outputs = self.generate(**arguments, num_beams=num_beams)
-        prompt_length = arguments["input_ids"].shape[1]
-        return tokenizer.process_chat_response(tokenizer.decode(outputs[0, prompt_length:].tolist()), query, history)
+        reply = self._reply_ids(outputs[0], arguments["input_ids"].shape[1], arguments["eos_token_id"])
+        return tokenizer.process_chat_response(tokenizer.decode(reply), query, history, role=role)
 
     @torch.inference_mode()
     def stream_chat(
@@ -875,26 +923,28 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         temperature=0.8,
         logits_processor=None,
         return_past_key_values=False,
+        role="user",
         **kwargs,
     ):
         """Yield (response so far, history) as tokens arrive (and the cache, with `return_past_key_values`).
 
         With `past_key_values` from the previous turn only the new round is fed, as the same ids the whole
         prompt would have there, and positions continue after the cached tokens. Partial outputs ending
-        in an incomplete character are skipped. Takes the same `generate` keywords as `chat`.
+        in an incomplete character are skipped. Takes the same `generate` keywords and `role` as `chat`.
         """
         if return_past_key_values and past_key_values is None:
             past_key_values = DynamicCache()
         arguments = self._chat_generate_arguments(
-            tokenizer, query, history, past_key_values, max_length, do_sample, top_p, temperature, logits_processor, kwargs
+            tokenizer, query, history, role, past_key_values, max_length, do_sample, top_p, temperature,
+            logits_processor, kwargs,
         )
         prompt_length = arguments["input_ids"].shape[1]
         for sequence in self.stream_generate(return_past_key_values=return_past_key_values, **arguments):
             output_ids, cache = sequence if return_past_key_values else (sequence, None)
-            response = tokenizer.decode(output_ids[0, prompt_length:].tolist())
+            response = tokenizer.decode(self._reply_ids(output_ids[0], prompt_length, arguments["eos_token_id"]))
             if response and response[-1] == "\ufffd":
                 continue
-            response, new_history = tokenizer.process_chat_response(response, query, history)
+            response, new_history = tokenizer.process_chat_response(response, query, history, role=role)
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)
 
     @torch.inference_mode()

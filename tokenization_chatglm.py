@@ -1,11 +1,15 @@
-"""Tokenizer of ChatGLM2-6B: a SentencePiece model plus the five GLM special tokens.
+"""Tokenizer of ChatGLM2-6B and ChatGLM3-6B: a SentencePiece model plus the GLM special tokens.
 
 The ids it produces are the ones the released weights were trained on: text is encoded by
 SentencePiece alone, and `[gMASK] sop` goes in front of every encoded text. Padding is on the
 left only, and every encoding carries the `position_ids` the model's rotary embedding reads.
+ChatGLM3 uses the same `tokenizer.model` with four role tokens after the five GLM ones, and its own
+chat format (`chat_format="chatglm3"`).
 """
 
+import copy
 import inspect
+import json
 import os
 import re
 import shutil
@@ -28,9 +32,19 @@ CHAT_RETURNS_DICT_BY_DEFAULT = inspect.signature(PreTrainedTokenizer.apply_chat_
 # Ids n_pieces .. n_pieces + 4, in this order (spec §4).
 GLM_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 
-# Only the bracketed names can be recognised in text: "sop" and "eop" also occur inside
-# ordinary words ("philosophy", "people").
-SPECIAL_TOKENS_IN_TEXT = re.compile("(" + "|".join(re.escape(name) for name in GLM_SPECIAL_TOKENS[:3]) + ")")
+# ChatGLM3's roles; their tokens follow the GLM special tokens (ids n_pieces + 5 .. n_pieces + 8).
+CHATGLM3_ROLES = ("system", "user", "assistant", "observation")
+CHATGLM3_ROLE_TOKENS = tuple(f"<|{role}|>" for role in CHATGLM3_ROLES)
+CHAT_FORMATS = ("chatglm2", "chatglm3")
+# The system prompt ChatGLM3's tool demos put before the tool list (THUDM/ChatGLM3 PROMPT_en.md).
+CHATGLM3_TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+
+
+def _special_tokens_in_text(names):
+    """What `encode_special_tokens=True` recognises in text: the bracketed and role names, and "sop"
+    only right after "[gMASK]" ("sop" and "eop" also occur inside ordinary words: "isopropyl")."""
+    literal = [re.escape(name) for name in names if name not in ("sop", "eop")]
+    return re.compile("(" + "|".join(literal + [r"(?<=\[gMASK\])sop"]) + ")")
 
 # The chat format of spec §5, written once: `build_prompt`, the cache continuation and the Jinja
 # template below are all made from these pieces.
@@ -97,6 +111,91 @@ CHAT_TEMPLATE = (
 )
 
 
+# The ChatGLM3 format as a Jinja template, for front ends that render `tokenizer_config.json`'s
+# template and tokenize the text with `encode_special_tokens=True` (serving engines): the text is
+# `[gMASK]sop`, then per message `<|role|>{metadata}\n {content}`, then `<|assistant|>`, which
+# tokenizes to `build_chat_input`'s ids (the space stands for SentencePiece's dummy prefix of the
+# separately encoded content). Tools, from the `tools` argument or a system message's "tools", are
+# appended to the system content as indented JSON, as the release renders them.
+CHATGLM3_CHAT_TEMPLATE = (
+    r"""{%- set ns = namespace(messages=messages, tools=[]) -%}
+{%- if tools -%}
+    {%- for tool in tools -%}
+        {%- set ns.tools = ns.tools + [tool['function'] if tool['type'] == 'function' and tool['function'] is defined else tool] -%}
+    {%- endfor -%}
+    {%- if messages and messages[0]['role'] == 'system' -%}
+        {%- set ns.messages = [{'role': 'system', 'content': messages[0]['content'], 'tools': ns.tools}] + messages[1:] -%}
+    {%- else -%}
+        {%- set ns.messages = [{'role': 'system', 'content': TOOLS_PROMPT, 'tools': ns.tools}] + messages -%}
+    {%- endif -%}
+{%- endif -%}
+{{- '[gMASK]sop' -}}
+{%- for message in ns.messages -%}
+    {%- set where = 'ChatGLM3 chat template: messages[' ~ loop.index0 ~ ']' -%}
+    {%- if message['role'] not in ['system', 'user', 'assistant', 'observation'] -%}
+        {{- raise_exception(where ~ ' has unknown role "' ~ message['role'] ~ '"'
+            ~ ' (expected system, user, assistant or observation)') -}}
+    {%- endif -%}
+    {%- if message['content'] is not string -%}
+        {{- raise_exception(where ~ ' (role "' ~ message['role'] ~ '") needs a string "content"') -}}
+    {%- endif -%}
+    {%- set content = message['content'] -%}
+    {%- if message['role'] == 'system' and message['tools'] is defined and message['tools'] is not none -%}
+        {%- set content = content ~ '\n' ~ (message['tools'] | tojson(indent=4)) -%}
+    {%- endif -%}
+    {{- '<|' ~ message['role'] ~ '|>' ~ (message['metadata'] if message['metadata'] is defined and message['metadata'] else '') ~ '\n' -}}
+    {%- if content -%}
+        {{- ' ' ~ content -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>' -}}
+{%- endif -%}"""
+    .replace("TOOLS_PROMPT", _jinja_string(CHATGLM3_TOOLS_PROMPT))
+)
+
+
+def _chat_format_of_folder(folder):
+    """"chatglm3" when the folder's config.json names a ChatGLM3 release (its `_name_or_path`, e.g.
+    "THUDM/chatglm3-6b"), else "chatglm2": the two releases ship the same tokenizer.model."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+            name = json.load(handle).get("_name_or_path", "")
+    except (OSError, ValueError, AttributeError):
+        return "chatglm2"
+    name = re.split(r"[\\/]", str(name).rstrip("/\\"))[-1]
+    return "chatglm3" if name.lower().startswith("chatglm3") else "chatglm2"
+
+
+def _tool_schemas(tools):
+    """ChatGLM3's tool list: JSON-schema dicts as given, `{"type": "function", "function": f}` as `f`,
+    Python functions through transformers' `get_json_schema` (as `apply_chat_template` does)."""
+    from transformers.utils import get_json_schema
+
+    schemas = []
+    for tool in tools:
+        if callable(tool) and not isinstance(tool, dict):
+            tool = get_json_schema(tool)
+        if not isinstance(tool, dict):
+            raise TypeError(f"a tool must be a dict (JSON schema) or a Python function, got {type(tool).__name__}")
+        if tool.get("type") == "function" and "function" in tool:
+            tool = tool["function"]
+        schemas.append(tool)
+    return schemas
+
+
+def _chatglm3_fields(message, where):
+    """(role, content, metadata) of a ChatGLM3 message dict, or ValueError naming `where`."""
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} must be a dict with 'role' and 'content', got {message!r}")
+    role, content, metadata = message.get("role"), message.get("content"), message.get("metadata") or ""
+    if role not in CHATGLM3_ROLES:
+        raise ValueError(f"{where} has role {role!r}; ChatGLM3 roles are {', '.join(CHATGLM3_ROLES)}")
+    if not isinstance(content, str) or not isinstance(metadata, str):
+        raise ValueError(f"{where} (role {role!r}) needs a string 'content' and, if any, a string 'metadata'")
+    return role, content, metadata
+
+
 def _load_sentencepiece(vocab_file, loading_from):
     """The SentencePiece model in `vocab_file`, or a ValueError naming the file.
 
@@ -139,23 +238,37 @@ def _position_ids(attention_mask, length):
 
 
 class ChatGLMTokenizer(PreTrainedTokenizer):
-    """ChatGLM2-6B tokenizer (slow, SentencePiece).
+    """ChatGLM2-6B / ChatGLM3-6B tokenizer (slow, SentencePiece).
 
     Ids: the SentencePiece pieces (`<unk>`=0, `<s>`=1, `</s>`=2 in the release), then `[MASK]`,
-    `[gMASK]`, `[sMASK]`, `sop`, `eop`. `vocab_size` and `len()` count both. pad = unk, eos = `</s>`.
+    `[gMASK]`, `[sMASK]`, `sop`, `eop`, and with `chat_format="chatglm3"` `<|system|>`, `<|user|>`,
+    `<|assistant|>`, `<|observation|>` (64794..64797 in the release). `vocab_size` and `len()`
+    count them all. pad = unk, eos = `</s>`.
+
+    `chat_format` ("chatglm2" or "chatglm3", saved in tokenizer_config.json) picks the dialect.
+    Both releases ship the same tokenizer.model, so it cannot come from the vocabulary: unset, it is
+    "chatglm3" when the config.json beside tokenizer.model names a ChatGLM3 release in its
+    `_name_or_path`, else "chatglm2". The dialect decides the role tokens, `build_chat_input`,
+    `process_chat_response`, the chat template and `chat_stop_ids`.
 
     Encoding: text becomes exactly the ids `SentencePieceProcessor.encode` gives; the literal text
-    "</s>" or "[gMASK]" in user input stays text. `[gMASK] sop` is put in front; a pair becomes
-    `[gMASK] sop A B </s>`. With `encode_special_tokens=True`, the bracketed names `[MASK]`,
-    `[gMASK]`, `[sMASK]` written in text become their special ids; "sop" and "eop" never do.
+    "</s>", "[gMASK]" or "<|user|>" in user input stays text, so a user cannot forge a turn.
+    `[gMASK] sop` is put in front; a pair becomes `[gMASK] sop A B </s>`. With
+    `encode_special_tokens=True` (for callers that tokenize a whole rendered prompt), the bracketed
+    names `[MASK]`, `[gMASK]`, `[sMASK]`, the role names, and "sop" right after "[gMASK]" written in
+    text become their special ids; "eop" and any other "sop" never do. The chat entry points
+    (`build_chat_input`, `apply_chat_template(tokenize=True)`, the model's `chat`) insert control ids
+    themselves and never match strings.
 
     Piece names: BPE models keep intermediate merges, so "sop" or "eop" can also be an ordinary
     piece. The piece wins: `convert_tokens_to_ids` and `get_vocab` then give the piece's id, which
     keeps tokenize-then-convert equal to SentencePiece. `get_command(name)` always gives the special
     token's id.
 
-    Decoding drops the five special tokens, `<s>`, `</s>` and pad, with or without
-    `skip_special_tokens`, so the reply the model ends with `</s>` decodes to its text. Ids that
+    Decoding drops the five GLM special tokens, `<s>`, `</s>` and pad, with or without
+    `skip_special_tokens`, so the reply the model ends with `</s>` decodes to its text. ChatGLM3's
+    role tokens decode to their names (a reply can hold several `<|assistant|>` segments), and are
+    dropped with `skip_special_tokens=True`. Ids that
     are no token of this tokenizer (negative, such as -100 labels, or `>= len(tokenizer)`, such as
     the model's padded rows 64794..65023) decode to nothing; `convert_ids_to_tokens` gives the unk
     token for them.
@@ -175,6 +288,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         remove_space=False,
         do_lower_case=False,
         encode_special_tokens=False,
+        chat_format=None,
         **kwargs,
     ):
         # transformers asks for the vocabulary inside its constructor, so the model comes first.
@@ -183,11 +297,21 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.remove_space = remove_space
         self.do_lower_case = do_lower_case
         self.encode_special_tokens = encode_special_tokens
+        if chat_format is None:
+            chat_format = _chat_format_of_folder(os.path.dirname(vocab_file))
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"ChatGLMTokenizer: chat_format must be 'chatglm2' or 'chatglm3', got {chat_format!r}")
+        self.chat_format = chat_format
+        self.special_token_names = GLM_SPECIAL_TOKENS + (CHATGLM3_ROLE_TOKENS if chat_format == "chatglm3" else ())
+        self._special_text_pattern = _special_tokens_in_text(self.special_token_names)
         unk_piece = self.sp_model.id_to_piece(self.sp_model.unk_id())
         kwargs.setdefault("unk_token", unk_piece)
         kwargs.setdefault("pad_token", unk_piece)
         kwargs.setdefault("eos_token", self.sp_model.id_to_piece(self.sp_model.eos_id()))
-        # Folders that carry the released tokenizer_config.json have no template of their own.
+        # Folders that carry the released tokenizer_config.json have no template of their own; this
+        # package's tokenizer_config.json, copied beside ChatGLM3 weights, carries ChatGLM2's.
+        if chat_format == "chatglm3" and kwargs.get("chat_template") in (None, CHAT_TEMPLATE):
+            kwargs["chat_template"] = CHATGLM3_CHAT_TEMPLATE
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
         super().__init__(
             padding_side=padding_side,
@@ -195,6 +319,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             remove_space=remove_space,
             do_lower_case=do_lower_case,
             encode_special_tokens=encode_special_tokens,
+            chat_format=chat_format,
             **kwargs,
         )
 
@@ -225,12 +350,26 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     @property
     def special_token_ids(self):
-        """`{name: id}` of `[MASK]`, `[gMASK]`, `[sMASK]`, `sop`, `eop`."""
-        return {name: self.num_pieces + offset for offset, name in enumerate(GLM_SPECIAL_TOKENS)}
+        """`{name: id}` of `[MASK]`, `[gMASK]`, `[sMASK]`, `sop`, `eop` (and ChatGLM3's role tokens)."""
+        return {name: self.num_pieces + offset for offset, name in enumerate(self.special_token_names)}
+
+    @property
+    def role_token_ids(self):
+        """ChatGLM3's role token ids (empty for ChatGLM2)."""
+        return {index for name, index in self.special_token_ids.items() if name in CHATGLM3_ROLE_TOKENS}
 
     @property
     def vocab_size(self):
-        return self.num_pieces + len(GLM_SPECIAL_TOKENS)
+        return self.num_pieces + len(self.special_token_names)
+
+    @property
+    def chat_stop_ids(self):
+        """Ids that end a chat reply: `</s>`, and for ChatGLM3 `<|user|>` and `<|observation|>` (the
+        model hands the turn back to the user or asks for a tool's result)."""
+        stops = [self.sp_model.eos_id()]
+        if self.chat_format == "chatglm3":
+            stops += [self.get_command("<|user|>"), self.get_command("<|observation|>")]
+        return stops
 
     def __len__(self):
         # Counted from ids: get_vocab() is one entry short for each piece spelled like a special token.
@@ -258,7 +397,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def _add_tokens(self, new_tokens, special_tokens=False):
         # transformers numbers a new token len(get_vocab()); with a piece spelled like a special
         # token that count is short and the new token would take a special token's id.
-        shadowed = [name for name in GLM_SPECIAL_TOKENS if self._convert_token_to_id(name) < self.num_pieces]
+        shadowed = [name for name in self.special_token_names if self._convert_token_to_id(name) < self.num_pieces]
         vocab = self.get_vocab()
         new = [str(token) for token in new_tokens or [] if str(token) and str(token) not in vocab]
         if shadowed and new:
@@ -292,7 +431,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 tokens.extend(self._tokenize(chunk))
         return tokens
 
-    def _tokenize(self, text, dummy_prefix=True, **kwargs):
+    def _tokenize(self, text, dummy_prefix=True, special=None, **kwargs):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -304,13 +443,15 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             text = " ".join(text.split())
         if self.do_lower_case:
             text = text.lower()
-        if not self.encode_special_tokens:
-            chunks = [text]
+        if not (self.encode_special_tokens if special is None else special):
+            chunks = [(text, False)]
         else:
-            chunks = [chunk for chunk in SPECIAL_TOKENS_IN_TEXT.split(text) if chunk]
+            # re.split puts the matches at the odd indices; a text chunk spelled "sop" stays text.
+            parts = self._special_text_pattern.split(text)
+            chunks = [(part, index % 2 == 1) for index, part in enumerate(parts) if part]
         tokens = []
-        for chunk in chunks:
-            if chunk in GLM_SPECIAL_TOKENS and self.encode_special_tokens:
+        for chunk, is_special in chunks:
+            if is_special:
                 tokens.append(chunk)
                 continue
             pieces = self.sp_model.encode(chunk, out_type=str)
@@ -332,7 +473,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if 0 <= index < self.num_pieces:
             return self.sp_model.id_to_piece(index)
         if self.num_pieces <= index < self.vocab_size:
-            return GLM_SPECIAL_TOKENS[index - self.num_pieces]
+            return self.special_token_names[index - self.num_pieces]
         return self.unk_token
 
     def _ids_dropped_in_decoding(self):
@@ -341,18 +482,25 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             self.sp_model.bos_id(),
             self.sp_model.eos_id(),
             *self.special_token_ids.values(),
-        }
+        } - self.role_token_ids
 
     def _text_of_ids(self, ids, skip_special_tokens=False):
         """Text of `ids`: runs of pieces go through SentencePiece (which joins byte-fallback pieces
         into characters), added tokens are copied, special and unknown ids are dropped."""
         dropped = self._ids_dropped_in_decoding()
+        roles = self.role_token_ids
         parts, run = [], []
         for index in ids:
             if index in dropped:
                 continue
             if 0 <= index < self.num_pieces:
                 run.append(index)
+            elif index in roles:
+                # Each turn's text starts a new SentencePiece text, as it was encoded.
+                parts.append(self.sp_model.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    parts.append(self._convert_id_to_token(index))
             elif index in self._added_tokens_decoder:
                 token = self._added_tokens_decoder[index]
                 parts.append(self.sp_model.decode(run))
@@ -382,7 +530,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if already_has_special_tokens:
             if token_ids_1 is not None:
                 raise ValueError("token_ids_1 must be None when the ids already hold their special tokens")
-            dropped = self._ids_dropped_in_decoding()
+            dropped = self._ids_dropped_in_decoding() | self.role_token_ids
             return [1 if index in dropped else 0 for index in token_ids_0]
         mask = [1, 1] + [0] * len(token_ids_0)
         if token_ids_1 is not None:
@@ -472,9 +620,24 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         without SentencePiece's dummy-prefix piece, which the whole prompt never has there. Its
         `position_ids` count from 0; after a cache, positions continue from the cache's length (`chat`
         derives them from an attention mask that covers the cache). ChatGLM2 has one role, "user".
+
+        ChatGLM3 (`chat_format="chatglm3"`): `history` is a list of `{"role", "content"[, "metadata"]
+        [, "tools"]}` dicts and `role` one of system, user, assistant, observation. The prompt is
+        `[gMASK] sop`, each message as `<|role|>` + ids of `f"{metadata}\n"` + ids of the content (a
+        system message's `tools` appended to its content as `"\n" + json.dumps(tools, indent=4,
+        ensure_ascii=False)`), then `<|role|>` + ids of `"\n"` + ids of `query`, then `<|assistant|>`:
+        the released `build_chat_input`'s ids. With `continuation=True` the prefix and history are left
+        out (they are in the cache). Role tokens are inserted as ids: text never becomes one.
         """
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
+        if self.chat_format == "chatglm3":
+            messages = self._chatglm3_history(history)
+            turn = self._chatglm3_message_ids({"role": role, "content": query}, "the query")
+            turn.append(self.get_command("<|assistant|>"))
+            if not continuation or not messages:
+                turn = self._chatglm3_conversation_ids(messages) + turn
+            return self.pad({"input_ids": [turn]}, return_tensors="pt")
         if role != "user":
             raise ValueError(f"ChatGLM2 chats as role 'user' only, got role={role!r}")
         history = self._chat_history(history)
@@ -488,9 +651,76 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         """(response, history + [(query, response)]) for the decoded answer to `query`.
 
         The answer is stripped and its `[[训练时间]]` placeholder filled in, as the released model expects.
+
+        ChatGLM3: `response` is the decoded reply after `<|assistant|>` (its stop token removed). The
+        history gains `{"role": role, "content": query}` and one assistant message per
+        `<|assistant|>` segment, `{"role": "assistant", "metadata": first line, "content": the rest}`.
+        The returned response is the last segment's: text when its metadata is empty; a tool call
+        `{"name", "parameters"}` read by `parse_tool_call` (never executed) when the conversation's
+        system message has tools, or the text itself when that is no literal `tool_call(...)`;
+        otherwise `{"name": metadata, "content": text}` (the code interpreter).
         """
-        response = response.strip().replace("[[训练时间]]", "2023年")
-        return response, self._chat_history(history) + [(query, response)]
+        if self.chat_format != "chatglm3":
+            response = response.strip().replace("[[训练时间]]", "2023年")
+            return response, self._chat_history(history) + [(query, response)]
+        if role not in CHATGLM3_ROLES:
+            raise ValueError(f"ChatGLM3 roles are {', '.join(CHATGLM3_ROLES)}; got role={role!r}")
+        history = copy.deepcopy(self._chatglm3_history(history)) + [{"role": role, "content": query}]
+        tools = history[0].get("tools") if history[0]["role"] == "system" else None
+        content = ""
+        for segment in response.split("<|assistant|>"):
+            metadata, content = segment.split("\n", 1) if "\n" in segment else ("", segment)
+            if not metadata.strip():
+                content = content.strip()
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                content = content.replace("[[训练时间]]", "2023年")
+                continue
+            # The space is SentencePiece's word marker on the line's first piece; kept, the history
+            # would render ids the model did not produce.
+            content = content[1:] if content.startswith(" ") else content
+            history.append({"role": "assistant", "metadata": metadata, "content": content})
+            if tools:
+                content = parse_tool_call(metadata, content)
+            else:
+                content = {"name": metadata.strip(), "content": content}
+        return content, history
+
+    def _chatglm3_history(self, history):
+        """`history` as a list of ChatGLM3 message dicts, or ValueError/TypeError naming the entry."""
+        if history is None:
+            return []
+        if not isinstance(history, (list, tuple)):
+            raise TypeError(f"history must be a list of message dicts, got {type(history).__name__}")
+        for index, message in enumerate(history):
+            _chatglm3_fields(message, f"history[{index}]")
+        return list(history)
+
+    def _chatglm3_message_ids(self, message, where):
+        """`<|role|>` + ids of `f"{metadata}\n"` + ids of the content (and a system message's tools)."""
+        role, content, metadata = _chatglm3_fields(message, where)
+        if role == "system" and message.get("tools") is not None:
+            content = content + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+        ids = [self.get_command(f"<|{role}|>")]
+        for text in (metadata + "\n", content):
+            ids += self.convert_tokens_to_ids(self._tokenize(text, special=False))
+        return ids
+
+    def _chatglm3_conversation_ids(self, messages):
+        ids = self.get_prefix_tokens()
+        for index, message in enumerate(messages):
+            ids += self._chatglm3_message_ids(message, f"messages[{index}]")
+        return ids
+
+    @staticmethod
+    def _chatglm3_messages(conversation, tools):
+        """The conversation with `tools` placed in its system message (one is added if there is none)."""
+        messages = list(conversation)
+        if not tools:
+            return messages
+        tools = _tool_schemas(tools)
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            return [{"role": "system", "content": messages[0].get("content"), "tools": tools}] + messages[1:]
+        return [{"role": "system", "content": CHATGLM3_TOOLS_PROMPT, "tools": tools}] + messages
 
     def apply_chat_template(
         self,
@@ -522,9 +752,37 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
         `return_dict=None` follows the installed transformers (4.x returns the ids, 5.x the
         encoding with `attention_mask` and `position_ids`).
+
+        ChatGLM3: messages take the roles system, user, assistant, observation, in any order, with
+        optional `metadata` (an assistant's tool name) and, on a system message, `tools`. `tools=`
+        goes into the first system message (one with ChatGLM3's tool prompt is added if there is
+        none); `{"type": "function", "function": f}` entries are rendered as `f`, as ChatGLM3 was
+        trained. With `tokenize=True` and no `chat_template` argument, the ids are built as
+        `build_chat_input` builds them (`<|assistant|>` last with `add_generation_prompt=True`),
+        never by matching the rendered text; the built-in template's text, tokenized with
+        `encode_special_tokens=True`, gives the same ids.
         """
         if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
             raise ValueError("apply_chat_template needs at least one message, got an empty conversation")
+        if self.chat_format == "chatglm3" and tokenize and chat_template is None and not documents:
+            if not isinstance(conversation, (list, tuple)) or not conversation or not isinstance(conversation[0], dict):
+                raise ValueError("ChatGLM3 apply_chat_template takes one conversation: a list of message dicts")
+            ids = self._chatglm3_conversation_ids(self._chatglm3_messages(conversation, tools))
+            if add_generation_prompt:
+                ids.append(self.get_command("<|assistant|>"))
+            encoding = self.prepare_for_model(
+                ids,
+                add_special_tokens=False,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+                return_tensors=return_tensors,
+                prepend_batch_axis=return_tensors is not None,
+                **(tokenizer_kwargs or {}),
+            )
+            if return_dict is None:
+                return_dict = CHAT_RETURNS_DICT_BY_DEFAULT
+            return encoding if return_dict else encoding["input_ids"]
         text = super().apply_chat_template(
             conversation,
             tools=tools,
@@ -573,3 +831,70 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.sp_model = sentencepiece.SentencePieceProcessor()
         self.sp_model.LoadFromSerializedProto(state["sp_model"])
 
+
+
+# ChatGLM3 function calling: the model's tool calls, read without running them.
+import ast  # noqa: E402  (kept beside its only user)
+import math  # noqa: E402
+
+TOOL_CALL_MAX_CHARS = 16384
+TOOL_CALL_FENCE = re.compile(r"\A```[ \t]*(?:python)?[ \t]*\n(?P<code>.*)\n[ \t]*```\Z", re.DOTALL)
+
+
+def parse_tool_call(metadata, content, max_chars=TOOL_CALL_MAX_CHARS):
+    """A ChatGLM3 assistant turn calling a tool, as `{"name": ..., "parameters": {...}}`, else `content` unchanged.
+
+    ChatGLM3 calls the tool named by the turn's metadata (the text after `<|assistant|>` on its
+    line) with a body like
+        ```python
+        tool_call(location="beijing", unit="celsius")
+        ```
+    The published code passed that body to `eval`. Here it is parsed and never run: the body must
+    be one call of the plain name `tool_call` with keyword arguments only, each value a Python
+    literal read by `ast.literal_eval` that JSON can hold (strings, finite numbers, True/False/None,
+    lists, tuples, dicts with string keys). Anything else (another function, a name, attribute
+    access, an operator, a nested call, positional or `**` arguments, a body over `max_chars`
+    characters, nesting the parser refuses, a tool name spanning lines) is not a tool call, and the
+    content comes back as the text it is.
+    """
+    name = metadata.strip() if isinstance(metadata, str) else ""
+    if not isinstance(content, str) or not name or "\n" in name or len(content) > max_chars:
+        return content
+    code = content.strip()
+    fenced = TOOL_CALL_FENCE.match(code)
+    if fenced:
+        code = fenced.group("code").strip()
+    try:
+        call = ast.parse(code, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return content
+    if not (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id == "tool_call"
+        and not call.args
+        and all(keyword.arg is not None for keyword in call.keywords)
+    ):
+        return content
+    parameters = {}
+    for keyword in call.keywords:
+        try:
+            value = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return content
+        if keyword.arg in parameters or not _json_value(value):
+            return content
+        parameters[keyword.arg] = value
+    return {"name": name, "parameters": parameters}
+
+
+def _json_value(value):
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_json_value(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _json_value(item) for key, item in value.items())
+    return False

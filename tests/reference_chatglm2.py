@@ -14,14 +14,18 @@ def rms_norm(x, weight, eps):
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rotate(x, positions):
-    """x: [seq, heads, head_dim]; rotate adjacent pairs of the first half of head_dim."""
+def rotate(x, positions, base=10000.0, position_divisor=1.0):
+    """x: [seq, heads, head_dim]; rotate adjacent pairs of the first half of head_dim.
+
+    Pair i turns by `(position / position_divisor) * base ** (-2i / rotary_dim)` (glm-family facts:
+    chatglm2-6b-32k divides positions by rope_ratio, chatglm3-6b-32k/128k multiply the base by it).
+    """
     head_dim = x.shape[-1]
     rotary_dim = head_dim // 2
     out = x.clone()
     for i in range(rotary_dim // 2):
-        theta = 10000 ** (-2 * i / rotary_dim)
-        angle = positions.double()[:, None] * theta
+        theta = base ** (-2 * i / rotary_dim)
+        angle = (positions.double()[:, None] / position_divisor) * theta
         cos, sin = torch.cos(angle).float(), torch.sin(angle).float()
         even, odd = x[..., 2 * i], x[..., 2 * i + 1]
         out[..., 2 * i] = even * cos - odd * sin
@@ -29,7 +33,9 @@ def rotate(x, positions):
     return out
 
 
-def reference_logits(state_dict, config, input_ids, positions=None, padding_mask=None):
+def reference_logits(
+    state_dict, config, input_ids, positions=None, padding_mask=None, rotary_base=10000.0, position_divisor=1.0
+):
     """Logits [batch, seq, vocab] for `input_ids` [batch, seq], one sequence at a time."""
     sd = {name.removeprefix("transformer."): tensor.float() for name, tensor in state_dict.items()}
     heads, head_dim = config["num_attention_heads"], config["kv_channels"]
@@ -57,7 +63,8 @@ def reference_logits(state_dict, config, input_ids, positions=None, padding_mask
             else:
                 per_head = qkv.reshape(seq, heads, 3 * head_dim)
                 q, k, v = per_head[..., :head_dim], per_head[..., head_dim : 2 * head_dim], per_head[..., 2 * head_dim :]
-            q, k = rotate(q, positions[row]), rotate(k, positions[row])
+            q = rotate(q, positions[row], rotary_base, position_divisor)
+            k = rotate(k, positions[row], rotary_base, position_divisor)
             context = torch.empty(seq, heads, head_dim)
             for head in range(heads):
                 group = head // (heads // groups)

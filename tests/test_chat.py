@@ -59,6 +59,7 @@ def test_chat_and_stream_chat_signatures_follow_the_published_defaults(model):
         ("top_p", 0.8),
         ("temperature", 0.8),
         ("logits_processor", None),
+        ("role", "user"),  # ChatGLM3's; last, so that ChatGLM2's positional order holds
     ]
     stream = inspect.signature(model.stream_chat).parameters
     assert [(n, p.default) for n, p in stream.items() if p.default is not inspect.Parameter.empty] == [
@@ -70,6 +71,7 @@ def test_chat_and_stream_chat_signatures_follow_the_published_defaults(model):
         ("temperature", 0.8),
         ("logits_processor", None),
         ("return_past_key_values", False),
+        ("role", "user"),
     ]
 
 

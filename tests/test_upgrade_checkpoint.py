@@ -150,8 +150,8 @@ REFUSALS = {
         "ChatGLM-6B (v1)",
     ),
     "missing shape key": (lambda f: break_config(f, multi_query_attention=None), "lacks multi_query_attention"),
-    "32k rope scaling": (lambda f: break_config(f, rope_ratio=16), "rope_ratio=16"),
-    "chatglm3": (lambda f: break_config(f, _name_or_path="THUDM/chatglm3-6b"), "ChatGLM3"),
+    "rope_ratio of no known release": (lambda f: break_config(f, rope_ratio=16), "rope_ratio_applies_to must be set"),
+    "glm-4": (lambda f: break_config(f, _name_or_path="THUDM/glm-4-9b-chat"), "GLM-4"),
     "no tokenizer": (lambda f: remove(f, "tokenizer.model"), "tokenizer.model is missing"),
     "bad tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"not a model"), "not a SentencePiece model"),
     "vocab too small": (lambda f: break_config(f, padded_vocab_size=1024), "do not fit"),
@@ -188,3 +188,58 @@ def test_destination_may_not_be_the_source(sharded_release):
     src, _ = sharded_release
     assert tool.main([str(src), str(src), "--force"]) == 2
     assert (src / "modeling_chatglm.py").read_text() == PUBLISHED_CODE_STAND_IN
+
+
+FAMILY = {
+    # _name_or_path: (config changes, what the tool reports, chat format, eos ids)
+    "THUDM/chatglm2-6b": ({}, "chatglm2-6b (chatglm2 chat format, seq_length 256, rotary base 10000)", "chatglm2", 2),
+    "THUDM/chatglm2-6b-32k": (
+        {"rope_ratio": 16},
+        "chatglm2-6b-32k (chatglm2 chat format, seq_length 256, rope_ratio 16 applied to the positions)",
+        "chatglm2",
+        2,
+    ),
+    "THUDM/chatglm3-6b": ({}, "chatglm3-6b (chatglm3 chat format, seq_length 256, rotary base 10000)", "chatglm3", [2, 2006, 2008]),
+    "THUDM/chatglm3-6b-base": ({}, "chatglm3-6b-base (chatglm3 chat format", "chatglm3", [2, 2006, 2008]),
+    "THUDM/chatglm3-6b-32k": (
+        {"rope_ratio": 50},
+        "chatglm3-6b-32k (chatglm3 chat format, seq_length 256, rope_ratio 50 applied to the base)",
+        "chatglm3",
+        [2, 2006, 2008],
+    ),
+    "THUDM/chatglm3-6b-128k": ({"rope_ratio": 500}, "rope_ratio 500 applied to the base", "chatglm3", [2, 2006, 2008]),
+    "THUDM/codegeex2-6b": (
+        {"interleaved_qkv": False, "rotary_percent": 0.5, "pad_token_id": None},
+        "codegeex2-6b (chatglm2 chat format",
+        "chatglm2",
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_every_family_folder_is_recognised_and_named(name, sharded_release, tmp_path, capsys):
+    changes, reported, chat_format, eos = FAMILY[name]
+    src = tmp_path / "src"
+    shutil.copytree(sharded_release[0], src)
+    break_config(src, _name_or_path=name, **changes)
+    dst = tmp_path / "dst"
+    assert tool.main([str(src), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"found {name.split('/')[-1]} (") and reported in out
+    tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
+    assert tokenizer.chat_format == chat_format
+    assert json.loads((dst / "generation_config.json").read_text())["eos_token_id"] == eos
+    if chat_format == "chatglm3":
+        assert json.loads((dst / "tokenizer_config.json").read_text())["chat_template"] == tokenizer.chat_template
+        assert "<|assistant|>" in tokenizer.chat_template
+    model = AutoModel.from_pretrained(dst, trust_remote_code=True).eval()
+    assert model.config.rope_ratio == changes.get("rope_ratio", 1)
+
+
+def test_published_chatglm3_tokenizer_code_marks_the_dialect(sharded_release, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sharded_release[0], src)
+    (src / "tokenization_chatglm.py").write_text('ROLES = ["<|user|>"]\n' + PUBLISHED_CODE_STAND_IN)
+    assert tool.main([str(src), str(tmp_path / "dst")]) == 0
+    assert json.loads((tmp_path / "dst" / "tokenizer_config.json").read_text())["chat_format"] == "chatglm3"

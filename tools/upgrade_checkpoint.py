@@ -1,9 +1,10 @@
-"""Make a model folder that runs this package's code on ChatGLM2-6B weights you already downloaded.
+"""Make a model folder that runs this package's code on GLM 6B family weights you already downloaded.
 
     python tools/upgrade_checkpoint.py ~/models/chatglm2-6b ~/models/chatglm2-6b-upgraded
 
-SRC must be a ChatGLM2 checkpoint (THUDM/chatglm2-6b or THUDM/chatglm2-6b-int4, or one saved by this
-package): a `config.json` with the ChatGLM2 shape keys, a SentencePiece `tokenizer.model`, and weights
+SRC must be a checkpoint of the ChatGLM2 architecture (THUDM/chatglm2-6b, -int4, -32k, chatglm3-6b,
+-base, -32k, -128k, codegeex2-6b, -int4, or one saved by this package; the tool says which it found):
+a `config.json` with the ChatGLM2 shape keys, a SentencePiece `tokenizer.model`, and weights
 (`pytorch_model.bin.index.json` with its shards, a single `pytorch_model.bin` as in the int4 release,
 or safetensors). DST receives this repository's code files, `tokenizer_config.json` and
 `generation_config.json`, SRC's `config.json` with this package's `auto_map`, and symlinks to SRC's
@@ -11,11 +12,13 @@ weights and `tokenizer.model` (`--copy` copies them instead, for filesystems wit
 
     AutoModel.from_pretrained(DST, trust_remote_code=True)
 
-runs this package's code on the released weights. Refused, with a one-line reason (exit status 2):
-ChatGLM-6B (v1, a different architecture); ChatGLM3 and GLM-4, which share the architecture but not
-the chat format (recognised by their names or their `<|user|>` token in config.json,
-tokenizer_config.json or tokenization_chatglm.py); the 32K variant (its `rope_ratio` scaling is not
-implemented here); a SRC whose weight files do not read or do not match their index; a DST that
+runs this package's code on the released weights. ChatGLM3 checkpoints (recognised by their name or
+the `<|user|>` token in config.json, tokenizer_config.json or tokenization_chatglm.py) get
+`chat_format: "chatglm3"` and ChatGLM3's chat template in tokenizer_config.json, and the stop ids
+[</s>, <|user|>, <|observation|>] in generation_config.json. Refused, with a one-line reason (exit
+status 2): ChatGLM-6B (v1, a different architecture); GLM-4 (another tokenizer); a config this
+package's `ChatGLMConfig` refuses (such as a `rope_ratio` of no known release: set
+`rope_ratio_applies_to`); a SRC whose weight files do not read or do not match their index; a DST that
 is SRC, lies inside it or holds it (symlinks resolved, those of SRC's files included); and a
 non-empty DST without --force.
 
@@ -59,7 +62,8 @@ CHATGLM2_KEYS = (
     "multi_query_attention",
 )
 # What ChatGLM3's and GLM-4's files say about themselves; their chat formats differ from ChatGLM2's.
-NEWER_GLM_MARKERS = ("chatglm3", "glm-4", "glm4", "<|user|>")
+GLM4_MARKERS = ("glm-4", "glm4")
+CHATGLM3_MARKERS = ("chatglm3", "<|user|>")
 NEWER_GLM_FILES = (CONFIG_FILE, "tokenizer_config.json", "tokenization_chatglm.py")
 
 
@@ -82,26 +86,53 @@ def check_config(src):
         ChatGLMConfig.from_dict(dict(config))  # transformers 4.57 adds keys to the dict it is given
     except (TypeError, ValueError) as error:
         raise ModelFolderError(f"{config_path}: {first_line(error)}") from None
-    if config.get("rope_ratio", 1) != 1:
-        raise ModelFolderError(
-            f"{config_path}: rope_ratio={config['rope_ratio']} (the 32K variant); this package does not implement rope scaling"
-        )
     if config.get("quantization_bit", 0) not in (0, 4, 8, None):
         raise ModelFolderError(f"{config_path}: quantization_bit={config['quantization_bit']}; only 0, 4 and 8 exist")
+    chat_format_of(src)
+    return config
+
+
+def chat_format_of(src):
+    """"chatglm3" if SRC's files name ChatGLM3 or its `<|user|>` token, else "chatglm2"; GLM-4 is refused."""
+    chat_format = "chatglm2"
     for name in NEWER_GLM_FILES:
         path = src / name
         if path.is_file():
             text = path.read_text(encoding="utf-8", errors="replace").lower()
-            marker = next((marker for marker in NEWER_GLM_MARKERS if marker in text), None)
+            marker = next((marker for marker in GLM4_MARKERS if marker in text), None)
             if marker:
-                raise ModelFolderError(
-                    f"{path} mentions {marker!r}: this is ChatGLM3 or GLM-4, whose tokenizer and chat format "
-                    "differ from ChatGLM2's"
-                )
-    return config
+                raise ModelFolderError(f"{path} mentions {marker!r}: this is GLM-4, whose tokenizer differs from ChatGLM2's")
+            if any(marker in text for marker in CHATGLM3_MARKERS):
+                chat_format = "chatglm3"
+    return chat_format
 
 
-def check_tokenizer(src, config):
+def describe(config, chat_format):
+    """What was found: the release name config.json carries, its chat format, context and rotary variant."""
+    from configuration_chatglm import ChatGLMConfig
+
+    settings = ChatGLMConfig.from_dict(dict(config))
+    name = str(config.get("_name_or_path") or "").rstrip("/").split("/")[-1] or "a ChatGLM2-architecture checkpoint"
+    rotary = "rotary base 10000"
+    if settings.rope_ratio != 1:
+        rotary = f"rope_ratio {settings.rope_ratio} applied to the {settings.rope_ratio_applies_to}"
+    quantized = f", int{config['quantization_bit']}" if config.get("quantization_bit") else ""
+    return f"{name} ({chat_format} chat format, seq_length {config['seq_length']}, {rotary}{quantized})"
+
+
+def write_chatglm3_files(folder, vocab_file):
+    """tokenizer_config.json and generation_config.json in ChatGLM3's dialect: its template, its stop ids."""
+    from tokenization_chatglm import CHATGLM3_CHAT_TEMPLATE, ChatGLMTokenizer
+
+    tokenizer_config = read_json(REPO_ROOT / "tokenizer_config.json")
+    tokenizer_config.update(chat_format="chatglm3", chat_template=CHATGLM3_CHAT_TEMPLATE)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    stops = ChatGLMTokenizer(vocab_file=str(vocab_file), chat_format="chatglm3").chat_stop_ids
+    generation_config = {**read_json(REPO_ROOT / "generation_config.json"), "eos_token_id": stops}
+    (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+
+
+def check_tokenizer(src, config, chat_format="chatglm2"):
     path = src / TOKENIZER_FILE
     if not path.is_file():
         raise ModelFolderError(f"{path} is missing: the tokenizer needs it")
@@ -112,7 +143,8 @@ def check_tokenizer(src, config):
         model.Load(str(path))
     except (OSError, RuntimeError) as error:
         raise ModelFolderError(f"{path}: not a SentencePiece model ({error})") from None
-    token_ids = model.get_piece_size() + 5  # the pieces, then [MASK] [gMASK] [sMASK] sop eop
+    # The pieces, then [MASK] [gMASK] [sMASK] sop eop (and ChatGLM3's four role tokens).
+    token_ids = model.get_piece_size() + (9 if chat_format == "chatglm3" else 5)
     if token_ids > config["padded_vocab_size"]:
         raise ModelFolderError(
             f"{path}: {token_ids} token ids do not fit the model's padded_vocab_size={config['padded_vocab_size']}"
@@ -124,7 +156,7 @@ def check_source(src):
     if not src.is_dir():
         raise ModelFolderError(f"SRC {src}: no such folder")
     config = check_config(src)
-    check_tokenizer(src, config)
+    check_tokenizer(src, config, chat_format_of(src))
     return config, check_weights(src)
 
 
@@ -148,9 +180,13 @@ def place(source, target, copy):
 def upgrade(src, dst, force=False, copy=False):
     """Write DST as described in the module docstring; returns the names linked (or copied) from SRC."""
     config, weights = check_source(src)
+    chat_format = chat_format_of(src)
     from_src = [TOKENIZER_FILE, *weights]
     with staged_folder(check_destination(dst, src, from_src, force)) as folder:
+        print(f"found {describe(config, chat_format)}")
         copy_package_files(folder)
+        if chat_format == "chatglm3":
+            write_chatglm3_files(folder, src / TOKENIZER_FILE)
         write_config(folder, config)
         for name in from_src:
             place(src / name, folder / name, copy)
