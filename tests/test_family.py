@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from reference_chatglm2 import reference_logits
-from tiny_checkpoint import REPO_ROOT, TINY_SHAPES, copy_code, write_released_shards
+from tiny_checkpoint import REPO_ROOT, TINY_SHAPES, copy_code, model_from_config, write_released_shards
 
 VOCAB = 160
 
@@ -87,14 +87,7 @@ def load_config(folder, **kwargs):
 
 
 def tiny_model(folder, dtype=torch.float32, seed=0):
-    config = load_config(folder)
-    torch.manual_seed(seed)
-    model = AutoModel.from_config(config, trust_remote_code=True)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "layernorm" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model.to(dtype).eval()
+    return model_from_config(load_config(folder), seed).to(dtype)
 
 
 def reference_angles(positions, rotary_dim, base, divisor):

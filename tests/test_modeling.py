@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from reference_chatglm2 import reference_logits
-from tiny_checkpoint import REPO_ROOT, random_model, write_config, write_released_shards, copy_code
+from tiny_checkpoint import random_model, write_config, write_released_shards, copy_code
 
 VOCAB = 160
 

@@ -59,11 +59,17 @@ def write_released_shards(state_dict, folder, num_shards=3):
 
 def random_model(folder, vocab_size, seed=0, **overrides):
     """A randomly initialised model built from the code and config in `folder` (created here)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     copy_code(folder)
     write_config(folder, vocab_size, **overrides)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    return model_from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True), seed)
+
+
+def model_from_config(config, seed=0):
+    """A model with random weights built from a loaded remote-code `config`, in eval mode."""
+    from transformers import AutoModel
+
     torch.manual_seed(seed)
     model = AutoModel.from_config(config, trust_remote_code=True)
     # Norm weights start at one; perturb them so that tests notice a norm that is skipped or misapplied.
