@@ -3,13 +3,19 @@
     python demo/cli_demo.py                                    # interactive chat with demo/tiny-chatglm2
     python demo/cli_demo.py --greedy --query "你好"             # answer once, print, exit (for scripts)
     python demo/cli_demo.py --model-path PATH --quantize 4     # a folder made by tools/upgrade_checkpoint.py
+    python demo/cli_demo.py --model-path CHATGLM3 --tools tools.json   # ChatGLM3 function calling
 
 Interactive commands: `clear` forgets the conversation, `stop` (or `exit`) quits. Ctrl-C while an
 answer is being written stops that answer (what was written stays in the history); Ctrl-C or Ctrl-D
 at the prompt quits. Each turn re-encodes the whole history with the chat prompt, as `chat` does.
+
+ChatGLM3 models: `--system` sets the system message and `--tools FILE` (a JSON list of tool schemas)
+offers tools. When the model calls one, the call is shown (it is never run) and the next line you type
+is the tool's result, sent back as the `observation` turn.
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -101,7 +107,31 @@ def build_parser():
     parser.add_argument("--top-p", type=probability, default=0.8, help="nucleus sampling threshold (default: 0.8)")
     parser.add_argument("--greedy", action="store_true", help="always pick the most likely token (ignores --temperature/--top-p)")
     parser.add_argument("--seed", type=int, help="seed the sampler, for repeatable answers")
+    parser.add_argument("--system", metavar="TEXT", help="ChatGLM3: the system message")
+    parser.add_argument("--tools", type=Path, metavar="FILE", help="ChatGLM3: a JSON file with the list of tool schemas to offer")
     return parser
+
+
+def first_history(args, tokenizer):
+    """The conversation's opening: empty, or ChatGLM3's system message with its tools."""
+    if args.system is None and args.tools is None:
+        return []
+    if getattr(tokenizer, "chat_format", "chatglm2") != "chatglm3":
+        raise UsageError("--system and --tools need a ChatGLM3 model; this one chats in the ChatGLM2 format")
+    system = {"role": "system", "content": args.system or ""}
+    if args.tools is not None:
+        try:
+            tools = json.loads(args.tools.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"{args.tools}: cannot read the tools ({error})") from None
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            raise UsageError(f"{args.tools}: expected a JSON list of tool schemas (objects)")
+        system["tools"] = tools
+    return [system]
+
+
+def is_tool_call(response):
+    return isinstance(response, dict) and "parameters" in response
 
 
 def check_model_folder(folder):
@@ -184,64 +214,77 @@ def generation_options(args):
     return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
 
 
-def stream_answer(model, tokenizer, query, history, options, out):
-    """Write the answer to `out` as it grows; return (history with this turn, whether Ctrl-C stopped it).
+def shown_text(response):
+    """A reply as the terminal shows it: text, or a tool call as JSON (ChatGLM3; it is never run)."""
+    if isinstance(response, str):
+        return response
+    return "[tool call] " + json.dumps(response, ensure_ascii=False)
 
-    A stopped answer stays in the history as far as it was written: it is what the user saw.
+
+def stream_answer(model, tokenizer, query, history, options, out, role="user"):
+    """Write the answer to `out` as it grows; return (reply, history with this turn, whether Ctrl-C stopped it).
+
+    A stopped answer stays in the history as far as it was written: it is what the user saw. The
+    history is the tokenizer's (pairs for ChatGLM2, messages for ChatGLM3).
     """
     shown = ""
-    turns = model.stream_chat(tokenizer, query, history=history, **options)
+    response, new_history = tokenizer.process_chat_response("", query, history, role=role)
+    turns = model.stream_chat(tokenizer, query, history=history, role=role, **options)
     try:
-        for response, _ in turns:
-            out.write(response[len(shown) :])
+        for response, new_history in turns:
+            text = shown_text(response)
+            out.write(text[len(shown) :] if text.startswith(shown) else "\n" + text)
             out.flush()
-            shown = response
+            shown = text
     except KeyboardInterrupt:
         turns.close()
-        return history + [(query, shown)], True
-    return history + [(query, shown)], False
+        return response, new_history, True
+    return response, new_history, False
 
 
-def run_queries(model, tokenizer, queries, options):
-    """Answer each query after the previous ones, one answer per line on stdout."""
-    history = []
+def run_queries(model, tokenizer, queries, options, history):
+    """Answer each query after the previous ones, one answer per line on stdout. After a tool call
+    (ChatGLM3), the next query is the tool's result."""
+    role = "user"
     for query in queries:
-        history, stopped = stream_answer(model, tokenizer, query, history, options, sys.stdout)
+        response, history, stopped = stream_answer(model, tokenizer, query, history, options, sys.stdout, role)
+        role = "observation" if is_tool_call(response) else "user"
         print()
         if stopped:
             return INTERRUPTED
     return 0
 
 
-def read_query():
+def read_query(prompt="You / 用户"):
     """The next line typed, or None when the user quits (stop, Ctrl-D, Ctrl-C)."""
     try:
-        line = input("\nYou / 用户: ")
+        line = input(f"\n{prompt}: ")
     except (EOFError, KeyboardInterrupt):
         print()
         return None
     return None if line.strip().lower() in STOP_COMMANDS else line.strip()
 
 
-def chat_loop(model, tokenizer, options, bundled):
+def chat_loop(model, tokenizer, options, bundled, opening):
     print(BANNER)
     if bundled:
         print(BUNDLED_NOTE)
-    history = []
-    while (query := read_query()) is not None:
+    history, role = list(opening), "user"
+    while (query := read_query("Tool result / 工具结果" if role == "observation" else "You / 用户")) is not None:
         if not query:
             continue
         if query.lower() in CLEAR_COMMANDS:
-            history = []
+            history, role = list(opening), "user"
             print("(conversation cleared)")
             continue
         print("\nChatGLM: ", end="", flush=True)
         try:
-            history, stopped = stream_answer(model, tokenizer, query, history, options, sys.stdout)
+            response, history, stopped = stream_answer(model, tokenizer, query, history, options, sys.stdout, role)
         except ValueError as error:  # the conversation outgrew the model's context
             print(f"\nerror: {error} (type 'clear' to start over)")
             continue
         print(" [stopped]" if stopped else "")
+        role = "observation" if is_tool_call(response) and not stopped else "user"
     return 0
 
 
@@ -249,6 +292,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         tokenizer, model = load(args)
+        opening = first_history(args, tokenizer)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -261,12 +305,12 @@ def main(argv=None):
     options = generation_options(args)
     if args.query:
         try:
-            return run_queries(model, tokenizer, args.query, options)
+            return run_queries(model, tokenizer, args.query, options, opening)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return USAGE_ERROR
     bundled = args.model_path.resolve() == BUNDLED_MODEL
-    return chat_loop(model, tokenizer, options, bundled)
+    return chat_loop(model, tokenizer, options, bundled, opening)
 
 
 if __name__ == "__main__":

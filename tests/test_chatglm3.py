@@ -10,6 +10,8 @@ Two vocabularies:
   published ids themselves can be compared.
 """
 
+import importlib.util
+import io
 import json
 import shutil
 import struct
@@ -421,3 +423,29 @@ def test_an_unparsable_tool_call_comes_back_as_text(chat_model, chat_tokenizer, 
     system = {"role": "system", "content": "Use tools.", "tools": TOOLS}
     response, _ = chat_model.chat(tok, "x", history=[system], do_sample=False, logits_processor=[script])
     assert response == code and not marker.exists()
+
+
+def test_cli_demo_shows_a_tool_call_and_sends_the_next_line_as_its_observation(chat_model, chat_tokenizer, tmp_path):
+    spec = importlib.util.spec_from_file_location("cli_demo", REPO_ROOT / "demo" / "cli_demo.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    tok = chat_tokenizer
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(TOOLS), encoding="utf-8")
+    opening = cli.first_history(cli.build_parser().parse_args(["--tools", str(tools_file), "--system", "Use tools."]), tok)
+    assert opening == [{"role": "system", "content": "Use tools.", "tools": TOOLS}]
+
+    written = io.StringIO()
+    call = Script(reply(tok, "get_weather", '```python\ntool_call(city="Paris")\n```', "<|observation|>"))
+    response, history, stopped = cli.stream_answer(
+        chat_model, tok, "Paris?", opening, {"do_sample": False, "logits_processor": [call]}, written
+    )
+    assert cli.is_tool_call(response) and not stopped
+    assert written.getvalue().endswith('[tool call] {"name": "get_weather", "parameters": {"city": "Paris"}}')
+
+    answer = Script(reply(tok, "", "Sunny.", "<|user|>"))
+    response, history, _ = cli.stream_answer(
+        chat_model, tok, "sunny", history, {"do_sample": False, "logits_processor": [answer]}, written, role="observation"
+    )
+    assert response == "Sunny."
+    assert [message["role"] for message in history] == ["system", "user", "assistant", "observation", "assistant"]

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from tiny_checkpoint import REPO_ROOT
 
@@ -114,8 +115,8 @@ def test_stopped_answer_stays_in_the_history():
 
     class InterruptedModel:
         def stream_chat(self, tokenizer, query, history, **options):
-            yield "Hel", None
-            yield "Hello", None
+            yield "Hel", history + [(query, "Hel")]
+            yield "Hello", history + [(query, "Hello")]
             raise KeyboardInterrupt
 
     written = []
@@ -126,8 +127,9 @@ def test_stopped_answer_stays_in_the_history():
         def flush(self):
             pass
 
-    history, stopped = cli.stream_answer(InterruptedModel(), None, "hi", [("a", "b")], {}, Output())
-    assert stopped and history == [("a", "b"), ("hi", "Hello")]
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL, trust_remote_code=True)
+    response, history, stopped = cli.stream_answer(InterruptedModel(), tokenizer, "hi", [("a", "b")], {}, Output())
+    assert stopped and response == "Hello" and history == [("a", "b"), ("hi", "Hello")]
     assert "".join(written) == "Hello"
 
 
@@ -221,3 +223,11 @@ def test_help_documents_the_commands_and_flags():
     assert result.returncode == 0
     for text in ("clear", "stop", "Ctrl-C", "--model-path", "--quantize", "--device", "--dtype", "--max-new-tokens", "--greedy", "--query"):
         assert text in result.stdout
+
+
+def test_tools_are_refused_for_a_chatglm2_model_in_one_line(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text("[]", encoding="utf-8")
+    result = run_cli("--tools", str(tools), "--query", "你好")
+    assert result.returncode == 2
+    assert "need a ChatGLM3 model" in result.stderr and "Traceback" not in result.stderr
