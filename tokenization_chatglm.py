@@ -110,6 +110,15 @@ CHAT_TEMPLATE = (
     .replace("TURN_END", _jinja_string(TURN_END))
 )
 
+# The ids every prompt starts with, `[gMASK]` `sop`, as text: a tokenizer with
+# `encode_special_tokens=True` turns it into those two ids.
+PROMPT_PREFIX_TEXT = "[gMASK]sop"
+
+# CHAT_TEMPLATE for serving folders (tools/upgrade_checkpoint.py --for-serving), whose engines
+# (vLLM, SGLang) tokenize the rendered text as one string without adding special tokens, with
+# `encode_special_tokens=True`: the same text after the prefix, which ordinary folders add as ids.
+SERVING_CHAT_TEMPLATE = "{{- " + _jinja_string(PROMPT_PREFIX_TEXT) + " -}}\n" + CHAT_TEMPLATE
+
 
 # The ChatGLM3 format as a Jinja template, for front ends that render `tokenizer_config.json`'s
 # template and tokenize the text with `encode_special_tokens=True` (serving engines): the text is
@@ -129,7 +138,7 @@ CHATGLM3_CHAT_TEMPLATE = (
         {%- set ns.messages = [{'role': 'system', 'content': TOOLS_PROMPT, 'tools': ns.tools}] + messages -%}
     {%- endif -%}
 {%- endif -%}
-{{- '[gMASK]sop' -}}
+{{- PROMPT_PREFIX -}}
 {%- for message in ns.messages -%}
     {%- set where = 'ChatGLM3 chat template: messages[' ~ loop.index0 ~ ']' -%}
     {%- if message['role'] not in ['system', 'user', 'assistant', 'observation'] -%}
@@ -152,6 +161,7 @@ CHATGLM3_CHAT_TEMPLATE = (
     {{- '<|assistant|>' -}}
 {%- endif -%}"""
     .replace("TOOLS_PROMPT", _jinja_string(CHATGLM3_TOOLS_PROMPT))
+    .replace("PROMPT_PREFIX", _jinja_string(PROMPT_PREFIX_TEXT))
 )
 
 
@@ -761,6 +771,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         `build_chat_input` builds them (`<|assistant|>` last with `add_generation_prompt=True`),
         never by matching the rendered text; the built-in template's text, tokenized with
         `encode_special_tokens=True`, gives the same ids.
+
+        With `encode_special_tokens=True` (serving folders), a rendered text that begins with
+        `[gMASK]sop` (SERVING_CHAT_TEMPLATE's) is tokenized without adding the prefix again.
         """
         if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
             raise ValueError("apply_chat_template needs at least one message, got an empty conversation")
@@ -795,13 +808,15 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         )
         if not tokenize:
             return text
+        # A template that emits the prefix itself (SERVING_CHAT_TEMPLATE) gets it once, not twice.
+        prefixed = self.encode_special_tokens and text.startswith(PROMPT_PREFIX_TEXT)
         encoding = self(
             text,
             padding=padding,
             truncation=truncation,
             max_length=max_length,
             return_tensors=return_tensors,
-            **(tokenizer_kwargs or {}),
+            **{"add_special_tokens": not prefixed, **(tokenizer_kwargs or {})},
         )
         if return_dict is None:
             return_dict = CHAT_RETURNS_DICT_BY_DEFAULT

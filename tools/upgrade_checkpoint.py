@@ -22,6 +22,17 @@ package's `ChatGLMConfig` refuses (such as a `rope_ratio` of no known release: s
 is SRC, lies inside it or holds it (symlinks resolved, those of SRC's files included); and a
 non-empty DST without --force.
 
+`--for-serving` writes a folder that vLLM and SGLang serve unchanged (`vllm serve DST
+--trust-remote-code`): they run their own ChatGLM implementation, read config.json (every attribute
+they read is written explicitly, `original_rope` included, which they need and do not default), load
+this package's tokenizer, and render tokenizer_config.json's chat template to one string that they
+tokenize without adding special tokens. So the template emits the `[gMASK]sop` prefix (ChatGLM2:
+SERVING_CHAT_TEMPLATE; ChatGLM3's template already does) and the tokenizer has
+`encode_special_tokens: true`, which maps those literal strings, and ChatGLM3's role names, to
+their ids (a user's literal `<|user|>` then becomes a control token). Refused for serving: int4/int8
+checkpoints (`quantization_bit`: the engines cannot read that format) and chatglm2-6b-32k (the
+engines scale the rotary base by rope_ratio; that release divides the positions by it).
+
 Nothing is written until SRC has been checked. DST is built in a temporary folder beside it and
 renamed into place when complete; with --force the old DST is swapped out only then (its files
 other than the ones written here and stale weight files are kept), and its links are replaced,
@@ -65,6 +76,33 @@ CHATGLM2_KEYS = (
 GLM4_MARKERS = ("glm-4", "glm4")
 CHATGLM3_MARKERS = ("chatglm3", "<|user|>")
 NEWER_GLM_FILES = (CONFIG_FILE, "tokenizer_config.json", "tokenization_chatglm.py")
+# The config attributes vLLM's and SGLang's ChatGLM models read (vllm/model_executor/models/chatglm.py,
+# sglang/srt/models/chatglm.py); a serving folder's config.json carries each, this package's value where SRC has none.
+ENGINE_CONFIG_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "multi_query_attention",
+    "multi_query_group_num",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "rope_ratio",
+    "seq_length",
+    "original_rope",
+    "ffn_hidden_size",
+    "apply_residual_connection_post_layernorm",
+    "fp32_residual_connection",
+    "rmsnorm",
+    "layernorm_epsilon",
+    "hidden_dropout",
+    "post_layer_norm",
+    "num_layers",
+    "padded_vocab_size",
+    "kv_channels",
+    "tie_word_embeddings",
+    "max_sequence_length",  # the engines' name for the context length; seq_length here
+)
+# The architecture name both engines map to their ChatGLM model (SGLang has no other).
+ENGINE_ARCHITECTURES = ["ChatGLMModel"]
 
 
 def check_config(src):
@@ -120,16 +158,59 @@ def describe(config, chat_format):
     return f"{name} ({chat_format} chat format, seq_length {config['seq_length']}, {rotary}{quantized})"
 
 
-def write_chatglm3_files(folder, vocab_file):
-    """tokenizer_config.json and generation_config.json in ChatGLM3's dialect: its template, its stop ids."""
-    from tokenization_chatglm import CHATGLM3_CHAT_TEMPLATE, ChatGLMTokenizer
+def write_chat_files(folder, vocab_file, chat_format, for_serving):
+    """tokenizer_config.json and generation_config.json for the chat format, where the package's copies differ.
 
+    ChatGLM3: its template and its stop ids. Serving folders: `encode_special_tokens` on and a
+    template that emits the prefix (ChatGLM3's does; ChatGLM2's serving variant).
+    """
+    from tokenization_chatglm import CHATGLM3_CHAT_TEMPLATE, SERVING_CHAT_TEMPLATE, ChatGLMTokenizer
+
+    if chat_format == "chatglm2" and not for_serving:
+        return
     tokenizer_config = read_json(REPO_ROOT / "tokenizer_config.json")
-    tokenizer_config.update(chat_format="chatglm3", chat_template=CHATGLM3_CHAT_TEMPLATE)
+    template = CHATGLM3_CHAT_TEMPLATE if chat_format == "chatglm3" else SERVING_CHAT_TEMPLATE
+    tokenizer_config.update(chat_format=chat_format, chat_template=template)
+    if for_serving:
+        tokenizer_config["encode_special_tokens"] = True
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-    stops = ChatGLMTokenizer(vocab_file=str(vocab_file), chat_format="chatglm3").chat_stop_ids
-    generation_config = {**read_json(REPO_ROOT / "generation_config.json"), "eos_token_id": stops}
-    (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    if chat_format == "chatglm3":
+        stops = ChatGLMTokenizer(vocab_file=str(vocab_file), chat_format="chatglm3").chat_stop_ids
+        generation_config = {**read_json(REPO_ROOT / "generation_config.json"), "eos_token_id": stops}
+        (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+
+
+def check_servable(src, config):
+    """ModelFolderError unless vLLM and SGLang run SRC's checkpoint as this package does."""
+    from configuration_chatglm import ChatGLMConfig
+
+    config_path = src / CONFIG_FILE
+    bits = config.get("quantization_bit")
+    if bits:
+        raise ModelFolderError(
+            f"{config_path}: quantization_bit={bits}: vLLM and SGLang cannot read this int{bits} format; "
+            "serve the fp16/bf16 release instead, or a format vLLM quantizes (e.g. GPTQ/AWQ made from it)"
+        )
+    settings = ChatGLMConfig.from_dict(dict(config))
+    if settings.rope_ratio != 1 and settings.rope_ratio_applies_to == "positions":
+        raise ModelFolderError(
+            f"{config_path}: rope_ratio {settings.rope_ratio} divides the positions (chatglm2-6b-32k), but vLLM "
+            f"and SGLang multiply the rotary base by it (10000*{settings.rope_ratio}) and would serve a different "
+            "model; run it with this package (transformers) instead"
+        )
+
+
+def engine_config(config):
+    """SRC's config with every attribute on ENGINE_CONFIG_KEYS, the package's value where SRC has none."""
+    from configuration_chatglm import ChatGLMConfig
+
+    settings = ChatGLMConfig.from_dict(dict(config))
+    config = dict(config, architectures=ENGINE_ARCHITECTURES)
+    config.setdefault("max_sequence_length", config["seq_length"])
+    for key in ENGINE_CONFIG_KEYS:
+        if key not in config:
+            config[key] = getattr(settings, key)
+    return config
 
 
 def check_tokenizer(src, config, chat_format="chatglm2"):
@@ -177,17 +258,18 @@ def place(source, target, copy):
         raise ModelFolderError(f"cannot create the symlink {target} ({error}); pass --copy to copy the files instead") from None
 
 
-def upgrade(src, dst, force=False, copy=False):
+def upgrade(src, dst, force=False, copy=False, for_serving=False):
     """Write DST as described in the module docstring; returns the names linked (or copied) from SRC."""
     config, weights = check_source(src)
     chat_format = chat_format_of(src)
+    if for_serving:
+        check_servable(src, config)
     from_src = [TOKENIZER_FILE, *weights]
     with staged_folder(check_destination(dst, src, from_src, force)) as folder:
         print(f"found {describe(config, chat_format)}")
         copy_package_files(folder)
-        if chat_format == "chatglm3":
-            write_chatglm3_files(folder, src / TOKENIZER_FILE)
-        write_config(folder, config)
+        write_chat_files(folder, src / TOKENIZER_FILE, chat_format, for_serving)
+        write_config(folder, engine_config(config) if for_serving else config)
         for name in from_src:
             place(src / name, folder / name, copy)
     return from_src
@@ -201,13 +283,18 @@ def main(argv=None):
     parser.add_argument("dst", type=Path, metavar="DST", help="folder to write (created if needed)")
     parser.add_argument("--force", action="store_true", help="replace the files of a non-empty DST")
     parser.add_argument("--copy", action="store_true", help="copy the weights and tokenizer.model instead of linking them")
+    parser.add_argument(
+        "--for-serving", action="store_true", help="write a folder vLLM and SGLang serve unchanged (see above)"
+    )
     args = parser.parse_args(argv)
 
     def work():
-        linked = upgrade(args.src, args.dst, force=args.force, copy=args.copy)
+        linked = upgrade(args.src, args.dst, force=args.force, copy=args.copy, for_serving=args.for_serving)
         how = "copied" if args.copy else "linked"
         print(f"wrote {args.dst}: this package's code and config, {how} {len(linked)} file(s) from {args.src}")
         print(f'load it with AutoModel.from_pretrained("{args.dst}", trust_remote_code=True)')
+        if args.for_serving:
+            print(f"serve it with: vllm serve {args.dst} --trust-remote-code")
 
     return exit_status(work)
 
