@@ -5,10 +5,12 @@ Checkpoint format (the released THUDM int4 format, spec section 6): per output r
 8-bit weights are stored as that int8 [out, in] matrix; 4-bit weights as int8 [out, in/2] where byte
 `j` holds `q[2j]` in the high nibble and `q[2j+1]` in the low nibble (signed two's complement).
 
-Compute paths of `QuantizedLinear`, picked per call from where the weight lives:
-- CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) for a few
-  rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts), the layer's integers unpacked to bfloat16
-  and a GEMM.
+Compute paths of `QuantizedLinear`, picked per call from where the weight lives and the activations' dtype:
+- CPU, bfloat16/float16 activations: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`) for a few rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts),
+  the layer's integers unpacked to bfloat16 and a GEMM.
+- CPU, float32 activations: dequantize to float32 and a float32 matmul, the published CPU kernels'
+  numerics (the bfloat16 kernels would round activations and results: 1-3% off).
 - CUDA with Triton: one fused dequantize-and-multiply kernel that reads the released layout directly.
 - Anything else (MPS, CUDA without Triton, shapes a kernel cannot take): dequantize and `F.linear`.
 Quantized weights are frozen; gradients flow to the inputs, so LoRA / P-Tuning train on top.
@@ -334,7 +336,8 @@ def _as_released(weight, out_features, in_features, cpu_layout):
 
 
 # The fp32 and fp16 CPU kernels are scalar loops, 15-30x slower than the bfloat16 ones (torch 2.13);
-# rounding activations to bfloat16 costs far less accuracy than the int8/int4 weights already do.
+# rounding float16 activations to bfloat16 costs far less accuracy than the int8/int4 weights already
+# do. (A float32 model takes the exact float32 path instead: its users asked for float32 numerics.)
 # The weight-only kernels are vector loops that re-read the weight for every row (time grows
 # linearly with the rows): right for decode, up to 10x slower than a bfloat16 GEMM for a prompt.
 # From CPU_GEMM_MIN_ROWS[bits] rows on, the layer's integers are unpacked to a temporary bfloat16
@@ -342,6 +345,9 @@ def _as_released(weight, out_features, in_features, cpu_layout):
 # them). Unpacking costs about what a 60-row (int8) or 150-row (int4) kernel call does on the 6B shapes
 # on the benchmark machine (bench/README.md); the thresholds sit at or above those break-evens.
 CPU_GEMM_MIN_ROWS = {8: 64, 4: 192}
+# Activation dtypes that take those bfloat16 paths. A float32 model computes in float32 instead, as
+# the published CPU kernels do (dequantize to float32, float32 matmul): exact, not 1-3% off.
+_CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _cpu_int8_linear(x2d, weight, scale):
@@ -513,14 +519,25 @@ def _cuda_linear(x2d, weight, scale, bias, bits):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fallback_linear(x2d, weight, scale, bias, bits):
-    """Portable path: dequantize the released layout and multiply."""
-    bias = bias.to(x2d.dtype) if bias is not None else None
-    return F.linear(x2d, dequantize_weight(weight, scale, bits).to(x2d.dtype), bias)
+def _fallback_linear(x2d, weight, scale, bias, bits, cpu_layout=None):
+    """Portable, exact path: dequantize to the activations' dtype and multiply in it.
+
+    For a float32 model these are the published CPU kernels' numerics (float32 weights, float32
+    matmul). `weight` is the released layout, or uint8 in the CPU int4 layout `cpu_layout`.
+    """
+    scale = scale.to(x2d.dtype)
+    if weight.dtype == torch.uint8:
+        weight = _unpack_cpu_int4(weight, scale.shape[0], x2d.shape[1], cpu_layout, x2d.dtype, signed=True)
+        weight.mul_(scale[:, None])
+    else:
+        weight = dequantize_weight(weight, scale, bits)
+    return F.linear(x2d, weight, bias.to(x2d.dtype) if bias is not None else None)
 
 
 def _quantized_linear(x2d, weight, scale, bias, bits, cpu_layout):
     """x2d [M, in] -> [M, out]; `weight` is released int8, or uint8 in the CPU int4 kernel layout `cpu_layout`."""
+    if x2d.dtype not in _CPU_KERNEL_DTYPES and weight.device.type == "cpu":
+        return _fallback_linear(x2d, weight, scale, bias, bits, cpu_layout)
     if weight.dtype == torch.uint8:
         out = _cpu_int4_linear(x2d, weight, scale, cpu_layout)
     elif weight.device.type == "cpu" and bits == 8 and _cpu_int8_kernel_fits(x2d.shape[1]):
