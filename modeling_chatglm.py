@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_chatglm import ChatGLMConfig
-from .quantization import QUANTIZED_PROJECTIONS, check_stored_weight, quantize_model, quantize_output_layer
+from .quantization import check_stored_weight, quantize_model, quantize_output_layer, quantized_projection
 
 logger = logging.get_logger(__name__)
 
@@ -345,7 +345,6 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
 }
-PROJECTION_WEIGHT = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$")
 OUTPUT_LAYER_WEIGHT = re.compile(r"(?:^|\.)output_layer\.weight$")
 QUANTIZATION_SETTINGS = ("quantization_bit", "output_layer_quantization_bit")
 
@@ -389,9 +388,9 @@ def check_checkpoint_quantization(folder, config):
     for file_name, key, dtype, shape in stored_tensors(Path(folder)):
         if dtype is None:
             continue
-        match = PROJECTION_WEIGHT.search(key)
-        if match:
-            out_features, in_features = shapes[match.group(1)]
+        projection = quantized_projection(key)
+        if projection:
+            out_features, in_features = shapes[projection]
             check_stored_weight(f"{file_name}: {key}", dtype, shape, out_features, in_features, config.quantization_bit)
         elif OUTPUT_LAYER_WEIGHT.search(key):
             check_stored_weight(

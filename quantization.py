@@ -20,6 +20,7 @@ Importing this module has no side effects: nothing is compiled and no global fla
 
 import functools
 import logging
+import re
 import sys
 
 import torch
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "QUANTIZED_PROJECTIONS",
+    "QUANTIZED_PROJECTION_WEIGHT",
     "QuantizedLinear",
     "check_stored_weight",
     "dequantize_weight",
@@ -45,6 +47,7 @@ __all__ = [
     "quantize_model",
     "quantize_output_layer",
     "quantize_weight",
+    "quantized_projection",
     "unpack_int4",
 ]
 
@@ -54,6 +57,16 @@ QUANTIZED_PROJECTIONS = (
     "mlp.dense_h_to_4h",
     "mlp.dense_4h_to_h",
 )
+# A checkpoint key naming the weight of one of them, with or without the model's prefix; group 1 is the projection.
+QUANTIZED_PROJECTION_WEIGHT = re.compile(
+    r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$"
+)
+
+
+def quantized_projection(key):
+    """Which of `QUANTIZED_PROJECTIONS` the checkpoint key `key` is the weight of, or None."""
+    match = QUANTIZED_PROJECTION_WEIGHT.search(key)
+    return match.group(1) if match else None
 
 
 def _check_bits(bits):
@@ -655,18 +668,20 @@ class QuantizedLinear(nn.Module):
             )
         raise ValueError(f"QuantizedLinear has no tensor named {name!r}")
 
-    def _check_parameters(self):
-        # Loaders that assign parameters directly bypass _load_from_state_dict: check at use.
-        is_cpu_layout = (
-            self.weight.dtype == torch.uint8
-            and self.weight.dim() == 1
-            and self.weight.numel() * 2 == self.out_features * self.in_features
-        )
-        if not is_cpu_layout:
-            self.check_loaded_tensor("weight", self.weight)
-        self.check_loaded_tensor("weight_scale", self.weight_scale)
-        if self.bias is not None:
-            self.check_loaded_tensor("bias", self.bias)
+    def __setattr__(self, name, value):
+        # Loaders that assign tensors (transformers 5, `load_state_dict(assign=True)`, users) come
+        # through here, the others through `_load_from_state_dict`: the stored tensors are checked
+        # once, where they enter the layer, and `forward` (112 calls per 6B token) checks nothing.
+        if name in ("weight", "weight_scale", "bias") and isinstance(value, torch.Tensor) and "bits" in self.__dict__:
+            in_cpu_layout = (
+                name == "weight"
+                and value.dtype == torch.uint8
+                and value.dim() == 1
+                and value.numel() * 2 == self.out_features * self.in_features
+            )
+            if not in_cpu_layout:
+                self.check_loaded_tensor(name, value)
+        super().__setattr__(name, value)
 
     # -- layouts ------------------------------------------------------------------------------
 
@@ -727,7 +742,6 @@ class QuantizedLinear(nn.Module):
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
-        self._check_parameters()
         weight = self._weight_for_forward()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if not needs_grad:

@@ -96,6 +96,21 @@ def test_pack_int4_rejects_odd_width_out_of_range_values_and_non_int8():
         Q.pack_int4(torch.zeros(2, 2, dtype=torch.int32))
 
 
+def test_quantized_projection_names_the_projection_of_a_weight_key_and_nothing_else():
+    assert Q.quantized_projection("transformer.encoder.layers.27.mlp.dense_4h_to_h.weight") == "mlp.dense_4h_to_h"
+    assert Q.quantized_projection("encoder.layers.0.self_attention.query_key_value.weight") == "self_attention.query_key_value"
+    for key in (
+        "transformer.encoder.layers.0.self_attention.query_key_value.bias",
+        "transformer.encoder.layers.0.self_attention.query_key_value.weight_scale",
+        "transformer.encoder.layers.0.input_layernorm.weight",
+        "transformer.output_layer.weight",
+        "transformer.encoder.layers.x.mlp.dense_h_to_4h.weight",
+        "my_encoder.layers.0.mlp.dense_h_to_4h.weight",
+    ):
+        assert Q.quantized_projection(key) is None, key
+    assert all(Q.quantized_projection(f"encoder.layers.3.{path}.weight") == path for path in Q.QUANTIZED_PROJECTIONS)
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize_weight / dequantize_weight
 # ---------------------------------------------------------------------------------------------
@@ -511,11 +526,25 @@ def test_loading_a_scale_of_the_wrong_shape_names_it():
         layer.load_state_dict(state)
 
 
-def test_a_mismatched_tensor_assigned_directly_fails_at_the_first_forward():
+def test_a_mismatched_tensor_assigned_directly_fails_where_it_is_assigned():
     layer = Q.QuantizedLinear(64, 40, 4)
-    layer.weight = nn.Parameter(torch.randn(40, 64), requires_grad=False)  # as a loader's setattr would
     with pytest.raises(ValueError, match=r"weight.*\(40, 32\).*\(40, 64\)"):
-        layer(torch.randn(1, 64))
+        layer.weight = nn.Parameter(torch.randn(40, 64), requires_grad=False)  # as transformers 5's loader does
+    with pytest.raises(ValueError, match=r"weight_scale.*\(40,\).*\(40, 1\)"):
+        layer.weight_scale = nn.Parameter(torch.ones(40, 1), requires_grad=False)
+    assert layer.weight.shape == (40, 32) and layer.weight_scale.shape == (40,)  # left as they were
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_forward_checks_no_stored_tensor(monkeypatch, bits):
+    """Stored tensors are checked once where they enter the layer, not at each of the 112 calls per 6B token."""
+    layer = make_layer(*KERNEL_SHAPE, bits, torch.bfloat16)
+    checks = []
+    monkeypatch.setattr(Q, "check_stored_weight", lambda *args, **kwargs: checks.append(args))
+    monkeypatch.setattr(Q.QuantizedLinear, "check_loaded_tensor", lambda *args, **kwargs: checks.append(args))
+    for rows in (1, 1, Q.CPU_GEMM_MIN_ROWS[bits]):
+        layer(torch.randn(rows, KERNEL_SHAPE[1], dtype=torch.bfloat16))
+    assert checks == []
 
 
 def test_constructor_rejects_bad_bits_and_odd_int4_width():

@@ -12,7 +12,6 @@ than the whole model. The output folder gets this package's code and json files,
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,13 +23,8 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from quantization import QUANTIZED_PROJECTIONS, quantize_weight  # noqa: E402
+from quantization import quantize_weight, quantized_projection  # noqa: E402
 from upgrade_checkpoint import copy_package_files  # noqa: E402  (beside this script)
-
-PROJECTION_WEIGHT = re.compile(
-    r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$"
-)
-
 
 def fail(message):
     print(f"quantize_checkpoint: {message}", file=sys.stderr)
@@ -70,7 +64,7 @@ def quantize_state(state, bits):
     """The shard's tensors with every projection weight replaced by its quantized weight and scale."""
     output = {}
     for key, tensor in state.items():
-        if PROJECTION_WEIGHT.search(key):
+        if quantized_projection(key):
             if not tensor.is_floating_point():
                 fail(f"{key} is already quantized ({tensor.dtype}); the source must be a floating-point checkpoint")
             qweight, scale = quantize_weight(tensor, bits)
