@@ -22,6 +22,7 @@ import functools
 import logging
 import re
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +39,13 @@ except Exception:  # optional: CPU-only, macOS and Windows installs have no (wor
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CpuInt4Layout",
     "QUANTIZED_PROJECTIONS",
     "QUANTIZED_PROJECTION_WEIGHT",
     "QuantizedLinear",
     "check_stored_weight",
     "dequantize_weight",
+    "detect_cpu_int4_layout",
     "pack_int4",
     "quantize_model",
     "quantize_output_layer",
@@ -179,117 +182,131 @@ _HAS_CPU_INT4_KERNEL = all(
 _CPU_INT4_GROUP_SIZES = (256, 128, 64, 32)
 
 
-# Released bytes hold signed nibbles q; the CPU kernel dequantizes unsigned ones, (u - 8) * scale.
-# u = q + 8 is q's 4-bit two's complement with the top bit flipped: XOR 0x8 in each nibble.
-def _released_to_unsigned(weight):
-    """Released int4 int8 [out, in/2] -> unsigned nibbles uint8 [out, in]."""
-    flipped = weight.view(torch.uint8) ^ 0x88
-    return torch.stack((flipped >> 4, flipped & 0xF), dim=-1).flatten(-2)
+class CpuInt4Layout(NamedTuple):
+    """Torch's CPU int4 kernel layout (`_convert_weight_to_int4pack_for_cpu`) and the conversions
+    between it and the released layout: the one place that knows both byte orders.
 
-
-def _unsigned_to_released(unsigned):
-    """Unsigned nibbles uint8 [out, in] -> released int4 int8 [out, in/2]."""
-    released = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]  # keeps the input's memory order
-    return released.contiguous().bitwise_xor_(0x88).view(torch.int8)
-
-
-# Torch's CPU int4 layout: rows in blocks of `block` rows; inside a block, input column by column,
-# each byte pairing two rows of the block, row j with j + block/2 (`split`) or 2j with 2j + 1. The
-# rows left after the full blocks form one block paired 2j / 2j + 1. `_detect_cpu_int4_layout`
-# checks this description against torch's own packing at run time.
-def _pack_cpu_int4(unsigned, layout):
-    """Unsigned nibbles uint8 [out, in] -> torch's CPU int4 layout, flat uint8 [out * in / 2]."""
-    block, split = layout
-    out_features, in_features = unsigned.shape
-    full_rows = out_features - out_features % block
-    parts = []
-    if full_rows:
-        parts.append(_pair_rows(unsigned[:full_rows].view(-1, block, in_features), split))
-    if out_features > full_rows:
-        parts.append(_pair_rows(unsigned[full_rows:].view(1, -1, in_features), False))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-# Rows packed per step by `_pack_cpu_int4_into`: a few MB of temporaries, whatever the layer's size.
-_CPU_INT4_PACK_ROWS = 1024
-
-
-def _pack_cpu_int4_into(released, destination, layout):
-    """Write released int4 int8 [out, in/2] into `destination`, flat uint8 [out * in / 2], in torch's CPU layout.
-
-    A block of rows takes the same bytes in both layouts, so this goes block by block and
-    `destination` may be `released`'s own memory: the conversion then allocates nothing lasting.
+    The kernel dequantizes unsigned nibbles, (u - 8) * scale; released bytes hold signed ones q, and
+    u = q + 8 is q's 4-bit two's complement with the top bit flipped (XOR 0x8 in each nibble). Rows
+    go in blocks of `block` rows; inside a block, input column by column, each byte pairs two rows of
+    the block, row j with j + block/2 (`split`) or 2j with 2j + 1. The rows left after the full
+    blocks form one block paired 2j / 2j + 1. A block of rows thus takes the same bytes in both
+    layouts, which lets `pack_into` convert a weight in its own memory. Which layout a torch build
+    uses depends on the CPU's vector width: `detect_cpu_int4_layout` checks this description
+    against torch's own packing, so only a layout reproduced exactly is ever used.
     """
-    block = layout[0]
-    out_features, half = released.shape
-    full_rows = out_features - out_features % block
-    step = block * max(1, _CPU_INT4_PACK_ROWS // block)
-    edges = sorted({*range(0, full_rows, step), full_rows, out_features})
-    for start, stop in zip(edges, edges[1:]):
-        packed = _pack_cpu_int4(_released_to_unsigned(released[start:stop]), layout)
-        destination[start * half : stop * half] = packed
 
+    block: int
+    split: bool
 
-def _pair_rows(rows, split):
-    """[blocks, B, K] nibbles -> the bytes of those blocks, [blocks, K, B/2] flattened."""
-    half = rows.shape[1] // 2
-    low, high = (rows[:, :half], rows[:, half:]) if split else (rows[:, 0::2], rows[:, 1::2])
-    return (low | (high << 4)).transpose(1, 2).reshape(-1)
+    # Rows converted per step by `pack_into`: a few MB of temporaries, whatever the layer's size.
+    PACK_ROWS = 1024
 
+    @staticmethod
+    def fits(out_features, in_features):
+        """Whether the kernel takes a weight of this shape (its row blocks and input groups)."""
+        return out_features % 16 == 0 and in_features % 32 == 0
 
-def _unpack_cpu_int4(packed, out_features, in_features, layout, dtype=torch.uint8, signed=False):
-    """Inverse of `_pack_cpu_int4`: flat uint8 -> nibbles [out, in] as `dtype`, `u` or with `signed` `u - 8`.
+    @staticmethod
+    def released_to_unsigned(released):
+        """Released int4 int8 [out, in/2] -> unsigned nibbles uint8 [out, in]."""
+        flipped = released.view(torch.uint8) ^ 0x88
+        return torch.stack((flipped >> 4, flipped & 0xF), dim=-1).flatten(-2)
 
-    The result is the transposed view of a contiguous [in, out] tensor: the kernel layout stores the
-    inputs outermost, so this order is written in one pass per nibble (the dtype conversion
-    included), and `F.linear` multiplies by it without another copy.
-    """
-    block, split = layout
-    half = in_features // 2
-    full_rows = out_features - out_features % block
-    columns = torch.empty(in_features, out_features, dtype=dtype, device=packed.device)
-    if full_rows:
-        blocks = packed[: full_rows * half].view(-1, in_features, block // 2)
-        _unpair_rows_into(columns[:, :full_rows].view(in_features, -1, block), blocks, split, signed)
-    if out_features > full_rows:
-        tail = packed[full_rows * half :].view(1, in_features, -1)
-        _unpair_rows_into(columns[:, full_rows:].view(in_features, 1, -1), tail, False, signed)
-    return columns.t()
+    @staticmethod
+    def unsigned_to_released(unsigned):
+        """Unsigned nibbles uint8 [out, in] -> released int4 int8 [out, in/2]."""
+        released = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]  # keeps the input's memory order
+        return released.contiguous().bitwise_xor_(0x88).view(torch.int8)
 
+    def pack(self, unsigned):
+        """Unsigned nibbles uint8 [out, in] -> this layout, flat uint8 [out * in / 2]."""
+        out_features, in_features = unsigned.shape
+        full_rows = out_features - out_features % self.block
+        parts = []
+        if full_rows:
+            parts.append(self._pair_rows(unsigned[:full_rows].view(-1, self.block, in_features), self.split))
+        if out_features > full_rows:
+            parts.append(self._pair_rows(unsigned[full_rows:].view(1, -1, in_features), False))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-def _unpair_rows_into(columns, packed, split, signed):
-    """[blocks, K, B/2] bytes -> `columns` [K, blocks, B]: the B rows of each block, in order, per input."""
-    if signed:
-        # u - 8 is the signed reading of u XOR 8; shifts of int8 sign-extend it.
-        flipped = (packed ^ 0x88).view(torch.int8)
-        low, high = (flipped << 4) >> 4, flipped >> 4
-    else:
-        low, high = packed & 0xF, packed >> 4
-    if split:
-        half = columns.shape[-1] // 2
-        low_rows, high_rows = columns[..., :half], columns[..., half:]
-    else:
-        pairs = columns.unflatten(-1, (-1, 2))
-        low_rows, high_rows = pairs[..., 0], pairs[..., 1]
-    low_rows.copy_(low.transpose(0, 1))
-    high_rows.copy_(high.transpose(0, 1))
+    def pack_into(self, released, destination):
+        """Write released int4 int8 [out, in/2] into `destination`, flat uint8 [out * in / 2], in this layout.
+
+        Block by block, so temporaries stay a few MB and `destination` may be `released`'s own
+        memory: the conversion then allocates nothing lasting.
+        """
+        out_features, half = released.shape
+        full_rows = out_features - out_features % self.block
+        step = self.block * max(1, self.PACK_ROWS // self.block)
+        edges = sorted({*range(0, full_rows, step), full_rows, out_features})
+        for start, stop in zip(edges, edges[1:]):
+            destination[start * half : stop * half] = self.pack(self.released_to_unsigned(released[start:stop]))
+
+    def unpack(self, packed, out_features, in_features, dtype=torch.uint8, signed=False):
+        """Inverse of `pack`: flat uint8 -> nibbles [out, in] as `dtype`, `u` or with `signed` `u - 8`.
+
+        The result is the transposed view of a contiguous [in, out] tensor: the layout stores the
+        inputs outermost, so this order is written in one pass per nibble (the dtype conversion
+        included), and `F.linear` multiplies by it without another copy.
+        """
+        half = in_features // 2
+        full_rows = out_features - out_features % self.block
+        columns = torch.empty(in_features, out_features, dtype=dtype, device=packed.device)
+        if full_rows:
+            blocks = packed[: full_rows * half].view(-1, in_features, self.block // 2)
+            self._unpair_rows_into(columns[:, :full_rows].view(in_features, -1, self.block), blocks, self.split, signed)
+        if out_features > full_rows:
+            tail = packed[full_rows * half :].view(1, in_features, -1)
+            self._unpair_rows_into(columns[:, full_rows:].view(in_features, 1, -1), tail, False, signed)
+        return columns.t()
+
+    def to_released(self, packed, out_features, in_features):
+        """Flat uint8 in this layout -> a new released int4 int8 [out, in/2]."""
+        return self.unsigned_to_released(self.unpack(packed, out_features, in_features))
+
+    @staticmethod
+    def _pair_rows(rows, split):
+        """[blocks, B, K] nibbles -> the bytes of those blocks, [blocks, K, B/2] flattened."""
+        half = rows.shape[1] // 2
+        low, high = (rows[:, :half], rows[:, half:]) if split else (rows[:, 0::2], rows[:, 1::2])
+        return (low | (high << 4)).transpose(1, 2).reshape(-1)
+
+    @staticmethod
+    def _unpair_rows_into(columns, packed, split, signed):
+        """[blocks, K, B/2] bytes -> `columns` [K, blocks, B]: the B rows of each block, in order, per input."""
+        if signed:
+            # u - 8 is the signed reading of u XOR 8; shifts of int8 sign-extend it.
+            flipped = (packed ^ 0x88).view(torch.int8)
+            low, high = (flipped << 4) >> 4, flipped >> 4
+        else:
+            low, high = packed & 0xF, packed >> 4
+        if split:
+            half = columns.shape[-1] // 2
+            low_rows, high_rows = columns[..., :half], columns[..., half:]
+        else:
+            pairs = columns.unflatten(-1, (-1, 2))
+            low_rows, high_rows = pairs[..., 0], pairs[..., 1]
+        low_rows.copy_(low.transpose(0, 1))
+        high_rows.copy_(high.transpose(0, 1))
 
 
 @functools.cache
-def _detect_cpu_int4_layout():
-    """How this torch build lays out CPU int4 weights, as (rows per block, split pairing); None if unknown.
+def detect_cpu_int4_layout():
+    """The `CpuInt4Layout` of this torch build and CPU, or None when torch packs otherwise (or has no kernel).
 
-    The layout depends on the CPU's vector width (64-row blocks on AVX512, 32 on AVX2 and plain
-    builds). Only a layout we reproduce exactly is used, so `state_dict()` can always give the
-    released format back; otherwise 4-bit layers on this CPU take the dequantizing fallback.
+    64-row blocks on AVX512, 32 on AVX2 and plain builds. Only a layout reproduced exactly is
+    used, so `state_dict()` can always give the released format back; otherwise 4-bit layers on
+    this CPU take the dequantizing fallback.
     """
     if not _HAS_CPU_INT4_KERNEL:
         return None
     # 176 rows = whole blocks plus a remainder for every block size; random nibbles rule out coincidences.
     probe = torch.randint(0, 16, (176, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     packed_by_torch = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 2).reshape(-1)
-    for layout in ((64, True), (32, True), (64, False), (32, False), (16, False)):
-        if torch.equal(_pack_cpu_int4(probe, layout), packed_by_torch):
+    for candidate in ((64, True), (32, True), (64, False), (32, False), (16, False)):
+        layout = CpuInt4Layout(*candidate)
+        if torch.equal(layout.pack(probe), packed_by_torch):
             return layout
     logger.warning("Unknown CPU int4 weight layout in this torch build: 4-bit layers use the slower fallback.")
     return None
@@ -298,11 +315,11 @@ def _detect_cpu_int4_layout():
 # torch.compile calls this once while tracing and keeps the answer, instead of tracing the probe.
 @torch.compiler.assume_constant_result
 def _cpu_int4_layout():
-    return _detect_cpu_int4_layout()
+    return detect_cpu_int4_layout()
 
 
 def _cpu_int4_kernel_fits(out_features, in_features):
-    return out_features % 16 == 0 and in_features % 32 == 0 and _cpu_int4_layout() is not None
+    return CpuInt4Layout.fits(out_features, in_features) and _cpu_int4_layout() is not None
 
 
 def _cpu_int8_kernel_fits(in_features):
@@ -345,7 +362,7 @@ def _as_released(weight, out_features, in_features, cpu_layout):
     """The weight in the released layout: itself, or a converted copy of a CPU int4 kernel layout."""
     if weight.dtype != torch.uint8:
         return weight
-    return _unsigned_to_released(_unpack_cpu_int4(weight, out_features, in_features, cpu_layout))
+    return CpuInt4Layout(*cpu_layout).to_released(weight, out_features, in_features)
 
 
 # The fp32 and fp16 CPU kernels are scalar loops, 15-30x slower than the bfloat16 ones (torch 2.13);
@@ -391,7 +408,7 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
     out_features, in_features = scale.shape[0], x2d.shape[1]
     x2d_bf16 = x2d.to(torch.bfloat16).contiguous()
     if x2d.shape[0] >= CPU_GEMM_MIN_ROWS[4]:
-        weight = _unpack_cpu_int4(packed, out_features, in_features, layout, torch.bfloat16, signed=True)
+        weight = layout.unpack(packed, out_features, in_features, torch.bfloat16, signed=True)
         out = F.linear(x2d_bf16, weight)
     else:
         group_size = next(size for size in _CPU_INT4_GROUP_SIZES if in_features % size == 0)
@@ -540,7 +557,7 @@ def _fallback_linear(x2d, weight, scale, bias, bits, cpu_layout=None):
     """
     scale = scale.to(x2d.dtype)
     if weight.dtype == torch.uint8:
-        weight = _unpack_cpu_int4(weight, scale.shape[0], x2d.shape[1], cpu_layout, x2d.dtype, signed=True)
+        weight = cpu_layout.unpack(weight, scale.shape[0], x2d.shape[1], x2d.dtype, signed=True)
         weight.mul_(scale[:, None])
     else:
         weight = dequantize_weight(weight, scale, bits)
@@ -714,7 +731,7 @@ class QuantizedLinear(nn.Module):
                     converted = released.view(torch.uint8).view(-1)
                 else:
                     converted = torch.empty(released.numel(), dtype=torch.uint8)
-                _pack_cpu_int4_into(released, converted, cpu_layout)
+                cpu_layout.pack_into(released, converted)
             if self.weight.is_inference():
                 # Made under inference_mode (`quantize` called there): such a Parameter cannot take
                 # normal data, and nothing that trains can hold it.

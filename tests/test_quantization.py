@@ -293,7 +293,7 @@ def test_cpu_int4_layout_is_recognised_and_inverted_on_other_cpu_capabilities(ca
         import importlib.util, torch
         spec = importlib.util.spec_from_file_location("q", {str(QUANTIZATION_PY)!r})
         Q = importlib.util.module_from_spec(spec); spec.loader.exec_module(Q)
-        assert Q._cpu_int4_layout() is not None, torch.backends.cpu.get_cpu_capability()
+        assert Q.detect_cpu_int4_layout() is not None, torch.backends.cpu.get_cpu_capability()
         for out_features in (16, 48, 176, 272):
             weight = torch.randn(out_features, 64)
             layer = Q.QuantizedLinear(64, out_features, 4, bias=False)
@@ -327,16 +327,44 @@ def test_cpu_int4_layout_is_torchs_packing_and_converts_back_to_the_same_release
 @pytest.mark.parametrize("out_features", [48, 176, 272])
 def test_cpu_int4_packing_block_by_block_matches_packing_the_whole_matrix(monkeypatch, out_features):
     # Steps of one 64-row block: several steps, then the rows torch packs as a block of their own.
-    monkeypatch.setattr(Q, "_CPU_INT4_PACK_ROWS", 64)
-    layout = Q._cpu_int4_layout()
+    monkeypatch.setattr(Q.CpuInt4Layout, "PACK_ROWS", 64)
+    layout = Q.detect_cpu_int4_layout()
     released = make_layer(out_features, 96, 4, bias=False).weight.detach().clone()
-    expected = Q._pack_cpu_int4(Q._released_to_unsigned(released), layout)
+    expected = layout.pack(Q.CpuInt4Layout.released_to_unsigned(released))
     into_new = torch.empty(released.numel(), dtype=torch.uint8)
-    Q._pack_cpu_int4_into(released, into_new, layout)
+    layout.pack_into(released, into_new)
     in_place = released.clone()
-    Q._pack_cpu_int4_into(in_place, in_place.view(torch.uint8).view(-1), layout)
+    layout.pack_into(in_place, in_place.view(torch.uint8).view(-1))
     assert torch.equal(into_new, expected)
     assert torch.equal(in_place.view(torch.uint8).view(-1), expected)
+
+
+LAYOUTS = [Q.CpuInt4Layout(*layout) for layout in ((64, True), (32, True), (64, False), (32, False), (16, False))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("out_features", [16, 48, 80, 176])
+def test_cpu_int4_layout_unit_round_trips_and_unpacks_every_layout(layout, out_features):
+    """The layout unit on its own, for every layout a torch build may use: released -> layout in
+    place -> released gives the same bytes, and unpacking gives the released values (signed) or
+    those + 8 (unsigned) in any dtype."""
+    generator = torch.Generator().manual_seed(out_features)
+    q = torch.randint(-8, 8, (out_features, 64), dtype=torch.int8, generator=generator)
+    released = Q.pack_int4(q)
+    converted = released.clone()
+    layout.pack_into(converted, converted.view(torch.uint8).view(-1))
+    packed = converted.view(torch.uint8).view(-1)
+    assert not torch.equal(converted, released)  # the bytes did move
+    assert torch.equal(layout.to_released(packed, out_features, 64), released)
+    assert torch.equal(layout.unpack(packed, out_features, 64), (q + 8).to(torch.uint8))
+    for dtype in (torch.int8, torch.float32, torch.bfloat16):
+        assert torch.equal(layout.unpack(packed, out_features, 64, dtype, signed=True), q.to(dtype))
+    assert torch.equal(Q.CpuInt4Layout.unsigned_to_released(Q.CpuInt4Layout.released_to_unsigned(released)), released)
+
+
+def test_cpu_int4_layout_fits_only_the_shapes_the_kernel_takes():
+    assert Q.CpuInt4Layout.fits(16, 32) and Q.CpuInt4Layout.fits(4096, 13696)
+    assert not Q.CpuInt4Layout.fits(40, 64) and not Q.CpuInt4Layout.fits(48, 66) and not Q.CpuInt4Layout.fits(48, 48)
 
 
 def test_only_a_tensor_nothing_else_shares_counts_as_sole_holder_of_its_memory():
