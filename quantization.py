@@ -219,15 +219,15 @@ class CpuInt4Layout(NamedTuple):
         released = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]  # keeps the input's memory order
         return released.contiguous().bitwise_xor_(0x88).view(torch.int8)
 
-    def pack(self, unsigned):
-        """Unsigned nibbles uint8 [out, in] -> this layout, flat uint8 [out * in / 2]."""
-        out_features, in_features = unsigned.shape
+    def pack(self, released):
+        """Released int4 int8 [out, in/2] -> this layout, flat uint8 [out * in / 2] (a new tensor)."""
+        out_features, half = released.shape
         full_rows = out_features - out_features % self.block
         parts = []
         if full_rows:
-            parts.append(self._pair_rows(unsigned[:full_rows].view(-1, self.block, in_features), self.split))
+            parts.append(self._pair_rows(released[:full_rows].view(-1, self.block, half), self.split))
         if out_features > full_rows:
-            parts.append(self._pair_rows(unsigned[full_rows:].view(1, -1, in_features), False))
+            parts.append(self._pair_rows(released[full_rows:].view(1, -1, half), False))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def pack_into(self, released, destination):
@@ -241,7 +241,7 @@ class CpuInt4Layout(NamedTuple):
         step = self.block * max(1, self.PACK_ROWS // self.block)
         edges = sorted({*range(0, full_rows, step), full_rows, out_features})
         for start, stop in zip(edges, edges[1:]):
-            destination[start * half : stop * half] = self.pack(self.released_to_unsigned(released[start:stop]))
+            destination[start * half : stop * half] = self.pack(released[start:stop])
 
     def unpack(self, packed, out_features, in_features, dtype=torch.uint8, signed=False):
         """Inverse of `pack`: flat uint8 -> nibbles [out, in] as `dtype`, `u` or with `signed` `u - 8`.
@@ -266,11 +266,21 @@ class CpuInt4Layout(NamedTuple):
         return self.unsigned_to_released(self.unpack(packed, out_features, in_features))
 
     @staticmethod
-    def _pair_rows(rows, split):
-        """[blocks, B, K] nibbles -> the bytes of those blocks, [blocks, K, B/2] flattened."""
+    def _pair_rows(released, split):
+        """[blocks, B, in/2] released bytes -> the bytes of those blocks in this layout, [blocks, in, B/2] flattened.
+
+        Works on whole bytes: of a released byte's two nibbles, input 2c is the high one and
+        2c + 1 the low one; a layout byte holds one input of two rows, the row paired low in its
+        low nibble. So input 2c takes (low_row >> 4) | (high_row & 0xF0) and input 2c + 1
+        (low_row & 0xF) | (high_row << 4), after the XOR that makes the nibbles unsigned.
+        """
+        rows = released.view(torch.uint8) ^ 0x88
         half = rows.shape[1] // 2
         low, high = (rows[:, :half], rows[:, half:]) if split else (rows[:, 0::2], rows[:, 1::2])
-        return (low | (high << 4)).transpose(1, 2).reshape(-1)
+        packed = torch.empty(rows.shape[0], rows.shape[2], 2, half, dtype=torch.uint8, device=rows.device)
+        packed[:, :, 0] = ((low >> 4) | (high & 0xF0)).transpose(1, 2)
+        packed[:, :, 1] = ((low & 0xF) | (high << 4)).transpose(1, 2)
+        return packed.view(-1)
 
     @staticmethod
     def _unpair_rows_into(columns, packed, split, signed):
@@ -302,8 +312,9 @@ def detect_cpu_int4_layout():
     if not _HAS_CPU_INT4_KERNEL:
         return None
     # 176 rows = whole blocks plus a remainder for every block size; random nibbles rule out coincidences.
-    probe = torch.randint(0, 16, (176, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    packed_by_torch = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 2).reshape(-1)
+    probe = torch.randint(-128, 128, (176, 2), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    unsigned = CpuInt4Layout.released_to_unsigned(probe).to(torch.int32)
+    packed_by_torch = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 2).reshape(-1)
     for candidate in ((64, True), (32, True), (64, False), (32, False), (16, False)):
         layout = CpuInt4Layout(*candidate)
         if torch.equal(layout.pack(probe), packed_by_torch):
