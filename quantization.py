@@ -39,7 +39,9 @@ except Exception:  # optional: CPU-only, macOS and Windows installs have no (wor
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CPU_KERNELS",
     "CpuInt4Layout",
+    "MatMulNBits",
     "QUANTIZED_PROJECTIONS",
     "QUANTIZED_PROJECTION_WEIGHT",
     "QuantizedLinear",
@@ -51,6 +53,7 @@ __all__ = [
     "quantize_output_layer",
     "quantize_weight",
     "quantized_projection",
+    "set_cpu_kernel",
     "unpack_int4",
 ]
 
@@ -433,6 +436,122 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
 
 
 # ---------------------------------------------------------------------------------------------
+# Optional CPU accelerator: onnxruntime's MatMulNBits
+# ---------------------------------------------------------------------------------------------
+
+# The CPU kernels a quantized layer may use (`set_cpu_kernel`; config `quantization_cpu_kernel`):
+# - "torch" (default): the PyTorch paths above; exact weight-only numerics.
+# - "onnxruntime": onnxruntime's MatMulNBits (com.microsoft) with accuracy_level 4. It quantizes
+#   activations to int8 per block of `MATMULNBITS_BLOCK` inputs and multiplies with integer dot
+#   products (ggml's q4_0 x q8_0 numerics), in prebuilt AVX2 / AVX512 / VNNI / AMX / Arm kernels.
+#   Weights stay exact; the activation rounding is measured by bench/quantization_accuracy.py.
+#   Optional: `pip install onnxruntime onnx`; without them layers keep the "torch" kernels.
+CPU_KERNELS = ("torch", "onnxruntime")
+# Inputs per MatMulNBits block: one (repeated) row scale and one activation scale per block. Scales
+# are float32 per block: 4 bytes per 128 weights, 6% on top of the int4 bytes.
+MATMULNBITS_BLOCK = 128
+
+
+@functools.cache
+def _onnxruntime():
+    """(onnxruntime, onnx, numpy) when installed; None, with one warning, when not."""
+    try:
+        import numpy
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        logger.warning(
+            f"cpu_kernel='onnxruntime' needs the onnxruntime and onnx packages ({error}); "
+            "quantized layers use the torch CPU kernels instead."
+        )
+        return None
+    return onnxruntime, onnx, numpy
+
+
+def _external_initializer(onnx, name, data_type, shape, nbytes):
+    """A graph initializer whose bytes the session takes from `add_external_initializers`, not from the model."""
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=shape, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+class MatMulNBits:
+    """One quantized matrix in an onnxruntime session: `self(x)` = x @ W.T for float32 x [M, K].
+
+    The session is built from the released bytes (`weight`, `scale` [N]) without a copy inside the
+    model proto: MatMulNBits takes unsigned nibbles with zero point 8 (int8: bytes with zero point
+    128), input 2c in the LOW nibble, rows padded to whole blocks, and a float32 scale per block (the
+    row scale repeated). onnxruntime packs that into its own kernel layout when the session is
+    created; the converted temporary is then dropped, so the session holds the one working copy
+    while the layer's `weight` keeps the released bytes for `state_dict()`.
+    """
+
+    def __init__(self, weight, scale, bits):
+        onnxruntime, onnx, self._numpy = _onnxruntime()
+        out_features, stored = weight.shape
+        in_features = stored * 8 // bits
+        blocks = -(-in_features // MATMULNBITS_BLOCK)
+        raw = weight.detach().view(torch.uint8)
+        converted = torch.zeros(out_features, blocks * MATMULNBITS_BLOCK * bits // 8, dtype=torch.uint8)
+        if bits == 4:  # swap the nibbles (input 2c low) and make them unsigned (+8 = XOR 8)
+            converted[:, :stored] = ((raw << 4) | (raw >> 4)) ^ 0x88
+        else:
+            converted[:, :stored] = raw ^ 0x80
+        scales = scale.detach().float()[:, None].expand(out_features, blocks).contiguous()
+        shapes = {"B": [out_features, blocks, MATMULNBITS_BLOCK * bits // 8], "scales": [out_features * blocks]}
+        values = {"B": converted, "scales": scales}
+        types = {"B": onnx.TensorProto.UINT8, "scales": onnx.TensorProto.FLOAT}
+        helper = onnx.helper
+        node = helper.make_node(
+            "MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
+            K=in_features, N=out_features, bits=bits, block_size=MATMULNBITS_BLOCK, accuracy_level=4,
+        )
+        graph = helper.make_graph(
+            [node],
+            "quantized_linear",
+            [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["M", in_features])],
+            [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["M", out_features])],
+            initializer=[
+                _external_initializer(onnx, name, types[name], shapes[name], values[name].nbytes) for name in shapes
+            ],
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # torch's pool size; the two never run at once
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no spinning against torch
+        options.enable_cpu_mem_arena = False
+        initializers = [onnxruntime.OrtValue.ortvalue_from_numpy(values[name].view(shapes[name]).numpy()) for name in shapes]
+        options.add_external_initializers(list(shapes), initializers)
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.in_features, self.out_features = in_features, out_features
+        # onnxruntime packs constant weights and their scales into its own layout; where it did not
+        # (a CPU without its kernels), it reads the buffers given here at every call: keep them then.
+        probe = torch.ones(1, in_features)
+        before = self(probe)
+        scales.zero_()
+        reads_buffers = not torch.equal(self(probe), before)
+        scales.copy_(scale.detach().float()[:, None].expand(out_features, blocks))
+        self._kept = (converted, scales, initializers) if reads_buffers else None
+
+    def __call__(self, x2d):
+        """float32 [M, K] (rows contiguous) -> float32 [M, N], bound to the session without copies."""
+        rows = x2d.shape[0]
+        out = torch.empty(rows, self.out_features, dtype=torch.float32)
+        if rows == 0:
+            return out
+        x2d = x2d.contiguous()
+        binding = self.session.io_binding()
+        binding.bind_input("A", "cpu", 0, self._numpy.float32, [rows, self.in_features], x2d.data_ptr())
+        binding.bind_output("Y", "cpu", 0, self._numpy.float32, [rows, self.out_features], out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA kernel (Triton)
 # ---------------------------------------------------------------------------------------------
 
@@ -619,6 +738,14 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None, None
 
 
+@torch.compiler.disable
+def _onnxruntime_linear(matmul, x, bias):
+    out = matmul(x.reshape(-1, x.shape[-1]).float()).to(x.dtype)
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 # ---------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------
@@ -660,6 +787,9 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
         # Which CPU int4 layout `weight` holds while it is uint8 (it travels with a pickled module).
         self._cpu_layout = None
+        # One of CPU_KERNELS (`set_cpu_kernel`); "onnxruntime" builds `_matmulnbits` at the first CPU forward.
+        self.cpu_kernel = "torch"
+        self._matmulnbits = None
 
     @classmethod
     def from_linear(cls, linear, bits):
@@ -709,6 +839,9 @@ class QuantizedLinear(nn.Module):
             )
             if not in_cpu_layout:
                 self.check_loaded_tensor(name, value)
+            super().__setattr__(name, value)
+            self.__dict__["_matmulnbits"] = None  # built from the old weight: rebuild at the next forward
+            return
         super().__setattr__(name, value)
 
     # -- layouts ------------------------------------------------------------------------------
@@ -751,12 +884,24 @@ class QuantizedLinear(nn.Module):
                 self.weight.data = converted
         self._cpu_layout = cpu_layout
 
+    def _onnxruntime_fits(self, x):
+        return x.device.type == "cpu" and self.weight.device.type == "cpu" and _onnxruntime() is not None
+
+    @torch.compiler.disable  # runs once per layer
+    def _matmulnbits_for_forward(self):
+        if self._matmulnbits is None:
+            # Weights loaded in place (`load_state_dict` writes into the parameters) must rebuild it too.
+            with torch.inference_mode(False):
+                self._matmulnbits = MatMulNBits(self.released_weight(), self.weight_scale, self.bits)
+        return self._matmulnbits
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.dtype == torch.uint8:
             destination[prefix + "weight"] = self.released_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._matmulnbits = None
         for name in ("weight", "weight_scale", "bias"):
             key = prefix + name
             if key in state_dict and getattr(self, name) is not None:
@@ -772,6 +917,8 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
         weight = self._weight_for_forward()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if not needs_grad and self.cpu_kernel == "onnxruntime" and self._onnxruntime_fits(x):
+            return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.
             return _quantized_linear_nd(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
@@ -838,6 +985,22 @@ def quantize_model(transformer, bits, empty_init=False, device=None):
         if device is not None and empty_init:
             layer.to(device)
     return transformer
+
+
+def set_cpu_kernel(model, kernel):
+    """Make every `QuantizedLinear` in `model` compute on the CPU with `kernel` (one of `CPU_KERNELS`); returns `model`.
+
+    "onnxruntime" without onnxruntime and onnx installed warns once and keeps the torch kernels.
+    """
+    if kernel not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernel must be one of {', '.join(map(repr, CPU_KERNELS))}; got {kernel!r}")
+    if kernel == "onnxruntime":
+        _onnxruntime()  # the warning, now rather than at the first forward
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.cpu_kernel != kernel:
+            module.cpu_kernel = kernel
+            module._matmulnbits = None
+    return model
 
 
 def quantize_output_layer(transformer, bits, empty_init=False, device=None):

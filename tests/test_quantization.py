@@ -799,3 +799,74 @@ def test_triton_failure_on_first_launch_falls_back_and_later_failures_raise(monk
     monkeypatch.setattr(Q, "_triton_linear", no_compiler)
     with pytest.raises(RuntimeError, match="ptxas"):  # ...so a later error is real and surfaces
         Q._cuda_linear(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional onnxruntime CPU kernel
+# ---------------------------------------------------------------------------------------------
+
+needs_onnxruntime = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="onnxruntime and onnx are optional",
+)
+
+
+@needs_onnxruntime
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 200])
+def test_onnxruntime_kernel_stays_within_int8_activation_error_and_keeps_the_released_bytes(bits, dtype, rows):
+    # 200 inputs: not a whole number of 128-input blocks, so the last block is padded.
+    layer = make_layer(48, 200, bits, dtype)
+    released = layer.weight.detach().clone()
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    x = torch.randn(rows, 200).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == dtype and out.shape == (rows, 48)
+    # int8 activations per 128-input block: about 0.5% here, as ggml's q8_0; bfloat16 output rounding on top.
+    assert_close_relative(out, reference_output(layer, x), 2e-2)
+    assert layer._matmulnbits._kept is None  # onnxruntime packed its own copy; the converted buffer is gone
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.state_dict()["weight"], released)
+
+
+@needs_onnxruntime
+def test_onnxruntime_kernel_rebuilds_after_new_weights_are_loaded():
+    layer = make_layer(*KERNEL_SHAPE, 4, seed=0)
+    other = make_layer(*KERNEL_SHAPE, 4, seed=1)
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    x = torch.randn(2, KERNEL_SHAPE[1])
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        assert_close_relative(layer(x), reference_output(other, x), 2e-2)
+        layer.weight = nn.Parameter(make_layer(*KERNEL_SHAPE, 4, seed=2).weight.detach(), requires_grad=False)
+        assert layer._matmulnbits is None
+
+
+@needs_onnxruntime
+def test_onnxruntime_kernel_is_not_used_for_training():
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    x = torch.randn(2, KERNEL_SHAPE[1], requires_grad=True)
+    layer(x).sum().backward()
+    assert layer._matmulnbits is None and x.grad is not None
+
+
+def test_onnxruntime_kernel_without_onnxruntime_warns_and_keeps_the_torch_kernels(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    without = load_quantization("chatglm_quantization_without_onnxruntime")
+    layer = without.QuantizedLinear.from_linear(nn.Linear(64, 48), 4)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer.bfloat16()(x)
+        with caplog.at_level("WARNING"):
+            without.set_cpu_kernel(layer, "onnxruntime")
+        assert "onnxruntime" in caplog.text and "torch CPU kernels instead" in caplog.text
+        assert torch.equal(layer(x), expected)
+    assert layer._matmulnbits is None
+
+
+def test_set_cpu_kernel_names_the_choices_for_an_unknown_kernel():
+    with pytest.raises(ValueError, match="'torch', 'onnxruntime'.*'cuda'"):
+        Q.set_cpu_kernel(make_layer(*KERNEL_SHAPE, 4), "cuda")

@@ -249,3 +249,17 @@ def test_saved_model_with_quantized_output_layer_reloads_bit_for_bit(float_folde
 
     with pytest.raises(ValueError, match=r"output_layer\.weight: a floating point layer .*set output_layer_quantization_bit=8"):
         AutoModel.from_pretrained(tmp_path, trust_remote_code=True, output_layer_quantization_bit=0)
+
+
+def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(float_folder, tmp_path):
+    model = load(float_folder).quantize(4, cpu_kernel="onnxruntime")
+    assert model.config.quantization_cpu_kernel == "onnxruntime"
+    assert model.transformer.encoder.layers[0].mlp.dense_h_to_4h.cpu_kernel == "onnxruntime"
+    model.save_pretrained(tmp_path)
+    copy_code(tmp_path)
+    reloaded = load(tmp_path)
+    kernels = {module.cpu_kernel for module in reloaded.modules() if type(module).__name__ == "QuantizedLinear"}
+    assert kernels == {"onnxruntime"}
+    with torch.no_grad():  # runs with or without onnxruntime installed (without: the torch kernels, and a warning)
+        assert torch.isfinite(reloaded(ids_of()).logits).all()
+    assert load(tmp_path).quantize(4, cpu_kernel="torch").transformer.encoder.layers[1].self_attention.dense.cpu_kernel == "torch"
