@@ -738,6 +738,31 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None, None
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def _page_out(tensor):
+    """Ask Linux to reclaim the pages under `tensor` (madvise MADV_PAGEOUT); best effort, never loses data.
+
+    Clean pages of a memory-mapped checkpoint are dropped (and read again from the file if the tensor
+    is used, e.g. by `state_dict()`); anonymous and written pages stay where there is no swap, or are
+    swapped out. After onnxruntime has packed its copy of a weight, this keeps the released bytes of
+    a checkpoint loaded as stored out of resident memory.
+    """
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+        end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.compiler.disable
 def _onnxruntime_linear(matmul, x, bias):
     out = matmul(x.reshape(-1, x.shape[-1]).float()).to(x.dtype)
@@ -893,6 +918,8 @@ class QuantizedLinear(nn.Module):
             # Weights loaded in place (`load_state_dict` writes into the parameters) must rebuild it too.
             with torch.inference_mode(False):
                 self._matmulnbits = MatMulNBits(self.released_weight(), self.weight_scale, self.bits)
+            if self._matmulnbits._kept is None:
+                _page_out(self.weight)
         return self._matmulnbits
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

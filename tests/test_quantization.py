@@ -870,3 +870,17 @@ def test_onnxruntime_kernel_without_onnxruntime_warns_and_keeps_the_torch_kernel
 def test_set_cpu_kernel_names_the_choices_for_an_unknown_kernel():
     with pytest.raises(ValueError, match="'torch', 'onnxruntime'.*'cuda'"):
         Q.set_cpu_kernel(make_layer(*KERNEL_SHAPE, 4), "cuda")
+
+
+def test_paging_out_a_weight_never_changes_its_bytes(tmp_path):
+    # Clean pages of a mapped checkpoint may be dropped and read again; written and anonymous pages stay.
+    anonymous = torch.randint(-128, 128, (300, 4096), dtype=torch.int8)
+    torch.save({"w": anonymous}, tmp_path / "w.bin")
+    mapped = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    written = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    written[7] = 1  # a private copy-on-write page now
+    expected_written = written.clone()
+    for tensor, expected in ((anonymous, anonymous.clone()), (mapped, anonymous.clone()), (written, expected_written)):
+        assert torch.equal(tensor, expected)  # resident now
+        Q._page_out(tensor)
+        assert torch.equal(tensor, expected)
