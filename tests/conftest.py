@@ -80,3 +80,7 @@ def tokenizer_dir(tmp_path_factory, sentencepiece_model_path):
         shutil.copy(REPO_ROOT / name, folder / name)
     shutil.copy(sentencepiece_model_path, folder / "tokenizer.model")
     return folder
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); `pytest -m cuda` runs them alone")
