@@ -59,7 +59,7 @@ def time_layers(layers, rows, dtype, repeats):
     """(wall seconds, CPU seconds of this process) per pass over `layers`, one activation per input width."""
     inputs = {layer.in_features: torch.randn(rows, layer.in_features).to(dtype) for layer in layers}
     with torch.inference_mode():
-        for layer in layers:  # first calls: kernel layouts, onnxruntime sessions
+        for layer in layers:  # one untimed pass: first-call work, if any is left, and warm allocator
             layer(inputs[layer.in_features])
         walls, cpus = [], []
         for _ in range(repeats):
@@ -76,14 +76,15 @@ def measure_kernel(Q, config, bits, kernel, dtype, copies, batches, repeats):
     shapes = layer_shapes(config)
     layers = [random_layer(Q, shape, bits, torch.bfloat16, generator) for _ in range(copies) for _, shape in shapes]
     Q.set_cpu_kernel(torch.nn.ModuleList(layers), kernel)
-    start = time.perf_counter()
-    with torch.inference_mode():
+    start, start_cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():  # first calls: CPU int4 layout conversion, onnxruntime sessions
         for layer in layers:
             layer(torch.zeros(1, layer.in_features, dtype=dtype))
-    setup_seconds = time.perf_counter() - start
+    setup_seconds, setup_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     step_scale = config["num_layers"] / copies
     result = {"bits": bits, "kernel": kernel, "activations": str(dtype).removeprefix("torch."), "copies": copies}
     result["first_call_seconds_per_step"] = setup_seconds * step_scale
+    result["first_call_cpu_seconds_per_step"] = setup_cpu_seconds * step_scale
     for batch in batches:
         walls, cpus = time_layers(layers, batch, dtype, repeats)
         result[f"batch{batch}"] = {
@@ -177,7 +178,12 @@ def main(argv=None):
     print(header)
     print("|" + "---|" * (4 + 2 * len(args.batches)))
     for row in rows:
-        cells = [f"int{row['bits']}", row["kernel"], row["activations"], f"{row['first_call_seconds_per_step']:.2f}"]
+        cells = [
+            f"int{row['bits']}",
+            row["kernel"],
+            row["activations"],
+            f"{row['first_call_seconds_per_step']:.1f} [{row['first_call_cpu_seconds_per_step']:.1f}]",
+        ]
         for batch in args.batches:
             timing = row[f"batch{batch}"]
             median = timing["step_seconds"]["median"]
