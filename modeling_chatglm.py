@@ -30,7 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_chatglm import CACHE_FIELD, ChatGLMConfig
-from .quantization import QUANTIZED_PROJECTIONS, check_stored_weight, quantize_model, quantize_output_layer
+from .quantization import check_stored_weight, quantize_model, quantize_output_layer, quantized_projection, set_cpu_kernel
 
 logger = logging.get_logger(__name__)
 
@@ -402,7 +402,6 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
 }
-PROJECTION_WEIGHT = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$")
 OUTPUT_LAYER_WEIGHT = re.compile(r"(?:^|\.)output_layer\.weight$")
 QUANTIZATION_SETTINGS = ("quantization_bit", "output_layer_quantization_bit")
 
@@ -461,9 +460,9 @@ def check_checkpoint_quantization(folder, config):
     for file_name, key, dtype, shape in stored_tensors(Path(folder)):
         if dtype is None:
             continue
-        match = PROJECTION_WEIGHT.search(key)
-        if match:
-            out_features, in_features = shapes[match.group(1)]
+        projection = quantized_projection(key)
+        if projection:
+            out_features, in_features = shapes[projection]
             check_stored_weight(f"{file_name}: {key}", dtype, shape, out_features, in_features, config.quantization_bit)
         elif OUTPUT_LAYER_WEIGHT.search(key):
             check_stored_weight(
@@ -517,7 +516,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             model.base_model.freeze_all_but_prefix()
         return loaded
 
-    def quantize(self, bits, empty_init=False, device=None, output_layer_bits=0):
+    def quantize(self, bits, empty_init=False, device=None, output_layer_bits=0, cpu_kernel=None):
         """Quantize the four projection matrices of every layer to `bits` (4 or 8) in place; returns the model.
 
         `bits=0` and a second call are no-ops. With `device`, each layer moves there before it is
@@ -526,6 +525,10 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         `output_layer_bits` (4 or 8; opt-in, not in the release) also quantizes `output_layer`, the
         vocabulary projection: at 8 bits it halves the 533 MB every 6B decode step reads there.
         Checkpoints saved with it record `output_layer_quantization_bit` and load only with this code.
+
+        `cpu_kernel` ("torch", the default, or "onnxruntime": int8 activations, faster; see
+        quantization.CPU_KERNELS) chooses how quantized layers compute on the CPU; it is saved
+        in the config as `quantization_cpu_kernel`.
         """
         for setting, requested in (("quantization_bit", bits), ("output_layer_quantization_bit", output_layer_bits)):
             current = getattr(self.config, setting)
@@ -539,6 +542,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         if output_layer_bits and not self.config.output_layer_quantization_bit:
             quantize_output_layer(self.base_model, output_layer_bits, empty_init=empty_init, device=device)
             self.config.output_layer_quantization_bit = output_layer_bits
+        if cpu_kernel is not None:
+            self.config.quantization_cpu_kernel = cpu_kernel
+        set_cpu_kernel(self, getattr(self.config, "quantization_cpu_kernel", "torch"))
         return self
 
 
@@ -564,6 +570,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             quantize_model(self, config.quantization_bit, empty_init=True)
         if config.output_layer_quantization_bit:
             quantize_output_layer(self, config.output_layer_quantization_bit, empty_init=True)
+        set_cpu_kernel(self, getattr(config, "quantization_cpu_kernel", "torch"))
         self.post_init()
 
     def freeze_all_but_prefix(self):

@@ -5,10 +5,12 @@ Checkpoint format (the released THUDM int4 format, spec section 6): per output r
 8-bit weights are stored as that int8 [out, in] matrix; 4-bit weights as int8 [out, in/2] where byte
 `j` holds `q[2j]` in the high nibble and `q[2j+1]` in the low nibble (signed two's complement).
 
-Compute paths of `QuantizedLinear`, picked per call from where the weight lives:
-- CPU: PyTorch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) for a few
-  rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts), the layer's integers unpacked to bfloat16
-  and a GEMM.
+Compute paths of `QuantizedLinear`, picked per call from where the weight lives and the activations' dtype:
+- CPU, bfloat16/float16 activations: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`) for a few rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts),
+  the layer's integers unpacked to bfloat16 and a GEMM.
+- CPU, float32 activations: dequantize to float32 and a float32 matmul, the published CPU kernels'
+  numerics (the bfloat16 kernels would round activations and results: 1-3% off).
 - CUDA with Triton: one fused dequantize-and-multiply kernel that reads the released layout directly.
 - Anything else (MPS, CUDA without Triton, shapes a kernel cannot take): dequantize and `F.linear`.
 Quantized weights are frozen; gradients flow to the inputs, so LoRA / P-Tuning train on top.
@@ -18,7 +20,9 @@ Importing this module has no side effects: nothing is compiled and no global fla
 
 import functools
 import logging
+import re
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +39,21 @@ except Exception:  # optional: CPU-only, macOS and Windows installs have no (wor
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CPU_KERNELS",
+    "CpuInt4Layout",
+    "MatMulNBits",
     "QUANTIZED_PROJECTIONS",
+    "QUANTIZED_PROJECTION_WEIGHT",
     "QuantizedLinear",
     "check_stored_weight",
     "dequantize_weight",
+    "detect_cpu_int4_layout",
     "pack_int4",
     "quantize_model",
     "quantize_output_layer",
     "quantize_weight",
+    "quantized_projection",
+    "set_cpu_kernel",
     "unpack_int4",
 ]
 
@@ -52,6 +63,16 @@ QUANTIZED_PROJECTIONS = (
     "mlp.dense_h_to_4h",
     "mlp.dense_4h_to_h",
 )
+# A checkpoint key naming the weight of one of them, with or without the model's prefix; group 1 is the projection.
+QUANTIZED_PROJECTION_WEIGHT = re.compile(
+    r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$"
+)
+
+
+def quantized_projection(key):
+    """Which of `QUANTIZED_PROJECTIONS` the checkpoint key `key` is the weight of, or None."""
+    match = QUANTIZED_PROJECTION_WEIGHT.search(key)
+    return match.group(1) if match else None
 
 
 def _check_bits(bits):
@@ -164,117 +185,142 @@ _HAS_CPU_INT4_KERNEL = all(
 _CPU_INT4_GROUP_SIZES = (256, 128, 64, 32)
 
 
-# Released bytes hold signed nibbles q; the CPU kernel dequantizes unsigned ones, (u - 8) * scale.
-# u = q + 8 is q's 4-bit two's complement with the top bit flipped: XOR 0x8 in each nibble.
-def _released_to_unsigned(weight):
-    """Released int4 int8 [out, in/2] -> unsigned nibbles uint8 [out, in]."""
-    flipped = weight.view(torch.uint8) ^ 0x88
-    return torch.stack((flipped >> 4, flipped & 0xF), dim=-1).flatten(-2)
+class CpuInt4Layout(NamedTuple):
+    """Torch's CPU int4 kernel layout (`_convert_weight_to_int4pack_for_cpu`) and the conversions
+    between it and the released layout: the one place that knows both byte orders.
 
-
-def _unsigned_to_released(unsigned):
-    """Unsigned nibbles uint8 [out, in] -> released int4 int8 [out, in/2]."""
-    released = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]  # keeps the input's memory order
-    return released.contiguous().bitwise_xor_(0x88).view(torch.int8)
-
-
-# Torch's CPU int4 layout: rows in blocks of `block` rows; inside a block, input column by column,
-# each byte pairing two rows of the block, row j with j + block/2 (`split`) or 2j with 2j + 1. The
-# rows left after the full blocks form one block paired 2j / 2j + 1. `_detect_cpu_int4_layout`
-# checks this description against torch's own packing at run time.
-def _pack_cpu_int4(unsigned, layout):
-    """Unsigned nibbles uint8 [out, in] -> torch's CPU int4 layout, flat uint8 [out * in / 2]."""
-    block, split = layout
-    out_features, in_features = unsigned.shape
-    full_rows = out_features - out_features % block
-    parts = []
-    if full_rows:
-        parts.append(_pair_rows(unsigned[:full_rows].view(-1, block, in_features), split))
-    if out_features > full_rows:
-        parts.append(_pair_rows(unsigned[full_rows:].view(1, -1, in_features), False))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-# Rows packed per step by `_pack_cpu_int4_into`: a few MB of temporaries, whatever the layer's size.
-_CPU_INT4_PACK_ROWS = 1024
-
-
-def _pack_cpu_int4_into(released, destination, layout):
-    """Write released int4 int8 [out, in/2] into `destination`, flat uint8 [out * in / 2], in torch's CPU layout.
-
-    A block of rows takes the same bytes in both layouts, so this goes block by block and
-    `destination` may be `released`'s own memory: the conversion then allocates nothing lasting.
+    The kernel dequantizes unsigned nibbles, (u - 8) * scale; released bytes hold signed ones q, and
+    u = q + 8 is q's 4-bit two's complement with the top bit flipped (XOR 0x8 in each nibble). Rows
+    go in blocks of `block` rows; inside a block, input column by column, each byte pairs two rows of
+    the block, row j with j + block/2 (`split`) or 2j with 2j + 1. The rows left after the full
+    blocks form one block paired 2j / 2j + 1. A block of rows thus takes the same bytes in both
+    layouts, which lets `pack_into` convert a weight in its own memory. Which layout a torch build
+    uses depends on the CPU's vector width: `detect_cpu_int4_layout` checks this description
+    against torch's own packing, so only a layout reproduced exactly is ever used.
     """
-    block = layout[0]
-    out_features, half = released.shape
-    full_rows = out_features - out_features % block
-    step = block * max(1, _CPU_INT4_PACK_ROWS // block)
-    edges = sorted({*range(0, full_rows, step), full_rows, out_features})
-    for start, stop in zip(edges, edges[1:]):
-        packed = _pack_cpu_int4(_released_to_unsigned(released[start:stop]), layout)
-        destination[start * half : stop * half] = packed
 
+    block: int
+    split: bool
 
-def _pair_rows(rows, split):
-    """[blocks, B, K] nibbles -> the bytes of those blocks, [blocks, K, B/2] flattened."""
-    half = rows.shape[1] // 2
-    low, high = (rows[:, :half], rows[:, half:]) if split else (rows[:, 0::2], rows[:, 1::2])
-    return (low | (high << 4)).transpose(1, 2).reshape(-1)
+    # Rows converted per step by `pack_into`: a few MB of temporaries, whatever the layer's size.
+    PACK_ROWS = 1024
 
+    @staticmethod
+    def fits(out_features, in_features):
+        """Whether the kernel takes a weight of this shape (its row blocks and input groups)."""
+        return out_features % 16 == 0 and in_features % 32 == 0
 
-def _unpack_cpu_int4(packed, out_features, in_features, layout, dtype=torch.uint8, signed=False):
-    """Inverse of `_pack_cpu_int4`: flat uint8 -> nibbles [out, in] as `dtype`, `u` or with `signed` `u - 8`.
+    @staticmethod
+    def released_to_unsigned(released):
+        """Released int4 int8 [out, in/2] -> unsigned nibbles uint8 [out, in]."""
+        flipped = released.view(torch.uint8) ^ 0x88
+        return torch.stack((flipped >> 4, flipped & 0xF), dim=-1).flatten(-2)
 
-    The result is the transposed view of a contiguous [in, out] tensor: the kernel layout stores the
-    inputs outermost, so this order is written in one pass per nibble (the dtype conversion
-    included), and `F.linear` multiplies by it without another copy.
-    """
-    block, split = layout
-    half = in_features // 2
-    full_rows = out_features - out_features % block
-    columns = torch.empty(in_features, out_features, dtype=dtype, device=packed.device)
-    if full_rows:
-        blocks = packed[: full_rows * half].view(-1, in_features, block // 2)
-        _unpair_rows_into(columns[:, :full_rows].view(in_features, -1, block), blocks, split, signed)
-    if out_features > full_rows:
-        tail = packed[full_rows * half :].view(1, in_features, -1)
-        _unpair_rows_into(columns[:, full_rows:].view(in_features, 1, -1), tail, False, signed)
-    return columns.t()
+    @staticmethod
+    def unsigned_to_released(unsigned):
+        """Unsigned nibbles uint8 [out, in] -> released int4 int8 [out, in/2]."""
+        released = (unsigned[:, 0::2] << 4) | unsigned[:, 1::2]  # keeps the input's memory order
+        return released.contiguous().bitwise_xor_(0x88).view(torch.int8)
 
+    def pack(self, released):
+        """Released int4 int8 [out, in/2] -> this layout, flat uint8 [out * in / 2] (a new tensor)."""
+        out_features, half = released.shape
+        full_rows = out_features - out_features % self.block
+        parts = []
+        if full_rows:
+            parts.append(self._pair_rows(released[:full_rows].view(-1, self.block, half), self.split))
+        if out_features > full_rows:
+            parts.append(self._pair_rows(released[full_rows:].view(1, -1, half), False))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-def _unpair_rows_into(columns, packed, split, signed):
-    """[blocks, K, B/2] bytes -> `columns` [K, blocks, B]: the B rows of each block, in order, per input."""
-    if signed:
-        # u - 8 is the signed reading of u XOR 8; shifts of int8 sign-extend it.
-        flipped = (packed ^ 0x88).view(torch.int8)
-        low, high = (flipped << 4) >> 4, flipped >> 4
-    else:
-        low, high = packed & 0xF, packed >> 4
-    if split:
-        half = columns.shape[-1] // 2
-        low_rows, high_rows = columns[..., :half], columns[..., half:]
-    else:
-        pairs = columns.unflatten(-1, (-1, 2))
-        low_rows, high_rows = pairs[..., 0], pairs[..., 1]
-    low_rows.copy_(low.transpose(0, 1))
-    high_rows.copy_(high.transpose(0, 1))
+    def pack_into(self, released, destination):
+        """Write released int4 int8 [out, in/2] into `destination`, flat uint8 [out * in / 2], in this layout.
+
+        Block by block, so temporaries stay a few MB and `destination` may be `released`'s own
+        memory: the conversion then allocates nothing lasting.
+        """
+        out_features, half = released.shape
+        full_rows = out_features - out_features % self.block
+        step = self.block * max(1, self.PACK_ROWS // self.block)
+        edges = sorted({*range(0, full_rows, step), full_rows, out_features})
+        for start, stop in zip(edges, edges[1:]):
+            destination[start * half : stop * half] = self.pack(released[start:stop])
+
+    def unpack(self, packed, out_features, in_features, dtype=torch.uint8, signed=False):
+        """Inverse of `pack`: flat uint8 -> nibbles [out, in] as `dtype`, `u` or with `signed` `u - 8`.
+
+        The result is the transposed view of a contiguous [in, out] tensor: the layout stores the
+        inputs outermost, so this order is written in one pass per nibble (the dtype conversion
+        included), and `F.linear` multiplies by it without another copy.
+        """
+        half = in_features // 2
+        full_rows = out_features - out_features % self.block
+        columns = torch.empty(in_features, out_features, dtype=dtype, device=packed.device)
+        if full_rows:
+            blocks = packed[: full_rows * half].view(-1, in_features, self.block // 2)
+            self._unpair_rows_into(columns[:, :full_rows].view(in_features, -1, self.block), blocks, self.split, signed)
+        if out_features > full_rows:
+            tail = packed[full_rows * half :].view(1, in_features, -1)
+            self._unpair_rows_into(columns[:, full_rows:].view(in_features, 1, -1), tail, False, signed)
+        return columns.t()
+
+    def to_released(self, packed, out_features, in_features):
+        """Flat uint8 in this layout -> a new released int4 int8 [out, in/2]."""
+        return self.unsigned_to_released(self.unpack(packed, out_features, in_features))
+
+    @staticmethod
+    def _pair_rows(released, split):
+        """[blocks, B, in/2] released bytes -> the bytes of those blocks in this layout, [blocks, in, B/2] flattened.
+
+        Works on whole bytes: of a released byte's two nibbles, input 2c is the high one and
+        2c + 1 the low one; a layout byte holds one input of two rows, the row paired low in its
+        low nibble. So input 2c takes (low_row >> 4) | (high_row & 0xF0) and input 2c + 1
+        (low_row & 0xF) | (high_row << 4), after the XOR that makes the nibbles unsigned.
+        """
+        rows = released.view(torch.uint8) ^ 0x88
+        half = rows.shape[1] // 2
+        low, high = (rows[:, :half], rows[:, half:]) if split else (rows[:, 0::2], rows[:, 1::2])
+        packed = torch.empty(rows.shape[0], rows.shape[2], 2, half, dtype=torch.uint8, device=rows.device)
+        packed[:, :, 0] = ((low >> 4) | (high & 0xF0)).transpose(1, 2)
+        packed[:, :, 1] = ((low & 0xF) | (high << 4)).transpose(1, 2)
+        return packed.view(-1)
+
+    @staticmethod
+    def _unpair_rows_into(columns, packed, split, signed):
+        """[blocks, K, B/2] bytes -> `columns` [K, blocks, B]: the B rows of each block, in order, per input."""
+        if signed:
+            # u - 8 is the signed reading of u XOR 8; shifts of int8 sign-extend it.
+            flipped = (packed ^ 0x88).view(torch.int8)
+            low, high = (flipped << 4) >> 4, flipped >> 4
+        else:
+            low, high = packed & 0xF, packed >> 4
+        if split:
+            half = columns.shape[-1] // 2
+            low_rows, high_rows = columns[..., :half], columns[..., half:]
+        else:
+            pairs = columns.unflatten(-1, (-1, 2))
+            low_rows, high_rows = pairs[..., 0], pairs[..., 1]
+        low_rows.copy_(low.transpose(0, 1))
+        high_rows.copy_(high.transpose(0, 1))
 
 
 @functools.cache
-def _detect_cpu_int4_layout():
-    """How this torch build lays out CPU int4 weights, as (rows per block, split pairing); None if unknown.
+def detect_cpu_int4_layout():
+    """The `CpuInt4Layout` of this torch build and CPU, or None when torch packs otherwise (or has no kernel).
 
-    The layout depends on the CPU's vector width (64-row blocks on AVX512, 32 on AVX2 and plain
-    builds). Only a layout we reproduce exactly is used, so `state_dict()` can always give the
-    released format back; otherwise 4-bit layers on this CPU take the dequantizing fallback.
+    64-row blocks on AVX512, 32 on AVX2 and plain builds. Only a layout reproduced exactly is
+    used, so `state_dict()` can always give the released format back; otherwise 4-bit layers on
+    this CPU take the dequantizing fallback.
     """
     if not _HAS_CPU_INT4_KERNEL:
         return None
     # 176 rows = whole blocks plus a remainder for every block size; random nibbles rule out coincidences.
-    probe = torch.randint(0, 16, (176, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    packed_by_torch = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 2).reshape(-1)
-    for layout in ((64, True), (32, True), (64, False), (32, False), (16, False)):
-        if torch.equal(_pack_cpu_int4(probe, layout), packed_by_torch):
+    probe = torch.randint(-128, 128, (176, 2), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    unsigned = CpuInt4Layout.released_to_unsigned(probe).to(torch.int32)
+    packed_by_torch = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 2).reshape(-1)
+    for candidate in ((64, True), (32, True), (64, False), (32, False), (16, False)):
+        layout = CpuInt4Layout(*candidate)
+        if torch.equal(layout.pack(probe), packed_by_torch):
             return layout
     logger.warning("Unknown CPU int4 weight layout in this torch build: 4-bit layers use the slower fallback.")
     return None
@@ -283,11 +329,11 @@ def _detect_cpu_int4_layout():
 # torch.compile calls this once while tracing and keeps the answer, instead of tracing the probe.
 @torch.compiler.assume_constant_result
 def _cpu_int4_layout():
-    return _detect_cpu_int4_layout()
+    return detect_cpu_int4_layout()
 
 
 def _cpu_int4_kernel_fits(out_features, in_features):
-    return out_features % 16 == 0 and in_features % 32 == 0 and _cpu_int4_layout() is not None
+    return CpuInt4Layout.fits(out_features, in_features) and _cpu_int4_layout() is not None
 
 
 def _cpu_int8_kernel_fits(in_features):
@@ -330,11 +376,12 @@ def _as_released(weight, out_features, in_features, cpu_layout):
     """The weight in the released layout: itself, or a converted copy of a CPU int4 kernel layout."""
     if weight.dtype != torch.uint8:
         return weight
-    return _unsigned_to_released(_unpack_cpu_int4(weight, out_features, in_features, cpu_layout))
+    return CpuInt4Layout(*cpu_layout).to_released(weight, out_features, in_features)
 
 
 # The fp32 and fp16 CPU kernels are scalar loops, 15-30x slower than the bfloat16 ones (torch 2.13);
-# rounding activations to bfloat16 costs far less accuracy than the int8/int4 weights already do.
+# rounding float16 activations to bfloat16 costs far less accuracy than the int8/int4 weights already
+# do. (A float32 model takes the exact float32 path instead: its users asked for float32 numerics.)
 # The weight-only kernels are vector loops that re-read the weight for every row (time grows
 # linearly with the rows): right for decode, up to 10x slower than a bfloat16 GEMM for a prompt.
 # From CPU_GEMM_MIN_ROWS[bits] rows on, the layer's integers are unpacked to a temporary bfloat16
@@ -342,6 +389,9 @@ def _as_released(weight, out_features, in_features, cpu_layout):
 # them). Unpacking costs about what a 60-row (int8) or 150-row (int4) kernel call does on the 6B shapes
 # on the benchmark machine (bench/README.md); the thresholds sit at or above those break-evens.
 CPU_GEMM_MIN_ROWS = {8: 64, 4: 192}
+# Activation dtypes that take those bfloat16 paths. A float32 model computes in float32 instead, as
+# the published CPU kernels do (dequantize to float32, float32 matmul): exact, not 1-3% off.
+_CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _cpu_int8_linear(x2d, weight, scale):
@@ -372,7 +422,7 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
     out_features, in_features = scale.shape[0], x2d.shape[1]
     x2d_bf16 = x2d.to(torch.bfloat16).contiguous()
     if x2d.shape[0] >= CPU_GEMM_MIN_ROWS[4]:
-        weight = _unpack_cpu_int4(packed, out_features, in_features, layout, torch.bfloat16, signed=True)
+        weight = layout.unpack(packed, out_features, in_features, torch.bfloat16, signed=True)
         out = F.linear(x2d_bf16, weight)
     else:
         group_size = next(size for size in _CPU_INT4_GROUP_SIZES if in_features % size == 0)
@@ -383,6 +433,124 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
             _unit_scales_and_zeros(in_features // group_size, out_features),
         )
     return out.mul_(scale.to(torch.bfloat16)).to(x2d.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional CPU accelerator: onnxruntime's MatMulNBits
+# ---------------------------------------------------------------------------------------------
+
+# The CPU kernels a quantized layer may use (`set_cpu_kernel`; config `quantization_cpu_kernel`):
+# - "torch" (default): the PyTorch paths above; exact weight-only numerics.
+# - "onnxruntime": onnxruntime's MatMulNBits (com.microsoft) with accuracy_level 4. It quantizes
+#   activations to int8 per block of `MATMULNBITS_BLOCK` inputs and multiplies with integer dot
+#   products (ggml's q4_0 x q8_0 numerics), in prebuilt AVX2 / AVX512 / VNNI / AMX / Arm kernels.
+#   Weights stay exact; the activation rounding is measured by bench/quantization_accuracy.py.
+#   Optional: `pip install onnxruntime onnx`; without them layers keep the "torch" kernels.
+CPU_KERNELS = ("torch", "onnxruntime")
+# Inputs per MatMulNBits block: one (repeated) row scale and one activation scale per block. Scales
+# are float32 per block: 4 bytes per 128 weights, 6% on top of the int4 bytes.
+MATMULNBITS_BLOCK = 128
+
+
+@functools.cache
+def _onnxruntime():
+    """(onnxruntime, onnx, numpy) when installed; None, with one warning, when not."""
+    try:
+        import numpy
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        logger.warning(
+            f"cpu_kernel='onnxruntime' needs the onnxruntime and onnx packages ({error}); "
+            "quantized layers use the torch CPU kernels instead."
+        )
+        return None
+    return onnxruntime, onnx, numpy
+
+
+def _external_initializer(onnx, name, data_type, shape, nbytes):
+    """A graph initializer whose bytes the session takes from `add_external_initializers`, not from the model."""
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=shape, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+class MatMulNBits:
+    """One quantized matrix in an onnxruntime session: `self(x)` = x @ W.T for float32 x [M, K].
+
+    The session is built from the released bytes (`weight`, `scale` [N]) without a copy inside the
+    model proto: MatMulNBits takes unsigned nibbles with zero point 8 (int8: bytes with zero point
+    128), input 2c in the LOW nibble, rows padded to whole blocks, and a float32 scale per block (the
+    row scale repeated). onnxruntime packs that into its own kernel layout when the session is
+    created; the converted temporary is then dropped, so the session holds the one working copy
+    while the layer's `weight` keeps the released bytes for `state_dict()`. Measured: 1.24x the int4
+    bytes per matrix, plus a fixed cost per session that makes 112 sessions too heavy for the 6B
+    model yet (bench/README.md), which is why this kernel is opt-in.
+    """
+
+    def __init__(self, weight, scale, bits):
+        onnxruntime, onnx, self._numpy = _onnxruntime()
+        out_features, stored = weight.shape
+        in_features = stored * 8 // bits
+        blocks = -(-in_features // MATMULNBITS_BLOCK)
+        raw = weight.detach().view(torch.uint8)
+        converted = torch.zeros(out_features, blocks * MATMULNBITS_BLOCK * bits // 8, dtype=torch.uint8)
+        if bits == 4:  # swap the nibbles (input 2c low) and make them unsigned (+8 = XOR 8)
+            converted[:, :stored] = ((raw << 4) | (raw >> 4)) ^ 0x88
+        else:
+            converted[:, :stored] = raw ^ 0x80
+        scales = scale.detach().float()[:, None].expand(out_features, blocks).contiguous()
+        shapes = {"B": [out_features, blocks, MATMULNBITS_BLOCK * bits // 8], "scales": [out_features * blocks]}
+        values = {"B": converted, "scales": scales}
+        types = {"B": onnx.TensorProto.UINT8, "scales": onnx.TensorProto.FLOAT}
+        helper = onnx.helper
+        node = helper.make_node(
+            "MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
+            K=in_features, N=out_features, bits=bits, block_size=MATMULNBITS_BLOCK, accuracy_level=4,
+        )
+        graph = helper.make_graph(
+            [node],
+            "quantized_linear",
+            [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["M", in_features])],
+            [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["M", out_features])],
+            initializer=[
+                _external_initializer(onnx, name, types[name], shapes[name], values[name].nbytes) for name in shapes
+            ],
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # torch's pool size; the two never run at once
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no spinning against torch
+        options.enable_cpu_mem_arena = False
+        initializers = [onnxruntime.OrtValue.ortvalue_from_numpy(values[name].view(shapes[name]).numpy()) for name in shapes]
+        options.add_external_initializers(list(shapes), initializers)
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.in_features, self.out_features = in_features, out_features
+        # onnxruntime packs constant weights and their scales into its own layout; where it did not
+        # (a CPU without its kernels), it reads the buffers given here at every call: keep them then.
+        probe = torch.ones(1, in_features)
+        before = self(probe)
+        scales.zero_()
+        reads_buffers = not torch.equal(self(probe), before)
+        scales.copy_(scale.detach().float()[:, None].expand(out_features, blocks))
+        self._kept = (converted, scales, initializers) if reads_buffers else None
+
+    def __call__(self, x2d):
+        """float32 [M, K] (rows contiguous) -> float32 [M, N], bound to the session without copies."""
+        rows = x2d.shape[0]
+        out = torch.empty(rows, self.out_features, dtype=torch.float32)
+        if rows == 0:
+            return out
+        x2d = x2d.contiguous()
+        binding = self.session.io_binding()
+        binding.bind_input("A", "cpu", 0, self._numpy.float32, [rows, self.in_features], x2d.data_ptr())
+        binding.bind_output("Y", "cpu", 0, self._numpy.float32, [rows, self.out_features], out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,14 +681,25 @@ def _cuda_linear(x2d, weight, scale, bias, bits):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fallback_linear(x2d, weight, scale, bias, bits):
-    """Portable path: dequantize the released layout and multiply."""
-    bias = bias.to(x2d.dtype) if bias is not None else None
-    return F.linear(x2d, dequantize_weight(weight, scale, bits).to(x2d.dtype), bias)
+def _fallback_linear(x2d, weight, scale, bias, bits, cpu_layout=None):
+    """Portable, exact path: dequantize to the activations' dtype and multiply in it.
+
+    For a float32 model these are the published CPU kernels' numerics (float32 weights, float32
+    matmul). `weight` is the released layout, or uint8 in the CPU int4 layout `cpu_layout`.
+    """
+    scale = scale.to(x2d.dtype)
+    if weight.dtype == torch.uint8:
+        weight = cpu_layout.unpack(weight, scale.shape[0], x2d.shape[1], x2d.dtype, signed=True)
+        weight.mul_(scale[:, None])
+    else:
+        weight = dequantize_weight(weight, scale, bits)
+    return F.linear(x2d, weight, bias.to(x2d.dtype) if bias is not None else None)
 
 
 def _quantized_linear(x2d, weight, scale, bias, bits, cpu_layout):
     """x2d [M, in] -> [M, out]; `weight` is released int8, or uint8 in the CPU int4 kernel layout `cpu_layout`."""
+    if x2d.dtype not in _CPU_KERNEL_DTYPES and weight.device.type == "cpu":
+        return _fallback_linear(x2d, weight, scale, bias, bits, cpu_layout)
     if weight.dtype == torch.uint8:
         out = _cpu_int4_linear(x2d, weight, scale, cpu_layout)
     elif weight.device.type == "cpu" and bits == 8 and _cpu_int8_kernel_fits(x2d.shape[1]):
@@ -559,6 +738,39 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias, None, None
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def _page_out(tensor):
+    """Ask Linux to reclaim the pages under `tensor` (madvise MADV_PAGEOUT); best effort, never loses data.
+
+    Clean pages of a memory-mapped checkpoint are dropped (and read again from the file if the tensor
+    is used, e.g. by `state_dict()`); anonymous and written pages stay where there is no swap, or are
+    swapped out. After onnxruntime has packed its copy of a weight, this keeps the released bytes of
+    a checkpoint loaded as stored out of resident memory.
+    """
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+        end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+    except (OSError, AttributeError):
+        pass
+
+
+@torch.compiler.disable
+def _onnxruntime_linear(matmul, x, bias):
+    out = matmul(x.reshape(-1, x.shape[-1]).float()).to(x.dtype)
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,6 +814,9 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
         # Which CPU int4 layout `weight` holds while it is uint8 (it travels with a pickled module).
         self._cpu_layout = None
+        # One of CPU_KERNELS (`set_cpu_kernel`); "onnxruntime" builds `_matmulnbits` at the first CPU forward.
+        self.cpu_kernel = "torch"
+        self._matmulnbits = None
 
     @classmethod
     def from_linear(cls, linear, bits):
@@ -638,18 +853,23 @@ class QuantizedLinear(nn.Module):
             )
         raise ValueError(f"QuantizedLinear has no tensor named {name!r}")
 
-    def _check_parameters(self):
-        # Loaders that assign parameters directly bypass _load_from_state_dict: check at use.
-        is_cpu_layout = (
-            self.weight.dtype == torch.uint8
-            and self.weight.dim() == 1
-            and self.weight.numel() * 2 == self.out_features * self.in_features
-        )
-        if not is_cpu_layout:
-            self.check_loaded_tensor("weight", self.weight)
-        self.check_loaded_tensor("weight_scale", self.weight_scale)
-        if self.bias is not None:
-            self.check_loaded_tensor("bias", self.bias)
+    def __setattr__(self, name, value):
+        # Loaders that assign tensors (transformers 5, `load_state_dict(assign=True)`, users) come
+        # through here, the others through `_load_from_state_dict`: the stored tensors are checked
+        # once, where they enter the layer, and `forward` (112 calls per 6B token) checks nothing.
+        if name in ("weight", "weight_scale", "bias") and isinstance(value, torch.Tensor) and "bits" in self.__dict__:
+            in_cpu_layout = (
+                name == "weight"
+                and value.dtype == torch.uint8
+                and value.dim() == 1
+                and value.numel() * 2 == self.out_features * self.in_features
+            )
+            if not in_cpu_layout:
+                self.check_loaded_tensor(name, value)
+            super().__setattr__(name, value)
+            self.__dict__["_matmulnbits"] = None  # built from the old weight: rebuild at the next forward
+            return
+        super().__setattr__(name, value)
 
     # -- layouts ------------------------------------------------------------------------------
 
@@ -682,7 +902,7 @@ class QuantizedLinear(nn.Module):
                     converted = released.view(torch.uint8).view(-1)
                 else:
                     converted = torch.empty(released.numel(), dtype=torch.uint8)
-                _pack_cpu_int4_into(released, converted, cpu_layout)
+                cpu_layout.pack_into(released, converted)
             if self.weight.is_inference():
                 # Made under inference_mode (`quantize` called there): such a Parameter cannot take
                 # normal data, and nothing that trains can hold it.
@@ -691,12 +911,26 @@ class QuantizedLinear(nn.Module):
                 self.weight.data = converted
         self._cpu_layout = cpu_layout
 
+    def _onnxruntime_fits(self, x):
+        return x.device.type == "cpu" and self.weight.device.type == "cpu" and _onnxruntime() is not None
+
+    @torch.compiler.disable  # runs once per layer
+    def _matmulnbits_for_forward(self):
+        if self._matmulnbits is None:
+            # Weights loaded in place (`load_state_dict` writes into the parameters) must rebuild it too.
+            with torch.inference_mode(False):
+                self._matmulnbits = MatMulNBits(self.released_weight(), self.weight_scale, self.bits)
+            if self._matmulnbits._kept is None:
+                _page_out(self.weight)
+        return self._matmulnbits
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.dtype == torch.uint8:
             destination[prefix + "weight"] = self.released_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        self._matmulnbits = None
         for name in ("weight", "weight_scale", "bias"):
             key = prefix + name
             if key in state_dict and getattr(self, name) is not None:
@@ -710,9 +944,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
-        self._check_parameters()
         weight = self._weight_for_forward()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if not needs_grad and self.cpu_kernel == "onnxruntime" and self._onnxruntime_fits(x):
+            return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.
             return _quantized_linear_nd(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
@@ -779,6 +1014,22 @@ def quantize_model(transformer, bits, empty_init=False, device=None):
         if device is not None and empty_init:
             layer.to(device)
     return transformer
+
+
+def set_cpu_kernel(model, kernel):
+    """Make every `QuantizedLinear` in `model` compute on the CPU with `kernel` (one of `CPU_KERNELS`); returns `model`.
+
+    "onnxruntime" without onnxruntime and onnx installed warns once and keeps the torch kernels.
+    """
+    if kernel not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernel must be one of {', '.join(map(repr, CPU_KERNELS))}; got {kernel!r}")
+    if kernel == "onnxruntime":
+        _onnxruntime()  # the warning, now rather than at the first forward
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.cpu_kernel != kernel:
+            module.cpu_kernel = kernel
+            module._matmulnbits = None
+    return model
 
 
 def quantize_output_layer(transformer, bits, empty_init=False, device=None):

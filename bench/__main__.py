@@ -55,6 +55,12 @@ def parse_args(argv):
         choices=(4, 8),
         help="also measure each int8/int4 file with output_layer quantized to these bits (opt-in, not the release)",
     )
+    parser.add_argument(
+        "--cpu-kernel",
+        default="torch",
+        choices=("torch", "onnxruntime"),
+        help="CPU kernel of the int8/int4 files' layers (quantize(bits, cpu_kernel=...); onnxruntime: int8 activations)",
+    )
     parser.add_argument("--runs", type=int, help="repetitions of each speed measurement (default 3; --quick 1)")
     parser.add_argument("--prefill-lengths", type=integer_list, help="prompt lengths; decode follows the first (default 128,512)")
     parser.add_argument("--batches", type=integer_list, help="decode batch sizes (default 1,4)")
@@ -114,10 +120,16 @@ def plan_configurations(args, config):
             configurations.append(dict(configuration, load_path="fp16 shards", dtype=FLOAT_DTYPE, flags=[]))
             continue
         long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
+        kernel = [] if args.cpu_kernel == "torch" else ["--cpu-kernel", args.cpu_kernel]
+        kernel_suffix = "" if args.cpu_kernel == "torch" else f", {args.cpu_kernel}"
         for dtype, suffix in QUANTIZED_FILE_DTYPES.items():
-            configurations.append(
-                dict(configuration, label=precision + suffix, load_path=f"int{bits} file", dtype=dtype, flags=long_conversation)
-            )
+            configurations.append(dict(
+                configuration,
+                label=precision + suffix + kernel_suffix,
+                load_path=f"int{bits} file" + (f" + cpu_kernel={args.cpu_kernel}" if kernel else ""),
+                dtype=dtype,
+                flags=long_conversation + kernel,
+            ))
         if args.output_layer_bits:
             configurations.append(dict(
                 configuration,

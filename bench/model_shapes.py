@@ -1,22 +1,18 @@
 """The released tensor list of a ChatGLM2 config, and the bytes a decoded token must read.
 
-Everything here is arithmetic on a `config.json` dict (spec §2 and §6), so the orchestrator can plan
-checkpoints and rooflines without importing the model code.
+The tensors (names, shapes, order, which ones int8/int4 quantize) come from the model itself, built
+from this repository's code on the `meta` device (no memory, no weights), so the benchmark cannot
+drift from the model it measures; the rest is arithmetic on a `config.json` dict (spec §2 and §6).
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import torch
 
-# The four projection matrices of every layer that int8/int4 quantize (spec §6).
-QUANTIZED_MATRICES = (
-    "self_attention.query_key_value",
-    "self_attention.dense",
-    "mlp.dense_h_to_4h",
-    "mlp.dense_4h_to_h",
-)
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # `--quick`: tiny shapes that exercise every code path in seconds. Dimensions stay multiples of 128
 # so that quantized CPU kernels with blocked layouts see shapes they accept, as the 6B shapes are.
@@ -63,6 +59,7 @@ class TensorSpec:
     name: str
     shape: tuple
     init: str  # "normal" (std 0.02), "ones" (norm weights) or "inv_freq" (the exact rotary buffer)
+    quantized: bool  # int8/int4 store it quantized (an int8 tensor plus `{name}_scale`)
 
     @property
     def numel(self):
@@ -71,42 +68,37 @@ class TensorSpec:
             count *= size
         return count
 
-    @property
-    def quantized(self):
-        return self.name.endswith(".weight") and self.name[: -len(".weight")].endswith(QUANTIZED_MATRICES)
+
+def _initializer(name):
+    if name.endswith("rotary_pos_emb.inv_freq"):
+        return "inv_freq"
+    if name.endswith("layernorm.weight"):
+        return "ones"
+    return "normal"
 
 
-def qkv_size(config):
-    heads, head_dim = config["num_attention_heads"], config["kv_channels"]
-    if config["multi_query_attention"]:
-        return heads * head_dim + 2 * config["multi_query_group_num"] * head_dim
-    return 3 * heads * head_dim
+@functools.lru_cache(maxsize=4)
+def _meta_state_shapes(shapes_json, quantization_bit):
+    """{name: (shape, dtype)} of the model's state dict, the model built from this repository's code on `meta`."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(
+        REPO_ROOT, trust_remote_code=True, quantization_bit=quantization_bit, **json.loads(shapes_json)
+    )
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=True, dtype=torch.float16)
+    return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in model.state_dict().items()}
 
 
 def release_tensors(config):
-    """Every tensor of the floating-point release, in the release's order (spec §2)."""
-    hidden, ffn, vocab = config["hidden_size"], config["ffn_hidden_size"], config["padded_vocab_size"]
-    projection = config["num_attention_heads"] * config["kv_channels"]
-    tensors = [
-        TensorSpec("transformer.embedding.word_embeddings.weight", (vocab, hidden), "normal"),
-        TensorSpec("transformer.rotary_pos_emb.inv_freq", (config["kv_channels"] // 4,), "inv_freq"),
+    """Every tensor of the floating-point release, in the release's (the model's state dict) order (spec §2)."""
+    shapes_json = json.dumps(shape_summary(config), sort_keys=True)
+    float_model = _meta_state_shapes(shapes_json, 0)
+    quantized_model = _meta_state_shapes(shapes_json, 4)
+    return [
+        TensorSpec(name, shape, _initializer(name), quantized=quantized_model[name][1] == torch.int8)
+        for name, (shape, _) in float_model.items()
     ]
-    for layer in range(config["num_layers"]):
-        prefix = f"transformer.encoder.layers.{layer}."
-        tensors.append(TensorSpec(prefix + "input_layernorm.weight", (hidden,), "ones"))
-        tensors.append(TensorSpec(prefix + "self_attention.query_key_value.weight", (qkv_size(config), hidden), "normal"))
-        if config["add_qkv_bias"] or config["add_bias_linear"]:
-            tensors.append(TensorSpec(prefix + "self_attention.query_key_value.bias", (qkv_size(config),), "normal"))
-        tensors.append(TensorSpec(prefix + "self_attention.dense.weight", (hidden, projection), "normal"))
-        tensors.append(TensorSpec(prefix + "post_attention_layernorm.weight", (hidden,), "ones"))
-        tensors.append(TensorSpec(prefix + "mlp.dense_h_to_4h.weight", (2 * ffn, hidden), "normal"))
-        tensors.append(TensorSpec(prefix + "mlp.dense_4h_to_h.weight", (hidden, ffn), "normal"))
-        if config["add_bias_linear"]:
-            for name, size in (("self_attention.dense", hidden), ("mlp.dense_h_to_4h", 2 * ffn), ("mlp.dense_4h_to_h", hidden)):
-                tensors.append(TensorSpec(prefix + name + ".bias", (size,), "normal"))
-    tensors.append(TensorSpec("transformer.encoder.final_layernorm.weight", (hidden,), "ones"))
-    tensors.append(TensorSpec("transformer.output_layer.weight", (vocab, hidden), "normal"))
-    return tensors
 
 
 def kv_cache_bytes_per_token(config, element_bytes=2):

@@ -2,12 +2,13 @@
 
 Random weights say nothing about accuracy, so this uses `demo/tiny-chatglm2`, a trained model, loaded
 as a user loads it. For every training dialog it teacher-forces the trained answer through the chat
-prompt and compares the logits of `quantize(8)`, `quantize(4)` and `quantize(4, output_layer_bits=8)`
-with float32 (relative L2 error, agreement of the top token), then replays each prompt through
+prompt and compares the logits of `quantize(8)`, `quantize(4)` and `quantize(4, output_layer_bits=8)`,
+and of int8/int4 on the onnxruntime CPU kernel (int8 activations) where it is installed, with float32 (relative L2 error, agreement of the top token), then replays each prompt through
 greedy `chat` and counts answers that equal float32's. Prints a table and writes `<out>/quantization-accuracy.json`.
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,8 +20,16 @@ from .model_shapes import REPO_ROOT
 
 DEMO_MODEL = REPO_ROOT / "demo" / "tiny-chatglm2"
 DIALOGS = REPO_ROOT / "demo" / "data" / "dialogs.jsonl"
-# name -> (bits of the layers, bits of output_layer; 0 = float)
-VARIANTS = {"int8": (8, 0), "int4": (4, 0), "int4, int8 output_layer": (4, 8)}
+# name -> (bits of the layers, bits of output_layer (0 = float), CPU kernel). The model runs in
+# float32, so the "torch" rows are the weights' error alone (exact float32 arithmetic, as the published
+# CPU kernels); the "onnxruntime" rows add its int8 activations (needs onnxruntime and onnx).
+VARIANTS = {
+    "int8": (8, 0, "torch"),
+    "int4": (4, 0, "torch"),
+    "int4, int8 output_layer": (4, 8, "torch"),
+    "int8, onnxruntime (int8 activations)": (8, 0, "onnxruntime"),
+    "int4, onnxruntime (int8 activations)": (4, 0, "onnxruntime"),
+}
 
 
 def turns(path):
@@ -39,9 +48,13 @@ def teacher_forced_ids(tokenizer, query, history, response):
     return torch.tensor([prompt_ids + response_ids]), len(prompt_ids)
 
 
-def load(model_path, bits=0, output_layer_bits=0):
+def load(model_path, bits=0, output_layer_bits=0, cpu_kernel="torch"):
     model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=torch.float32).eval()
-    return model.quantize(bits, output_layer_bits=output_layer_bits)
+    return model.quantize(bits, output_layer_bits=output_layer_bits, cpu_kernel=cpu_kernel)
+
+
+def available(cpu_kernel):
+    return cpu_kernel == "torch" or all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx"))
 
 
 @torch.inference_mode()
@@ -49,7 +62,7 @@ def measure(model_path, limit):
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
     samples = list(turns(DIALOGS))[:limit]
     reference = load(model_path)
-    models = {name: load(model_path, *bits) for name, bits in VARIANTS.items()}
+    models = {name: load(model_path, *variant) for name, variant in VARIANTS.items() if available(variant[2])}
     errors = {name: [] for name in models}
     agreeing = dict.fromkeys(models, 0)
     answers_equal = dict.fromkeys(models, 0)

@@ -84,6 +84,8 @@ def load_model(args, dtype):
         model = model.quantize(args.quantize_bits, device=args.device if args.device == "cuda" else None)
     if args.output_layer_bits:
         model = model.quantize(model.config.quantization_bit, output_layer_bits=args.output_layer_bits)
+    if args.cpu_kernel:
+        model = model.quantize(model.config.quantization_bit, cpu_kernel=args.cpu_kernel)
     model = model.to(args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -172,6 +174,7 @@ def parse_args(argv):
     parser.add_argument("--label", required=True, help="name of this configuration in progress lines")
     parser.add_argument("--quantize-bits", type=int, default=0, help="call model.quantize(bits) after loading")
     parser.add_argument("--output-layer-bits", type=int, default=0, help="then quantize output_layer to these bits")
+    parser.add_argument("--cpu-kernel", help="then choose the quantized layers' CPU kernel (quantize(bits, cpu_kernel=...))")
     parser.add_argument("--dtype", default="bfloat16", help="torch dtype name, or auto: the checkpoint's (config torch_dtype)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, required=True)

@@ -96,6 +96,21 @@ def test_pack_int4_rejects_odd_width_out_of_range_values_and_non_int8():
         Q.pack_int4(torch.zeros(2, 2, dtype=torch.int32))
 
 
+def test_quantized_projection_names_the_projection_of_a_weight_key_and_nothing_else():
+    assert Q.quantized_projection("transformer.encoder.layers.27.mlp.dense_4h_to_h.weight") == "mlp.dense_4h_to_h"
+    assert Q.quantized_projection("encoder.layers.0.self_attention.query_key_value.weight") == "self_attention.query_key_value"
+    for key in (
+        "transformer.encoder.layers.0.self_attention.query_key_value.bias",
+        "transformer.encoder.layers.0.self_attention.query_key_value.weight_scale",
+        "transformer.encoder.layers.0.input_layernorm.weight",
+        "transformer.output_layer.weight",
+        "transformer.encoder.layers.x.mlp.dense_h_to_4h.weight",
+        "my_encoder.layers.0.mlp.dense_h_to_4h.weight",
+    ):
+        assert Q.quantized_projection(key) is None, key
+    assert all(Q.quantized_projection(f"encoder.layers.3.{path}.weight") == path for path in Q.QUANTIZED_PROJECTIONS)
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize_weight / dequantize_weight
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +209,7 @@ def count_kernel_calls(monkeypatch, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("many_rows", [False, True], ids=["kernel-rows", "gemm-rows"])
 def test_cpu_kernel_output_matches_dequantized_reference(monkeypatch, bits, dtype, many_rows):
     """Few rows (decode) go through the weight-only kernel, many (prefill) through a bfloat16 GEMM."""
@@ -210,6 +225,21 @@ def test_cpu_kernel_output_matches_dequantized_reference(monkeypatch, bits, dtyp
     assert len(kernel_calls) == (0 if many_rows else 1)
     if bits == 4:
         assert layer.weight.dtype == torch.uint8  # converted to torch's CPU int4 layout
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 6, 300])
+def test_float32_layer_computes_in_float32_like_the_published_cpu_kernels(monkeypatch, bits, rows):
+    """A float32 model's layers dequantize to float32 and multiply in float32 (the published CPU
+    kernels' numerics), to 1e-5: no bfloat16 round trip (1-3% error) on any path, decode or prompt."""
+    layer = make_layer(*KERNEL_SHAPE, bits, torch.float32)
+    layer(torch.randn(1, KERNEL_SHAPE[1]).bfloat16().float())  # CPU int4 layers take their kernel layout first
+    kernel_calls = count_kernel_calls(monkeypatch, bits)
+    x = torch.randn(rows, KERNEL_SHAPE[1])
+    out = layer(x)
+    assert out.dtype == torch.float32
+    assert_close_relative(out, reference_output(layer, x), 1e-5)
+    assert kernel_calls == []  # the bfloat16 weight-only kernels never see float32 activations
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -263,7 +293,7 @@ def test_cpu_int4_layout_is_recognised_and_inverted_on_other_cpu_capabilities(ca
         import importlib.util, torch
         spec = importlib.util.spec_from_file_location("q", {str(QUANTIZATION_PY)!r})
         Q = importlib.util.module_from_spec(spec); spec.loader.exec_module(Q)
-        assert Q._cpu_int4_layout() is not None, torch.backends.cpu.get_cpu_capability()
+        assert Q.detect_cpu_int4_layout() is not None, torch.backends.cpu.get_cpu_capability()
         for out_features in (16, 48, 176, 272):
             weight = torch.randn(out_features, 64)
             layer = Q.QuantizedLinear(64, out_features, 4, bias=False)
@@ -297,16 +327,45 @@ def test_cpu_int4_layout_is_torchs_packing_and_converts_back_to_the_same_release
 @pytest.mark.parametrize("out_features", [48, 176, 272])
 def test_cpu_int4_packing_block_by_block_matches_packing_the_whole_matrix(monkeypatch, out_features):
     # Steps of one 64-row block: several steps, then the rows torch packs as a block of their own.
-    monkeypatch.setattr(Q, "_CPU_INT4_PACK_ROWS", 64)
-    layout = Q._cpu_int4_layout()
+    monkeypatch.setattr(Q.CpuInt4Layout, "PACK_ROWS", 64)
+    layout = Q.detect_cpu_int4_layout()
     released = make_layer(out_features, 96, 4, bias=False).weight.detach().clone()
-    expected = Q._pack_cpu_int4(Q._released_to_unsigned(released), layout)
+    unsigned = Q.CpuInt4Layout.released_to_unsigned(released).to(torch.int32)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 2).reshape(-1)
     into_new = torch.empty(released.numel(), dtype=torch.uint8)
-    Q._pack_cpu_int4_into(released, into_new, layout)
+    layout.pack_into(released, into_new)
     in_place = released.clone()
-    Q._pack_cpu_int4_into(in_place, in_place.view(torch.uint8).view(-1), layout)
+    layout.pack_into(in_place, in_place.view(torch.uint8).view(-1))
     assert torch.equal(into_new, expected)
     assert torch.equal(in_place.view(torch.uint8).view(-1), expected)
+
+
+LAYOUTS = [Q.CpuInt4Layout(*layout) for layout in ((64, True), (32, True), (64, False), (32, False), (16, False))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("out_features", [16, 48, 80, 176])
+def test_cpu_int4_layout_unit_round_trips_and_unpacks_every_layout(layout, out_features):
+    """The layout unit on its own, for every layout a torch build may use: released -> layout in
+    place -> released gives the same bytes, and unpacking gives the released values (signed) or
+    those + 8 (unsigned) in any dtype."""
+    generator = torch.Generator().manual_seed(out_features)
+    q = torch.randint(-8, 8, (out_features, 64), dtype=torch.int8, generator=generator)
+    released = Q.pack_int4(q)
+    converted = released.clone()
+    layout.pack_into(converted, converted.view(torch.uint8).view(-1))
+    packed = converted.view(torch.uint8).view(-1)
+    assert not torch.equal(converted, released)  # the bytes did move
+    assert torch.equal(layout.to_released(packed, out_features, 64), released)
+    assert torch.equal(layout.unpack(packed, out_features, 64), (q + 8).to(torch.uint8))
+    for dtype in (torch.int8, torch.float32, torch.bfloat16):
+        assert torch.equal(layout.unpack(packed, out_features, 64, dtype, signed=True), q.to(dtype))
+    assert torch.equal(Q.CpuInt4Layout.unsigned_to_released(Q.CpuInt4Layout.released_to_unsigned(released)), released)
+
+
+def test_cpu_int4_layout_fits_only_the_shapes_the_kernel_takes():
+    assert Q.CpuInt4Layout.fits(16, 32) and Q.CpuInt4Layout.fits(4096, 13696)
+    assert not Q.CpuInt4Layout.fits(40, 64) and not Q.CpuInt4Layout.fits(48, 66) and not Q.CpuInt4Layout.fits(48, 48)
 
 
 def test_only_a_tensor_nothing_else_shares_counts_as_sole_holder_of_its_memory():
@@ -496,11 +555,25 @@ def test_loading_a_scale_of_the_wrong_shape_names_it():
         layer.load_state_dict(state)
 
 
-def test_a_mismatched_tensor_assigned_directly_fails_at_the_first_forward():
+def test_a_mismatched_tensor_assigned_directly_fails_where_it_is_assigned():
     layer = Q.QuantizedLinear(64, 40, 4)
-    layer.weight = nn.Parameter(torch.randn(40, 64), requires_grad=False)  # as a loader's setattr would
     with pytest.raises(ValueError, match=r"weight.*\(40, 32\).*\(40, 64\)"):
-        layer(torch.randn(1, 64))
+        layer.weight = nn.Parameter(torch.randn(40, 64), requires_grad=False)  # as transformers 5's loader does
+    with pytest.raises(ValueError, match=r"weight_scale.*\(40,\).*\(40, 1\)"):
+        layer.weight_scale = nn.Parameter(torch.ones(40, 1), requires_grad=False)
+    assert layer.weight.shape == (40, 32) and layer.weight_scale.shape == (40,)  # left as they were
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_forward_checks_no_stored_tensor(monkeypatch, bits):
+    """Stored tensors are checked once where they enter the layer, not at each of the 112 calls per 6B token."""
+    layer = make_layer(*KERNEL_SHAPE, bits, torch.bfloat16)
+    checks = []
+    monkeypatch.setattr(Q, "check_stored_weight", lambda *args, **kwargs: checks.append(args))
+    monkeypatch.setattr(Q.QuantizedLinear, "check_loaded_tensor", lambda *args, **kwargs: checks.append(args))
+    for rows in (1, 1, Q.CPU_GEMM_MIN_ROWS[bits]):
+        layer(torch.randn(rows, KERNEL_SHAPE[1], dtype=torch.bfloat16))
+    assert checks == []
 
 
 def test_constructor_rejects_bad_bits_and_odd_int4_width():
@@ -726,3 +799,88 @@ def test_triton_failure_on_first_launch_falls_back_and_later_failures_raise(monk
     monkeypatch.setattr(Q, "_triton_linear", no_compiler)
     with pytest.raises(RuntimeError, match="ptxas"):  # ...so a later error is real and surfaces
         Q._cuda_linear(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional onnxruntime CPU kernel
+# ---------------------------------------------------------------------------------------------
+
+needs_onnxruntime = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
+    reason="onnxruntime and onnx are optional",
+)
+
+
+@needs_onnxruntime
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 200])
+def test_onnxruntime_kernel_stays_within_int8_activation_error_and_keeps_the_released_bytes(bits, dtype, rows):
+    # 200 inputs: not a whole number of 128-input blocks, so the last block is padded.
+    layer = make_layer(48, 200, bits, dtype)
+    released = layer.weight.detach().clone()
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    x = torch.randn(rows, 200).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == dtype and out.shape == (rows, 48)
+    # int8 activations per 128-input block: about 0.5% here, as ggml's q8_0; bfloat16 output rounding on top.
+    assert_close_relative(out, reference_output(layer, x), 2e-2)
+    assert layer._matmulnbits._kept is None  # onnxruntime packed its own copy; the converted buffer is gone
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.state_dict()["weight"], released)
+
+
+@needs_onnxruntime
+def test_onnxruntime_kernel_rebuilds_after_new_weights_are_loaded():
+    layer = make_layer(*KERNEL_SHAPE, 4, seed=0)
+    other = make_layer(*KERNEL_SHAPE, 4, seed=1)
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    x = torch.randn(2, KERNEL_SHAPE[1])
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        assert_close_relative(layer(x), reference_output(other, x), 2e-2)
+        layer.weight = nn.Parameter(make_layer(*KERNEL_SHAPE, 4, seed=2).weight.detach(), requires_grad=False)
+        assert layer._matmulnbits is None
+
+
+@needs_onnxruntime
+def test_onnxruntime_kernel_is_not_used_for_training():
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    x = torch.randn(2, KERNEL_SHAPE[1], requires_grad=True)
+    layer(x).sum().backward()
+    assert layer._matmulnbits is None and x.grad is not None
+
+
+def test_onnxruntime_kernel_without_onnxruntime_warns_and_keeps_the_torch_kernels(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    without = load_quantization("chatglm_quantization_without_onnxruntime")
+    layer = without.QuantizedLinear.from_linear(nn.Linear(64, 48), 4)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer.bfloat16()(x)
+        with caplog.at_level("WARNING"):
+            without.set_cpu_kernel(layer, "onnxruntime")
+        assert "onnxruntime" in caplog.text and "torch CPU kernels instead" in caplog.text
+        assert torch.equal(layer(x), expected)
+    assert layer._matmulnbits is None
+
+
+def test_set_cpu_kernel_names_the_choices_for_an_unknown_kernel():
+    with pytest.raises(ValueError, match="'torch', 'onnxruntime'.*'cuda'"):
+        Q.set_cpu_kernel(make_layer(*KERNEL_SHAPE, 4), "cuda")
+
+
+def test_paging_out_a_weight_never_changes_its_bytes(tmp_path):
+    # Clean pages of a mapped checkpoint may be dropped and read again; written and anonymous pages stay.
+    anonymous = torch.randint(-128, 128, (300, 4096), dtype=torch.int8)
+    torch.save({"w": anonymous}, tmp_path / "w.bin")
+    mapped = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    written = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    written[7] = 1  # a private copy-on-write page now
+    expected_written = written.clone()
+    for tensor, expected in ((anonymous, anonymous.clone()), (mapped, anonymous.clone()), (written, expected_written)):
+        assert torch.equal(tensor, expected)  # resident now
+        Q._page_out(tensor)
+        assert torch.equal(tensor, expected)

@@ -69,6 +69,29 @@ def test_int8_tracks_float_closer_than_int4_and_greedy_tokens_mostly_agree(float
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+def test_float32_quantized_model_matches_float32_layers_with_the_dequantized_weights(float_folder, bits):
+    """The published CPU kernels dequantize to float32 and multiply in float32: a float32 model's
+    quantized layers must give those logits to 1e-5, through the prompt and through decode steps."""
+    quantized = load(float_folder, dtype=torch.float32).quantize(bits)
+    dequantized = load(float_folder, dtype=torch.float32)
+    for quantized_layer, float_layer in zip(quantized.transformer.encoder.layers, dequantized.transformer.encoder.layers):
+        for path in PROJECTIONS:
+            layer = quantized_layer.get_submodule(path)
+            with torch.no_grad():
+                weight = layer.released_weight()
+                q = weight if bits == 8 else torch.stack((weight >> 4, (weight << 4) >> 4), -1).flatten(-2)
+                float_layer.get_submodule(path).weight.copy_(q.float() * layer.weight_scale.float()[:, None])
+    ids = ids_of(batch=2, length=12)
+    with torch.no_grad():
+        for _ in range(2):  # the first call also moves CPU int4 weights into their kernel layout
+            prompt = quantized(ids[:, :-1], use_cache=True)
+            step = quantized(ids[:, -1:], past_key_values=prompt.past_key_values, use_cache=True).logits
+        reference = dequantized(ids).logits
+    assert relative_error(prompt.logits, reference[:, :-1]) < 1e-5
+    assert relative_error(step, reference[:, -1:]) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 def test_saved_quantized_model_uses_the_released_names_and_reloads_bit_for_bit(float_folder, tmp_path, bits):
     model = load(float_folder).quantize(bits)
     ids = ids_of()
@@ -226,3 +249,17 @@ def test_saved_model_with_quantized_output_layer_reloads_bit_for_bit(float_folde
 
     with pytest.raises(ValueError, match=r"output_layer\.weight: a floating point layer .*set output_layer_quantization_bit=8"):
         AutoModel.from_pretrained(tmp_path, trust_remote_code=True, output_layer_quantization_bit=0)
+
+
+def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(float_folder, tmp_path):
+    model = load(float_folder).quantize(4, cpu_kernel="onnxruntime")
+    assert model.config.quantization_cpu_kernel == "onnxruntime"
+    assert model.transformer.encoder.layers[0].mlp.dense_h_to_4h.cpu_kernel == "onnxruntime"
+    model.save_pretrained(tmp_path)
+    copy_code(tmp_path)
+    reloaded = load(tmp_path)
+    kernels = {module.cpu_kernel for module in reloaded.modules() if type(module).__name__ == "QuantizedLinear"}
+    assert kernels == {"onnxruntime"}
+    with torch.no_grad():  # runs with or without onnxruntime installed (without: the torch kernels, and a warning)
+        assert torch.isfinite(reloaded(ids_of()).logits).all()
+    assert load(tmp_path).quantize(4, cpu_kernel="torch").transformer.encoder.layers[1].self_attention.dense.cpu_kernel == "torch"

@@ -18,7 +18,6 @@ are one line naming the file (exit status 2).
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from quantization import QUANTIZED_PROJECTIONS, quantize_weight  # noqa: E402
+from quantization import quantize_weight, quantized_projection  # noqa: E402
 from tools.model_folder import (  # noqa: E402
     TOKENIZER_FILE,
     ModelFolderError,
@@ -42,16 +41,11 @@ from tools.model_folder import (  # noqa: E402
 )
 from tools.upgrade_checkpoint import check_source, write_config  # noqa: E402
 
-PROJECTION_WEIGHT = re.compile(
-    r"(?:^|\.)encoder\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_PROJECTIONS)) + r")\.weight$"
-)
-
-
 def quantize_state(state, bits, shard):
     """The shard's tensors with every projection weight replaced by its quantized weight and scale."""
     output = {}
     for key, tensor in state.items():
-        if PROJECTION_WEIGHT.search(key):
+        if quantized_projection(key):
             if not tensor.is_floating_point():
                 raise ModelFolderError(
                     f"{shard}: {key} is already quantized ({tensor.dtype}); the source must be a floating-point checkpoint"
