@@ -137,6 +137,7 @@ def quick_run(tmp_path_factory):
     return out, readme, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_configuration(quick_run):
     _, _, results = quick_run
     assert results["harness"]["quick"] is True
@@ -163,6 +164,7 @@ def test_quick_run_measures_every_configuration(quick_run):
             assert roofline["bytes_per_step"] > 0 and roofline["fraction"] > 0
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_markdown_table_and_readme_section(quick_run):
     out, readme, results = quick_run
     table = (out / "results.md").read_text()
@@ -174,6 +176,7 @@ def test_quick_run_writes_the_markdown_table_and_readme_section(quick_run):
     assert "old table" not in text and "| precision | weights loaded from |" in text
 
 
+@pytest.mark.slow
 def test_quick_run_draws_the_chart(quick_run):
     pytest.importorskip("matplotlib", reason="the chart needs matplotlib; without it the harness skips it")
     out, readme, results = quick_run

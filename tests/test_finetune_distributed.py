@@ -45,6 +45,7 @@ def launch(command, output_dir, *extra):
     return ranks, losses
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_one_model_like_one_process_with_twice_the_accumulation(tmp_path):
     ranks, ddp_losses = launch(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],

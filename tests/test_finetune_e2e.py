@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -53,6 +55,7 @@ def wrong_answers(model, tokenizer, expected_pairs):
     return wrong
 
 
+@pytest.mark.slow
 def test_lora_learns_thirty_new_facts_and_keeps_the_greetings(tmp_path):
     model, tokenizer = load_trained(DEMO)
     assert len(wrong_answers(model, tokenizer, pairs(FACTS))) == 30  # the demo model knows none of them
@@ -63,6 +66,7 @@ def test_lora_learns_thirty_new_facts_and_keeps_the_greetings(tmp_path):
     assert wrong_answers(model, tokenizer, pairs(GREETINGS)) == []
 
 
+@pytest.mark.slow
 def test_ptuning_trains_the_prefix_and_keeps_the_greetings(tmp_path):
     facts = tmp_path / "facts8.jsonl"
     facts.write_text("".join(FACTS.read_text(encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8")
