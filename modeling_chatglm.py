@@ -856,11 +856,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         After a cache, `input_ids` start with pad ids standing for the cached tokens: `generate` feeds only
         what the cache does not hold, and positions continue from the attention mask.
         """
-        continuation = cache is not None and cache.get_seq_length() > 0
+        cached_length = cache.get_seq_length() if cache is not None else 0
+        continuation = cached_length > 0
         input_ids = tokenizer.build_chat_input(query, history, role=role, continuation=continuation)["input_ids"]
         input_ids = input_ids.to(self.device)
         if continuation:
-            cached = input_ids.new_full((1, cache.get_seq_length()), tokenizer.pad_token_id)
+            cached = input_ids.new_full((1, cached_length), tokenizer.pad_token_id)
             input_ids = torch.cat((cached, input_ids), dim=1)
         length_limit = {} if "max_new_tokens" in kwargs else {"max_length": max_length}
         self._check_prompt(input_ids.shape[1], length_limit.get("max_length"))
