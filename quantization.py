@@ -387,17 +387,33 @@ def _as_released(weight, out_features, in_features, cpu_layout):
 # From CPU_GEMM_MIN_ROWS[bits] rows on, the layer's integers are unpacked to a temporary bfloat16
 # matrix (exact: |q| <= 127) and multiplied by oneDNN's GEMM (AMX / AVX512-BF16 where the CPU has
 # them). Unpacking costs about what a 60-row (int8) or 150-row (int4) kernel call does on the 6B shapes
-# on the benchmark machine (bench/README.md); the thresholds sit at or above those break-evens.
+# on the AVX-512 benchmark machine (bench/README.md); the thresholds sit at or above those break-evens.
+# Only where oneDNN has bfloat16 GEMMs (`_cpu_has_bfloat16_gemm`): elsewhere torch multiplies
+# bfloat16 matrices in a scalar loop, 3-100x slower than the kernels, and float32 GEMMs on 2 AVX2
+# cores are no faster than the kernels either (both measured in bench/README.md), so prompts stay
+# on the kernels there.
 CPU_GEMM_MIN_ROWS = {8: 64, 4: 192}
 # Activation dtypes that take those bfloat16 paths. A float32 model computes in float32 instead, as
 # the published CPU kernels do (dequantize to float32, float32 matmul): exact, not 1-3% off.
 _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# torch.compile calls this once while tracing and keeps the answer.
+@torch.compiler.assume_constant_result
+def _cpu_has_bfloat16_gemm():
+    """Whether oneDNN multiplies bfloat16 matrices on this CPU (AVX-512 and newer; not AVX2)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported is not None and supported())
+
+
+def _uses_cpu_gemm(rows, bits):
+    return rows >= CPU_GEMM_MIN_ROWS[bits] and _cpu_has_bfloat16_gemm()
+
+
 def _cpu_int8_linear(x2d, weight, scale):
     x2d_bf16 = x2d.to(torch.bfloat16).contiguous()
     scale_bf16 = scale.to(torch.bfloat16)
-    if x2d.shape[0] >= CPU_GEMM_MIN_ROWS[8]:
+    if _uses_cpu_gemm(x2d.shape[0], 8):
         out = F.linear(x2d_bf16, weight.to(torch.bfloat16)).mul_(scale_bf16)
     else:
         out = torch.ops.aten._weight_int8pack_mm(x2d_bf16, weight, scale_bf16)
@@ -421,7 +437,7 @@ def _unit_scales_and_zeros(groups, out_features):
 def _cpu_int4_linear(x2d, packed, scale, layout):
     out_features, in_features = scale.shape[0], x2d.shape[1]
     x2d_bf16 = x2d.to(torch.bfloat16).contiguous()
-    if x2d.shape[0] >= CPU_GEMM_MIN_ROWS[4]:
+    if _uses_cpu_gemm(x2d.shape[0], 4):
         weight = layout.unpack(packed, out_features, in_features, torch.bfloat16, signed=True)
         out = F.linear(x2d_bf16, weight)
     else:
