@@ -856,6 +856,18 @@ def test_onnxruntime_kernel_stays_within_int8_activation_error_and_keeps_the_rel
 
 
 @needs_onnxruntime
+def test_onnxruntime_layer_never_takes_the_torch_int4_layout(monkeypatch):
+    """Converting first would rewrite, so copy, every page of a checkpoint loaded as stored (2.7 GB of
+    the 6B model's memory) and cost 10 s, only for onnxruntime to pack the released bytes again."""
+    layer = make_layer(*KERNEL_SHAPE, 4)
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    monkeypatch.setattr(Q.CpuInt4Layout, "pack_into", lambda *args: pytest.fail("converted to the torch int4 layout"))
+    with torch.no_grad():
+        layer(torch.randn(2, KERNEL_SHAPE[1]))
+    assert layer.weight.dtype == torch.int8 and layer._matmulnbits is not None
+
+
+@needs_onnxruntime
 def test_onnxruntime_kernel_rebuilds_after_new_weights_are_loaded():
     layer = make_layer(*KERNEL_SHAPE, 4, seed=0)
     other = make_layer(*KERNEL_SHAPE, 4, seed=1)
