@@ -142,7 +142,8 @@ def main(argv=None):
     Q = load_quantization()
     config = released_config()
     bandwidth = read_bandwidth(1 << 30)["bytes_per_second"]["median"]
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}", file=sys.stderr)
+    machine = describe_machine("cpu")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, {machine['cpu']}, ISA {machine['isa']}", file=sys.stderr)
     kernels = [("torch", torch.bfloat16)]
     if args.float32:
         kernels.append(("torch", torch.float32))
@@ -159,8 +160,7 @@ def main(argv=None):
             rows.append(row)
     output_layer = measure_output_layer(Q, config, args.repeats)
     results = {
-        "machine": describe_machine("cpu"),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": machine,
         "threads": args.threads,
         "bandwidth_bytes_per_second": bandwidth,
         "onnxruntime": onnxruntime,
@@ -170,8 +170,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"\n28-layer step, quantized matrices only (median of {args.repeats}; CPU time of this process in brackets);"
-          f" roofline = weight bytes / {bandwidth / 1e9:.1f} GB/s")
+    print(f"\n{machine['cpu']}, ISA {machine['isa']}, {args.threads} threads. 28-layer step, quantized matrices only"
+          f" (median of {args.repeats}; CPU time of this process in brackets); roofline = weight bytes / {bandwidth / 1e9:.1f} GB/s")
     header = "| weights | kernel | activations | first call (s/step) |" + "".join(
         f" batch {b} (ms/step) | batch {b} % of roofline |" for b in args.batches
     )

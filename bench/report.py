@@ -35,7 +35,7 @@ def machine_line(machine, harness):
     memory = f", {machine['memory_bytes'] / 2**30:.1f} GiB RAM" if machine.get("memory_bytes") else ""
     gpu = f", {machine['gpu']} ({machine['gpu_memory_bytes'] / 2**30:.0f} GiB)" if machine.get("gpu") else ""
     return (
-        f"{machine['cpu']}, {machine['cpu_count']} cores ({harness['threads']} threads used){memory}{gpu}; "
+        f"{machine['cpu']}, {machine.get('isa', 'ISA not recorded')}, {machine['cpu_count']} cores ({harness['threads']} threads used){memory}{gpu}; "
         f"{machine['platform']}, Python {machine['python']}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}; commit {machine['commit']}; {machine['date']}"
     )

@@ -167,6 +167,24 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+# The vector extensions that decide which kernels run fast: bfloat16 GEMMs need AVX-512 (or AMX),
+# int8 dot products are faster with VNNI. Reported beside every figure.
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+def cpu_isa():
+    """e.g. "AVX2 (avx2)" or "AVX512 (avx2, avx512f, avx512_vnni)": torch's kernel level, then the CPU's flags."""
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    present = [flag for flag in _ISA_FLAGS if flag in flags]
+    return f"{torch.backends.cpu.get_cpu_capability()} ({', '.join(present) or 'no flags read'})"
+
+
 def _total_memory_bytes():
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
@@ -195,6 +213,7 @@ def describe_machine(device):
 
     description = {
         "cpu": _cpu_model(),
+        "isa": cpu_isa(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_bytes": _total_memory_bytes(),
