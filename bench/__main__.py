@@ -40,6 +40,19 @@ def integer_list(text):
     return [int(value) for value in text.split(",")]
 
 
+def choice_list(*choices):
+    """An argparse type: comma-separated values, each one of `choices`."""
+
+    def parse(text):
+        values = [value.strip() for value in text.split(",") if value.strip()]
+        unknown = [value for value in values if value not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list from {', '.join(choices)}; got {text!r}")
+        return values
+
+    return parse
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one run each: checks the harness, not speed")
@@ -56,10 +69,17 @@ def parse_args(argv):
         help="also measure each int8/int4 file with output_layer quantized to these bits (opt-in, not the release)",
     )
     parser.add_argument(
-        "--cpu-kernel",
-        default="torch",
-        choices=("torch", "onnxruntime"),
-        help="CPU kernel of the int8/int4 files' layers (quantize(bits, cpu_kernel=...); onnxruntime: int8 activations)",
+        "--cpu-kernels",
+        type=choice_list("torch", "onnxruntime"),
+        default=["torch"],
+        help="comma-separated CPU kernels of the int8/int4 files' layers, one set of rows each "
+        "(quantize(bits, cpu_kernel=...); onnxruntime: int8 activations; default torch)",
+    )
+    parser.add_argument(
+        "--file-dtypes",
+        type=choice_list(*QUANTIZED_FILE_DTYPES),
+        default=list(QUANTIZED_FILE_DTYPES),
+        help="comma-separated dtypes the int8/int4 files load in (default auto,bfloat16; auto keeps their float16)",
     )
     parser.add_argument("--runs", type=int, help="repetitions of each speed measurement (default 3; --quick 1)")
     parser.add_argument("--prefill-lengths", type=integer_list, help="prompt lengths; decode follows the first (default 128,512)")
@@ -120,16 +140,16 @@ def plan_configurations(args, config):
             configurations.append(dict(configuration, load_path="fp16 shards", dtype=FLOAT_DTYPE, flags=[]))
             continue
         long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
-        kernel = [] if args.cpu_kernel == "torch" else ["--cpu-kernel", args.cpu_kernel]
-        kernel_suffix = "" if args.cpu_kernel == "torch" else f", {args.cpu_kernel}"
-        for dtype, suffix in QUANTIZED_FILE_DTYPES.items():
-            configurations.append(dict(
-                configuration,
-                label=precision + suffix + kernel_suffix,
-                load_path=f"int{bits} file" + (f" + cpu_kernel={args.cpu_kernel}" if kernel else ""),
-                dtype=dtype,
-                flags=long_conversation + kernel,
-            ))
+        for cpu_kernel in args.cpu_kernels:
+            kernel = [] if cpu_kernel == "torch" else ["--cpu-kernel", cpu_kernel]
+            for dtype in args.file_dtypes:
+                configurations.append(dict(
+                    configuration,
+                    label=precision + QUANTIZED_FILE_DTYPES[dtype] + (f", {cpu_kernel}" if kernel else ""),
+                    load_path=f"int{bits} file" + (f" + cpu_kernel={cpu_kernel}" if kernel else ""),
+                    dtype=dtype,
+                    flags=long_conversation + kernel,
+                ))
         if args.output_layer_bits:
             configurations.append(dict(
                 configuration,
