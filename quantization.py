@@ -823,7 +823,9 @@ def _page_out(tensor):
 
 @torch.compiler.disable
 def _onnxruntime_linear(matmul, x, bias):
-    out = matmul(x.reshape(-1, x.shape[-1]).float()).to(x.dtype)
+    # Named for torch.profiler, which does not see inside onnxruntime.
+    with torch.profiler.record_function("onnxruntime::MatMulNBits"):
+        out = matmul(x.reshape(-1, x.shape[-1]).float()).to(x.dtype)
     if bias is not None:
         out += bias.to(out.dtype)
     return out.view(*x.shape[:-1], out.shape[-1])

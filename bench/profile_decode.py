@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint import cache_root, model_folder
 from .model_shapes import REPO_ROOT, released_config
+from .system import describe_machine
 from .worker import generate_exactly, random_prompt
 
 PRECISION_BITS = {"bf16": 16, "int8": 8, "int4": 4}
@@ -50,6 +51,10 @@ def parse_args(argv):
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8, help="decode steps recorded")
+    parser.add_argument("--dtype", default="bfloat16", choices=("auto", "bfloat16"),
+                        help="dtype the checkpoint loads in (auto: the quantized files' float16)")
+    parser.add_argument("--cpu-kernel", default="torch", choices=("torch", "onnxruntime"),
+                        help="the quantized layers' CPU kernel (quantize(bits, cpu_kernel=...))")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rows", type=int, default=25, help="operators listed per table")
     parser.add_argument("--seed", type=int, default=0)
@@ -64,7 +69,10 @@ def main(argv=None):
     config = released_config(quick=args.quick)
     bits = PRECISION_BITS[args.precision]
     folder = model_folder(cache_root(args.cache_dir, args.quick, args.seed), config, args.seed, bits)
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else "auto"
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+    if bits < 16 and args.cpu_kernel != "torch":
+        model = model.quantize(bits, cpu_kernel=args.cpu_kernel)
     prompt = random_prompt(config["padded_vocab_size"], args.batch, args.prompt_length, 1, "cpu")
 
     activities = [ProfilerActivity.CPU]
@@ -80,11 +88,13 @@ def main(argv=None):
     # times[0]: prompt; times[1]: first token (end of prefill); recorded steps end at times[3..].
     step_seconds = [later - earlier for earlier, later in zip(stepper.times[2:-1], stepper.times[3:])][: args.steps]
     averages = profiler.key_averages()
+    machine = describe_machine("cpu")
     ops_microseconds = sum(event.self_cpu_time_total for event in averages) / args.steps
     wall = statistics.median(step_seconds)
     lines = [
         f"profile of {args.steps} decode steps: {args.precision}, {'quick' if args.quick else 'ChatGLM2-6B'} shapes, "
-        f"batch {args.batch}, prompt {args.prompt_length}, {args.threads} threads, torch {torch.__version__}",
+        f"dtype {args.dtype}, cpu_kernel {args.cpu_kernel}, batch {args.batch}, prompt {args.prompt_length}, "
+        f"{args.threads} threads, torch {torch.__version__}; {machine['cpu']}, ISA {machine['isa']}",
         f"wall time per step: median {wall * 1e3:.1f} ms ({1 / wall * args.batch:.3g} tokens/s); "
         f"self CPU time inside operators: {ops_microseconds / 1e3:.1f} ms per step",
         "",
@@ -97,7 +107,8 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"profile-{args.precision}{'-quick' if args.quick else ''}.txt"
+    variant = "".join(f"-{value}" for value in (args.dtype, args.cpu_kernel) if value not in ("bfloat16", "torch"))
+    path = args.out / f"profile-{args.precision}{variant}{'-quick' if args.quick else ''}.txt"
     path.write_text(text + "\n")
     print(f"written to {path}", file=sys.stderr)
 
