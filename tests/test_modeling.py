@@ -296,6 +296,18 @@ def test_half_precision_loads_and_tracks_float32(released_folder, model, dtype, 
     assert (moved(ids).logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_is_the_float32_formula_bit_for_bit(model, dtype):
+    generator = torch.Generator().manual_seed(0)
+    norm = type(model.transformer.encoder.layers[0].input_layernorm)(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=generator) + 0.5)
+    x = (torch.randn(3, 5, 64, generator=generator) * 3).to(dtype)
+    wide = x.float()
+    expected = (norm.weight.float() * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-5))).to(dtype)
+    assert torch.equal(norm(x), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_decode_step_attends_in_float32_on_cpu(released_folder, model, dtype, monkeypatch):
     """Torch's half-precision CPU SDPA is several times slower than float32 for one query: a decode step
