@@ -296,6 +296,41 @@ def test_half_precision_loads_and_tracks_float32(released_folder, model, dtype, 
     assert (moved(ids).logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_is_the_float32_formula_bit_for_bit(model, dtype):
+    generator = torch.Generator().manual_seed(0)
+    norm = type(model.transformer.encoder.layers[0].input_layernorm)(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=generator) + 0.5)
+    x = (torch.randn(3, 5, 64, generator=generator) * 3).to(dtype)
+    wide = x.float()
+    expected = (norm.weight.float() * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-5))).to(dtype)
+    assert torch.equal(norm(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decode_step_attends_in_float32_on_cpu(released_folder, model, dtype, monkeypatch):
+    """Torch's half-precision CPU SDPA is several times slower than float32 for one query: a decode step
+    runs it in float32, the prompt in the model dtype, and the step still tracks the float32 model."""
+    half = load(released_folder, dtype=dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def recording_sdpa(query, *args, **kwargs):
+        seen.append((query.shape[2], query.dtype))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    ids = prompt_ids(length=6)
+    prompt = half(ids[:, :5], use_cache=True)
+    step = half(ids[:, 5:], past_key_values=cache_of(prompt), use_cache=True)
+    layers = half.config.num_layers
+    assert seen == [(5, dtype)] * layers + [(1, torch.float32)] * layers
+    assert step.logits.dtype == dtype
+    reference = model(ids).logits[:, 5:]
+    assert (step.logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
 def test_half_method_and_device_map_auto(released_folder):
     ids = prompt_ids()
     reference = load(released_folder)(ids).logits
