@@ -1,0 +1,389 @@
+/* Integer-dot CPU kernels for the released ChatGLM int4 / int8 weight format.
+ *
+ * out[m, n] = scale[n] * sum_k x[m, k] * q[n, k] (+ bias[n]), with q read where it is stored: int8
+ * [N, K] for 8 bits, int8 [N, K/2] for 4 bits (byte j holds q[2j] in its high nibble, q[2j+1] in its
+ * low nibble, two's complement). Activations are quantized to int8 per group of `group` inputs
+ * (scale = max|x| / 127, round half to even) and multiplied with integer dot products: the q4_0 x
+ * q8_0 numerics of ggml and onnxruntime's accuracy_level 4. A step reads each weight byte once, in
+ * place, so decode runs at the memory bandwidth instead of at the speed of unpacking nibbles to floats.
+ *
+ * The module builds with default compiler flags and selects its AVX2 code at run time; on CPUs
+ * without AVX2/FMA/F16C (and non-x86 builds) `isa()` returns "" and nothing else may be called.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT16 = 1, DTYPE_BFLOAT16 = 2 };
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HAVE_AVX2_BUILD 1
+#include <immintrin.h>
+#include <stdatomic.h>
+#endif
+
+#ifdef HAVE_AVX2_BUILD
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+typedef struct {
+    int bits;
+    int64_t M, N, K, group;
+    const int8_t *weight; /* [N, K * bits / 8] */
+    const void *scale;    /* [N] */
+    int scale_dtype;
+    const void *bias;     /* [N] or NULL */
+    int bias_dtype;
+    void *out;            /* [M, N] */
+    int out_dtype;
+    const int8_t *xq;     /* [M, K]: int4 jobs hold each 32-input block as its even inputs, then its odd ones */
+    const float *xd;      /* [M, K / group] activation scales */
+    const float *xzero;   /* int4: [M] the activations' product with the zero point 8 */
+    int threads;
+} Job;
+
+
+static inline float load_float(const void *data, int dtype, int64_t i) {
+    if (dtype == DTYPE_FLOAT32) return ((const float *)data)[i];
+    if (dtype == DTYPE_FLOAT16) return _cvtsh_ss(((const uint16_t *)data)[i]);
+    uint32_t bits = (uint32_t)((const uint16_t *)data)[i] << 16;
+    float value;
+    memcpy(&value, &bits, 4);
+    return value;
+}
+
+static inline void store_float(void *data, int dtype, int64_t i, float value) {
+    if (dtype == DTYPE_FLOAT32) {
+        ((float *)data)[i] = value;
+    } else if (dtype == DTYPE_FLOAT16) {
+        ((uint16_t *)data)[i] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+    } else {
+        uint32_t bits;
+        memcpy(&bits, &value, 4);
+        if ((bits & 0x7fffffffu) > 0x7f800000u) {
+            bits |= 0x00400000u; /* NaN stays a (quiet) NaN */
+        } else {
+            bits += 0x7fffu + ((bits >> 16) & 1u); /* round half to even */
+        }
+        ((uint16_t *)data)[i] = (uint16_t)(bits >> 16);
+    }
+}
+
+static inline float horizontal_sum(__m256 v) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+}
+
+static inline __m256 load8(const void *data, int dtype, int64_t i) {
+    if (dtype == DTYPE_FLOAT32) return _mm256_loadu_ps((const float *)data + i);
+    __m128i halves = _mm_loadu_si128((const __m128i *)((const uint16_t *)data + i));
+    if (dtype == DTYPE_FLOAT16) return _mm256_cvtph_ps(halves);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+
+static inline float horizontal_max(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* One row of activations -> int8 per group, plus the group scales (`buffer`: `group` floats). `interleave` stores each block of
+ * 32 as inputs 0, 2, ..., 30, 1, 3, ..., 31: the order in which `unpack_int4` yields a block's nibbles.
+ * Returns sum_g scale_g * sum_{k in g} xq[k] (the product with a constant weight of 1). */
+static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, int interleave, float *buffer,
+                          int8_t *xq, float *xd) {
+    const __m256 magnitude_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 largest = _mm256_set1_ps(FLT_MAX);
+    const __m256i natural_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    /* within each 16-byte lane: even bytes first, then odd ones */
+    const __m256i even_then_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                   0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    float total = 0.0f;
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256 amax = _mm256_setzero_ps(), not_finite = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+            __m256 v = load8(x, dtype, k);
+            _mm256_storeu_ps(buffer + k - g * group, v);
+            __m256 magnitude = _mm256_and_ps(v, magnitude_mask);
+            not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(magnitude, largest, _CMP_NLE_UQ));
+            amax = _mm256_max_ps(amax, magnitude);
+        }
+        float magnitude = horizontal_max(amax);
+        int finite = !_mm256_movemask_ps(not_finite);
+        /* A NaN or infinite input makes every result NaN, as the float product would: NaN scale, zeros. */
+        float scale = finite ? magnitude / 127.0f : NAN;
+        float inverse = finite && magnitude > 0.0f ? 127.0f / magnitude : 0.0f;
+        xd[g] = scale;
+        const __m256 multiplier = _mm256_set1_ps(inverse);
+        __m256i sum = _mm256_setzero_si256();
+        for (int64_t k = 0; k < group; k += 32) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) {
+                __m256 scaled = _mm256_mul_ps(_mm256_loadu_ps(buffer + k + 8 * i), multiplier);
+                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                sum = _mm256_add_epi32(sum, q[i]);
+            }
+            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            bytes = _mm256_permutevar8x32_epi32(bytes, natural_order);
+            if (interleave)
+                bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, even_then_odd), 0xD8);
+            _mm256_storeu_si256((__m256i *)(xq + g * group + k), bytes);
+        }
+        __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4E));
+        sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0xB1));
+        total += scale * (float)_mm_cvtsi128_si32(sum4);
+    }
+    return total;
+}
+
+/* 16 released bytes (32 inputs) -> 32 unsigned nibbles q + 8: the even inputs, then the odd ones. */
+static inline __m256i unpack_int4(const int8_t *bytes) {
+    __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i *)bytes), _mm_set1_epi8((char)0x88));
+    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_srli_epi16(v, 4)), v, 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* Dot products of R int4 weight rows with one activation row: sums[r] = sum_g xd[g] sum_{k in g} (q + 8) xq.
+ * Rows come from the released bytes (`unpacked` NULL) or from a buffer of unpacked rows, K bytes each. */
+static inline __attribute__((always_inline)) void int4_rows(const int8_t *weight, int64_t row_bytes,
+                                                             const uint8_t *unpacked, const int R,
+                                                             const int8_t *xq, const float *xd, int64_t K,
+                                                             int64_t group, float *sums) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256i partial[4]; /* int16: at most 4 blocks x 2 x 15 x 127 = 15240 */
+        for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
+        if (!unpacked)
+            for (int r = 0; r < R; r++)
+                for (int64_t line = 0; line < group / 2; line += 64)
+                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group / 2 + line), _MM_HINT_T0);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
+            for (int r = 0; r < R; r++) {
+                __m256i w = unpacked ? _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k))
+                                     : unpack_int4(weight + r * row_bytes + k / 2);
+                partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(w, x));
+            }
+        }
+        __m256 d = _mm256_set1_ps(xd[g]);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(partial[r], ones)), d, acc[r]);
+    }
+    for (int r = 0; r < R; r++) sums[r] = horizontal_sum(acc[r]);
+}
+
+/* The same for int8 weight rows: |q| times x with q's sign (maddubs multiplies unsigned by signed). */
+static inline __attribute__((always_inline)) void int8_rows(const int8_t *weight, int64_t K, const int R,
+                                                             const int8_t *xq, const float *xd, int64_t group,
+                                                             float *sums) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256i partial[4]; /* int32 */
+        for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
+        for (int r = 0; r < R; r++)
+            for (int64_t line = 0; line < group; line += 64)
+                _mm_prefetch((const char *)(weight + (r + 4) * K + g * group + line), _MM_HINT_T0);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
+            for (int r = 0; r < R; r++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(weight + r * K + k));
+                /* 2 x 127 x 127 fits int16: q is in [-127, 127] */
+                __m256i products = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+                partial[r] = _mm256_add_epi32(partial[r], _mm256_madd_epi16(products, ones));
+            }
+        }
+        __m256 d = _mm256_set1_ps(xd[g]);
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(partial[r]), d, acc[r]);
+    }
+    for (int r = 0; r < R; r++) sums[r] = horizontal_sum(acc[r]);
+}
+
+static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float *sums) {
+    float zero = job->bits == 4 ? 8.0f * job->xzero[m] : 0.0f;
+    for (int r = 0; r < R; r++) {
+        float value = load_float(job->scale, job->scale_dtype, n + r) * (sums[r] - zero);
+        if (job->bias) value += load_float(job->bias, job->bias_dtype, n + r);
+        store_float(job->out, job->out_dtype, m * job->N + n + r, value);
+    }
+}
+
+/* Output columns [n_begin, n_end) for every activation row. */
+static void run_columns(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked) {
+    const int64_t K = job->K, group = job->group, groups = K / group;
+    const int64_t row_bytes = job->bits == 4 ? K / 2 : K;
+    float sums[4];
+    for (int64_t n = n_begin; n < n_end;) {
+        const int R = n_end - n >= 4 ? 4 : 1;
+        const int8_t *weight = job->weight + n * row_bytes;
+        if (job->bits == 4 && job->M > 1) {
+            /* Several activation rows: unpack these weight rows once and reuse them for each. */
+            for (int r = 0; r < R; r++)
+                for (int64_t k = 0; k < K; k += 32)
+                    _mm256_storeu_si256((__m256i *)(unpacked + r * K + k), unpack_int4(weight + r * row_bytes + k / 2));
+        }
+        for (int64_t m = 0; m < job->M; m++) {
+            const int8_t *xq = job->xq + m * K;
+            const float *xd = job->xd + m * groups;
+            if (job->bits == 8) {
+                if (R == 4) int8_rows(weight, K, 4, xq, xd, group, sums);
+                else int8_rows(weight, K, 1, xq, xd, group, sums);
+            } else if (job->M > 1) {
+                if (R == 4) int4_rows(weight, row_bytes, unpacked, 4, xq, xd, K, group, sums);
+                else int4_rows(weight, row_bytes, unpacked, 1, xq, xd, K, group, sums);
+            } else {
+                if (R == 4) int4_rows(weight, row_bytes, NULL, 4, xq, xd, K, group, sums);
+                else int4_rows(weight, row_bytes, NULL, 1, xq, xd, K, group, sums);
+            }
+            store_rows(job, m, n, R, sums);
+        }
+        n += R;
+    }
+}
+
+/* Threads take the output columns in chunks of CHUNK_ROWS (whole blocks of 4) from a shared counter,
+ * so a thread slowed by another process on its core takes fewer of them. */
+#define CHUNK_ROWS 32
+
+typedef struct {
+    const Job *job;
+    atomic_long next_chunk;
+} Work;
+
+static void run_chunks(void *argument) {
+    Work *work = (Work *)argument;
+    const Job *job = work->job;
+    uint8_t *unpacked = NULL;
+    if (job->bits == 4 && job->M > 1) {
+        unpacked = (uint8_t *)aligned_alloc(32, (size_t)(4 * job->K)); /* 4 rows of K bytes */
+        if (!unpacked) abort();
+    }
+    for (;;) {
+        int64_t begin = (int64_t)atomic_fetch_add(&work->next_chunk, 1) * CHUNK_ROWS;
+        if (begin >= job->N) break;
+        run_columns(job, begin, begin + CHUNK_ROWS < job->N ? begin + CHUNK_ROWS : job->N, unpacked);
+    }
+    free(unpacked);
+}
+
+/* The OpenMP runtime torch computes with (libgomp's GOMP_parallel entry point, which LLVM's and
+ * Intel's runtimes also provide), set by chatglm_cpu at import. Its threads are the ones torch's
+ * operators just used: they are awake (OpenMP threads spin a while after each parallel region) and
+ * run these kernels at once, instead of competing for the cores with a second pool. Unset: one thread. */
+typedef void (*ParallelEntry)(void (*function)(void *), void *data, unsigned threads, unsigned flags);
+static ParallelEntry parallel_entry;
+
+static void run_job(const Job *job) {
+    Work work = {job, 0};
+    int64_t chunks = (job->N + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    unsigned threads = (unsigned)(job->threads < chunks ? job->threads : chunks);
+    if (parallel_entry && threads > 1)
+        parallel_entry(run_chunks, &work, threads, 0);
+    else
+        run_chunks(&work);
+}
+
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+/* Quantize the activations, then run the job. Returns 0, or -1 when out of memory. */
+static int linear(Job *job, const void *x, int x_dtype) {
+    const int64_t M = job->M, K = job->K, groups = K / job->group;
+    const size_t element = x_dtype == DTYPE_FLOAT32 ? 4 : 2;
+    float *buffer = (float *)malloc(sizeof(float) * (size_t)job->group);
+    int8_t *xq = (int8_t *)aligned_alloc(32, (size_t)(M * K + 32) / 32 * 32);
+    float *xd = (float *)malloc(sizeof(float) * (size_t)(M * groups));
+    float *xzero = (float *)malloc(sizeof(float) * (size_t)M);
+    int ok = buffer && xq && xd && xzero;
+    if (ok) {
+        for (int64_t m = 0; m < M; m++)
+            xzero[m] = quantize_row((const char *)x + m * K * element, x_dtype, K, job->group, job->bits == 4,
+                                    buffer, xq + m * K, xd + m * groups);
+        job->xq = xq;
+        job->xd = xd;
+        job->xzero = xzero;
+        run_job(job);
+    }
+    free(buffer);
+    free(xq);
+    free(xd);
+    free(xzero);
+    return ok ? 0 : -1;
+}
+
+#pragma GCC pop_options
+
+#endif /* HAVE_AVX2_BUILD */
+
+static PyObject *py_isa(PyObject *self, PyObject *unused) {
+#ifdef HAVE_AVX2_BUILD
+    if (cpu_has_avx2()) return PyUnicode_FromString("avx2");
+#endif
+    return PyUnicode_FromString("");
+}
+
+/* linear(bits, x, x_dtype, M, K, weight, N, scale, scale_dtype, bias, bias_dtype, out, out_dtype, group, threads)
+ * Pointers are addresses (int; bias 0 for none). The caller (chatglm_cpu.linear) checks every shape,
+ * dtype and alignment: this function trusts them. */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    int bits, x_dtype, scale_dtype, bias_dtype, out_dtype, threads;
+    Py_ssize_t x, weight, scale, bias, out, M, K, N, group;
+    if (!PyArg_ParseTuple(args, "ininnnnnininini", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
+                          &bias, &bias_dtype, &out, &out_dtype, &group, &threads))
+        return NULL;
+#ifdef HAVE_AVX2_BUILD
+    if (!cpu_has_avx2()) {
+        PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu: this CPU has no AVX2/FMA/F16C");
+        return NULL;
+    }
+    if (M == 0 || N == 0) Py_RETURN_NONE;
+    Job job = {bits, M, N, K, group, (const int8_t *)weight, (const void *)scale, scale_dtype,
+               (const void *)bias, bias_dtype, (void *)out, out_dtype, NULL, NULL, NULL,
+               threads < 1 ? 1 : threads};
+    int status;
+    Py_BEGIN_ALLOW_THREADS status = linear(&job, (const void *)x, x_dtype);
+    Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu was built without its x86-64 kernels");
+    return NULL;
+#endif
+}
+
+static PyObject *py_set_parallel_runtime(PyObject *self, PyObject *args) {
+    Py_ssize_t address;
+    if (!PyArg_ParseTuple(args, "n", &address)) return NULL;
+#ifdef HAVE_AVX2_BUILD
+    parallel_entry = (ParallelEntry)address;
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_parallel_runtime", py_set_parallel_runtime, METH_VARARGS,
+     "The address of the OpenMP runtime's GOMP_parallel that torch uses (0: compute on the calling thread)."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use on this CPU, or '' when they cannot run."},
+    {"linear", py_linear, METH_VARARGS, "Quantized linear layer on raw buffers (see chatglm_cpu.linear)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    return PyModule_Create(&module);
+}

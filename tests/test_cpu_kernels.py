@@ -1,0 +1,161 @@
+"""The optional chatglm_cpu kernels (cpu_kernels/): integer dot products on the released bytes.
+
+Skipped where the package is not installed or the CPU has no AVX2 (CI installs it: requirements-test.txt).
+"""
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+chatglm_cpu = pytest.importorskip("chatglm_cpu")
+if not chatglm_cpu.available():
+    pytest.skip("this CPU has no AVX2/FMA/F16C", allow_module_level=True)
+
+from test_quantization import Q  # noqa: E402  (the released packing, from quantization.py)
+
+
+def released_weight(q, bits):
+    return Q.pack_int4(q) if bits == 4 else q
+
+
+def random_q(out_features, in_features, bits, seed=0):
+    top = 7 if bits == 4 else 127
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(-top - (bits == 4), top + 1, (out_features, in_features), dtype=torch.int8, generator=generator)
+
+
+def group_size(in_features):
+    return next(size for size in chatglm_cpu.GROUP_SIZES if in_features % size == 0)
+
+
+def int8_activation_reference(x, q, scale, bias):
+    """float64 product of the activations quantized as the kernel does (per group: 127 / max|x|,
+    round half to even) with the integer weights, times the row scale, plus the bias."""
+    rows, in_features = x.shape
+    groups = x.float().view(rows, -1, group_size(in_features))
+    magnitude = groups.abs().amax(-1, keepdim=True)
+    multiplier = torch.where(magnitude > 0, 127.0 / magnitude, torch.zeros_like(magnitude))
+    dequantized = ((groups * multiplier).round() * (magnitude / 127.0)).view(rows, in_features)
+    out = dequantized.double() @ q.double().T * scale.double()
+    return out + bias.double() if bias is not None else out
+
+
+def integer_activations(rows, in_features, seed=1):
+    """Integers in [-127, 127] with 127 in every group: they quantize to themselves with scale 1."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(-127, 128, (rows, in_features), generator=generator).float()
+    x[:, :: group_size(in_features)] = 127
+    return x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("out_features", [13, 64])  # 13: blocks of 4 rows plus a remainder
+def test_integer_activations_give_the_exact_integer_products(bits, rows, threads, out_features):
+    # Every nibble order, the zero point of the int4 bytes, the row split between threads and both
+    # the one-row and the several-row paths are exact here: any slip changes an integer.
+    in_features = 256
+    q = random_q(out_features, in_features, bits)
+    x = integer_activations(rows, in_features)
+    out = chatglm_cpu.linear(x, released_weight(q, bits), torch.ones(out_features), None, bits, threads)
+    assert torch.equal(out, (x.long() @ q.long().T).float())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [96, 192, 4096])  # groups of 32, 64 and 128 inputs
+@pytest.mark.parametrize("rows", [1, 5])
+def test_float_activations_match_the_int8_activation_reference(bits, dtype, in_features, rows):
+    q = random_q(36, in_features, bits)
+    scale = (torch.rand(36) * 0.01 + 0.001).to(dtype)
+    bias = torch.randn(36).to(dtype)
+    x = torch.randn(rows, in_features).to(dtype)
+    out = chatglm_cpu.linear(x, released_weight(q, bits), scale, bias, bits)
+    assert out.dtype == dtype and out.shape == (rows, 36)
+    expected = int8_activation_reference(x, q, scale, bias)
+    # float32 sums in another order; float16 / bfloat16 results are rounded once at the end.
+    tolerance = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def test_a_non_finite_input_makes_its_own_row_nan_and_no_other():
+    q = random_q(8, 64, 4)
+    x = torch.randn(3, 64)
+    x[0, 5] = float("inf")
+    x[2, 63] = float("nan")
+    out = chatglm_cpu.linear(x, released_weight(q, 4), torch.ones(8), None, 4)
+    assert out[0].isnan().all() and out[2].isnan().all()
+    assert torch.isfinite(out[1]).all()
+
+
+def test_zero_activations_give_the_bias():
+    bias = torch.randn(8)
+    out = chatglm_cpu.linear(torch.zeros(2, 64), released_weight(random_q(8, 64, 4), 4), torch.ones(8), bias, 4)
+    assert torch.equal(out, bias.expand(2, 8))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(weight=torch.zeros(8, 33, dtype=torch.int8)), r"weight must be .*\[N, 32\]"),
+        (dict(weight=torch.zeros(8, 32)), r"weight must be a contiguous CPU int8"),
+        (dict(weight=torch.zeros(32, 8, dtype=torch.int8).T), r"weight must be a contiguous"),
+        (dict(x=torch.zeros(2, 66), weight=torch.zeros(8, 33, dtype=torch.int8)), r"multiple of 32, got 66"),
+        (dict(scale=torch.ones(7)), r"scale must be .* shape \(8,\), got .*\(7,\)"),
+        (dict(bias=torch.ones(8, dtype=torch.float64)), r"bias must be a CPU float32/float16/bfloat16"),
+        (dict(x=torch.zeros(2, 64, dtype=torch.int32)), r"x must be a 2-D CPU float32"),
+        (dict(bits=3), r"bits must be 4 or 8, got 3"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message_naming_them(change, message):
+    arguments = dict(x=torch.zeros(2, 64), weight=torch.zeros(8, 32, dtype=torch.int8), scale=torch.ones(8), bias=None, bits=4)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        chatglm_cpu.linear(**arguments)
+
+
+def test_callers_on_several_threads_at_once_all_get_their_own_results():
+    # Each caller's OpenMP team is its own.
+    q = random_q(512, 1024, 4)
+    weight = released_weight(q, 4)
+    inputs = [integer_activations(2, 1024, seed=seed) for seed in range(6)]
+    expected = [(x.long() @ q.long().T).float() for x in inputs]
+    results = [None] * len(inputs)
+
+    def work(index):
+        for _ in range(20):
+            results[index] = chatglm_cpu.linear(inputs[index], weight, torch.ones(512), None, 4, 2)
+
+    callers = [threading.Thread(target=work, args=(index,)) for index in range(len(inputs))]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    for result, want in zip(results, expected):
+        assert torch.equal(result, want)
+
+
+def _compute_in_child(queue):
+    torch.set_num_threads(1)  # what DataLoader workers do: torch's own OpenMP ops hang in a fork otherwise
+    q = random_q(64, 256, 4)
+    x = integer_activations(1, 256)
+    out = chatglm_cpu.linear(x, released_weight(q, 4), torch.ones(64), None, 4)
+    queue.put(torch.equal(out, (x.long() @ q.long().T).float()))
+
+
+def test_a_forked_child_with_one_torch_thread_computes_without_the_parents_threads():
+    # The kernels follow torch's thread count: with one thread they never enter the OpenMP runtime,
+    # whose threads a forked child does not have.
+    chatglm_cpu.linear(torch.randn(1, 256), released_weight(random_q(64, 256, 4), 4), torch.ones(64), None, 4, 2)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_compute_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    assert child.exitcode == 0 and queue.get(timeout=5)
