@@ -36,7 +36,8 @@ def int8_activation_reference(x, q, scale, bias):
     rows, in_features = x.shape
     groups = x.float().view(rows, -1, group_size(in_features))
     magnitude = groups.abs().amax(-1, keepdim=True)
-    multiplier = torch.where(magnitude > 0, 127.0 / magnitude, torch.zeros_like(magnitude))
+    # A true division, as the kernel does (`127.0 / tensor` is computed as 127 * (1 / tensor) in torch).
+    multiplier = torch.where(magnitude > 0, torch.full_like(magnitude, 127.0) / magnitude, torch.zeros_like(magnitude))
     dequantized = ((groups * multiplier).round() * (magnitude / 127.0)).view(rows, in_features)
     out = dequantized.double() @ q.double().T * scale.double()
     return out + bias.double() if bias is not None else out
@@ -69,10 +70,11 @@ def test_integer_activations_give_the_exact_integer_products(bits, rows, threads
 @pytest.mark.parametrize("in_features", [96, 192, 4096])  # groups of 32, 64 and 128 inputs
 @pytest.mark.parametrize("rows", [1, 5])
 def test_float_activations_match_the_int8_activation_reference(bits, dtype, in_features, rows):
+    generator = torch.Generator().manual_seed(2)
     q = random_q(36, in_features, bits)
-    scale = (torch.rand(36) * 0.01 + 0.001).to(dtype)
-    bias = torch.randn(36).to(dtype)
-    x = torch.randn(rows, in_features).to(dtype)
+    scale = (torch.rand(36, generator=generator) * 0.01 + 0.001).to(dtype)
+    bias = torch.randn(36, generator=generator).to(dtype)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
     out = chatglm_cpu.linear(x, released_weight(q, bits), scale, bias, bits)
     assert out.dtype == dtype and out.shape == (rows, 36)
     expected = int8_activation_reference(x, q, scale, bias)

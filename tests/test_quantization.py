@@ -904,8 +904,71 @@ def test_onnxruntime_kernel_without_onnxruntime_warns_and_keeps_the_torch_kernel
     assert layer._matmulnbits is None
 
 
+# ---------------------------------------------------------------------------------------------
+# Optional chatglm_cpu CPU kernel (cpu_kernels/; the kernel itself: tests/test_cpu_kernels.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _chatglm_cpu_runs():
+    if importlib.util.find_spec("chatglm_cpu") is None:
+        return False
+    import chatglm_cpu
+
+    return chatglm_cpu.available()
+
+
+needs_chatglm_cpu = pytest.mark.skipif(not _chatglm_cpu_runs(), reason="chatglm_cpu is optional and needs AVX2")
+
+
+@needs_chatglm_cpu
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_chatglm_cpu_kernel_reads_the_released_bytes_in_place_within_int8_activation_error(bits, dtype, rows, monkeypatch):
+    layer = make_layer(*KERNEL_SHAPE, bits, dtype)
+    stored = layer.weight.data_ptr()
+    released = layer.weight.detach().clone()
+    Q.set_cpu_kernel(layer, "chatglm_cpu")
+    monkeypatch.setattr(Q.CpuInt4Layout, "pack_into", lambda *args: pytest.fail("converted to the torch int4 layout"))
+    x = torch.randn(2, rows, KERNEL_SHAPE[1]).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == dtype and out.shape == (2, rows, KERNEL_SHAPE[0])
+    # int8 activations per group of 64 inputs here (about 0.5%), then the output dtype's rounding.
+    assert_close_relative(out, reference_output(layer, x), 2e-2)
+    assert layer.weight.data_ptr() == stored and torch.equal(layer.state_dict()["weight"], released)
+
+
+@needs_chatglm_cpu
+def test_chatglm_cpu_kernel_takes_a_weight_back_from_the_torch_int4_layout():
+    # A training forward (gradients: the torch kernels) converts the weight; inference then
+    # converts it back for the kernel that reads the released bytes.
+    layer = make_layer(*KERNEL_SHAPE, 4, torch.bfloat16)
+    x = torch.randn(3, KERNEL_SHAPE[1], dtype=torch.bfloat16)
+    Q.set_cpu_kernel(layer, "chatglm_cpu")
+    layer(x.clone().requires_grad_()).sum().backward()
+    assert layer.weight.dtype == torch.uint8
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.weight.dtype == torch.int8
+    assert_close_relative(out, reference_output(layer, x), 2e-2)
+
+
+def test_chatglm_cpu_kernel_without_its_package_warns_and_keeps_the_torch_kernels(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "chatglm_cpu", None)  # makes `import chatglm_cpu` raise ImportError
+    without = load_quantization("chatglm_quantization_without_chatglm_cpu")
+    layer = without.QuantizedLinear.from_linear(nn.Linear(64, 48), 4)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = layer.bfloat16()(x)
+        with caplog.at_level("WARNING"):
+            without.set_cpu_kernel(layer, "chatglm_cpu")
+        assert "pip install ./cpu_kernels" in caplog.text and "torch CPU kernels instead" in caplog.text
+        assert torch.equal(layer(x), expected)
+
+
 def test_set_cpu_kernel_names_the_choices_for_an_unknown_kernel():
-    with pytest.raises(ValueError, match="'torch', 'onnxruntime'.*'cuda'"):
+    with pytest.raises(ValueError, match="'torch', 'onnxruntime', 'chatglm_cpu'.*'cuda'"):
         Q.set_cpu_kernel(make_layer(*KERNEL_SHAPE, 4), "cuda")
 
 
