@@ -538,8 +538,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         vocabulary projection: at 8 bits it halves the 533 MB every 6B decode step reads there.
         Checkpoints saved with it record `output_layer_quantization_bit` and load only with this code.
 
-        `cpu_kernel` ("torch", the default, or "onnxruntime": int8 activations, faster; see
-        quantization.CPU_KERNELS) chooses how quantized layers compute on the CPU; it is saved
+        `cpu_kernel` ("torch", the default; "onnxruntime" or "chatglm_cpu": int8 activations, faster;
+        see quantization.CPU_KERNELS) chooses how quantized layers compute on the CPU; it is saved
         in the config as `quantization_cpu_kernel`.
         """
         for setting, requested in (("quantization_bit", bits), ("output_layer_quantization_bit", output_layer_bits)):

@@ -9,6 +9,8 @@ Compute paths of `QuantizedLinear`, picked per call from where the weight lives 
 - CPU, bfloat16/float16 activations: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`) for a few rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts),
   the layer's integers unpacked to bfloat16 and a GEMM.
+- CPU with `cpu_kernel` "onnxruntime" or "chatglm_cpu" (opt-in, inference): int8 activations and
+  integer dot products (see CPU_KERNELS).
 - CPU, float32 activations: dequantize to float32 and a float32 matmul, the published CPU kernels'
   numerics (the bfloat16 kernels would round activations and results: 1-3% off).
 - CUDA with Triton: one fused dequantize-and-multiply kernel that reads the released layout directly.
@@ -464,7 +466,11 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
 #   products (ggml's q4_0 x q8_0 numerics), in prebuilt AVX2 / AVX512 / VNNI / AMX / Arm kernels.
 #   Weights stay exact; the activation rounding is measured by bench/quantization_accuracy.py.
 #   Optional: `pip install onnxruntime onnx`; without them layers keep the "torch" kernels.
-CPU_KERNELS = ("torch", "onnxruntime")
+# - "chatglm_cpu": this repository's AVX2 kernels (`pip install ./cpu_kernels`): the same int8
+#   activation numerics (per group of 128 inputs), reading the released bytes where they lie: no
+#   conversion at the first forward, no second copy, every byte read once per step. Without the
+#   package, or on a CPU without AVX2, layers keep the "torch" kernels.
+CPU_KERNELS = ("torch", "onnxruntime", "chatglm_cpu")
 # Inputs per MatMulNBits block: one (repeated) row scale and one activation scale per block. Scales
 # are float32 per block: 4 bytes per 128 weights, 6% on top of the int4 bytes.
 MATMULNBITS_BLOCK = 128
@@ -611,6 +617,30 @@ class MatMulNBits:
         binding.bind_output("Y", "cpu", 0, self._numpy.float32, [rows, self.out_features], out.data_ptr())
         self.session.run_with_iobinding(binding)
         return out
+
+
+@functools.cache
+def _chatglm_cpu():
+    """The chatglm_cpu package when installed and able to run on this CPU; None, with one warning, when not."""
+    try:
+        import chatglm_cpu
+    except ImportError as error:
+        logger.warning(
+            f"cpu_kernel='chatglm_cpu' needs the chatglm_cpu package (pip install ./cpu_kernels from this "
+            f"repository; {error}); quantized layers use the torch CPU kernels instead."
+        )
+        return None
+    if not chatglm_cpu.available():
+        logger.warning("cpu_kernel='chatglm_cpu': this CPU has no AVX2/FMA/F16C; quantized layers use the torch CPU kernels.")
+        return None
+    return chatglm_cpu
+
+
+@torch.compiler.disable
+def _chatglm_cpu_linear(x, weight, scale, bias, bits):
+    with torch.profiler.record_function("chatglm_cpu::linear"):  # named for torch.profiler
+        out = _chatglm_cpu().linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, bits)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -969,6 +999,14 @@ class QuantizedLinear(nn.Module):
     def _onnxruntime_fits(self, x):
         return x.device.type == "cpu" and self.weight.device.type == "cpu" and _onnxruntime() is not None
 
+    def _chatglm_cpu_fits(self, x):
+        return (
+            x.device.type == "cpu"
+            and self.weight.device.type == "cpu"
+            and self.in_features % 32 == 0
+            and _chatglm_cpu() is not None
+        )
+
     @torch.compiler.disable  # runs once per layer
     def _matmulnbits_for_forward(self):
         if self._matmulnbits is None:
@@ -1004,6 +1042,10 @@ class QuantizedLinear(nn.Module):
             # Before `_weight_for_forward`: the torch int4 layout would rewrite (and so copy) every
             # weight page that onnxruntime then packs its own copy of.
             return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
+        if not needs_grad and self.cpu_kernel == "chatglm_cpu" and self._chatglm_cpu_fits(x):
+            if self.weight.dtype == torch.uint8:
+                self._convert_weight(None)  # converted by a torch-kernel forward (training) before
+            return _chatglm_cpu_linear(x, self.weight, self.weight_scale, self.bias, self.bits)
         weight = self._weight_for_forward()
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.
@@ -1076,12 +1118,15 @@ def quantize_model(transformer, bits, empty_init=False, device=None):
 def set_cpu_kernel(model, kernel):
     """Make every `QuantizedLinear` in `model` compute on the CPU with `kernel` (one of `CPU_KERNELS`); returns `model`.
 
-    "onnxruntime" without onnxruntime and onnx installed warns once and keeps the torch kernels.
+    "onnxruntime" without onnxruntime and onnx installed, or "chatglm_cpu" without its package or
+    AVX2, warns once and keeps the torch kernels.
     """
     if kernel not in CPU_KERNELS:
         raise ValueError(f"cpu_kernel must be one of {', '.join(map(repr, CPU_KERNELS))}; got {kernel!r}")
     if kernel == "onnxruntime":
         _onnxruntime()  # the warning, now rather than at the first forward
+    if kernel == "chatglm_cpu":
+        _chatglm_cpu()
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and module.cpu_kernel != kernel:
             module.cpu_kernel = kernel

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import cache_root, model_folder
+from .kernels import load_quantization
 from .model_shapes import REPO_ROOT, decode_roofline, released_config
 from .report import check_readme, write_reports
 from .system import describe_machine, read_bandwidth
@@ -70,10 +71,10 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--cpu-kernels",
-        type=choice_list("torch", "onnxruntime"),
+        type=choice_list(*load_quantization().CPU_KERNELS),
         default=["torch"],
         help="comma-separated CPU kernels of the int8/int4 files' layers, one set of rows each "
-        "(quantize(bits, cpu_kernel=...); onnxruntime: int8 activations; default torch)",
+        "(quantize(bits, cpu_kernel=...); onnxruntime, chatglm_cpu: int8 activations; default torch)",
     )
     parser.add_argument(
         "--file-dtypes",

@@ -2,7 +2,8 @@
 
 A decode step multiplies one to a few activation rows by every quantized matrix, so its speed is the
 speed of these kernels on weights that come from memory, not from cache. This times each CPU kernel
-`QuantizedLinear` can use (`cpu_kernel` "torch" in bfloat16 and float32, "onnxruntime") on the
+`QuantizedLinear` can use (`cpu_kernel` "torch" in bfloat16 and float32, "onnxruntime", "chatglm_cpu" in
+float16, the released checkpoints' dtype, when installed) on the
 four projection matrices of a 6B layer (shapes from the model built on the meta device), rotated
 over enough random copies that they do not fit in the caches, and scales the time to the 28 layers
 of a step. Each figure is given as a fraction of the memory roofline: the weight bytes of a step
@@ -150,6 +151,9 @@ def main(argv=None):
     onnxruntime = Q._onnxruntime() is not None
     if onnxruntime:
         kernels.append(("onnxruntime", torch.bfloat16))
+    chatglm_cpu = Q._chatglm_cpu() is not None
+    if chatglm_cpu:
+        kernels.append(("chatglm_cpu", torch.float16))
     rows = []
     for bits in args.bits:
         roofline = step_weight_bytes(config, bits) / bandwidth
@@ -164,6 +168,7 @@ def main(argv=None):
         "threads": args.threads,
         "bandwidth_bytes_per_second": bandwidth,
         "onnxruntime": onnxruntime,
+        "chatglm_cpu": chatglm_cpu,
         "kernels": rows,
         "output_layer_batch1": output_layer,
     }

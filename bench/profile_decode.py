@@ -19,6 +19,7 @@ from transformers import AutoModel
 from transformers.generation.streamers import BaseStreamer
 
 from .checkpoint import cache_root, model_folder
+from .kernels import load_quantization
 from .model_shapes import REPO_ROOT, released_config
 from .system import describe_machine
 from .worker import generate_exactly, random_prompt
@@ -53,7 +54,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=8, help="decode steps recorded")
     parser.add_argument("--dtype", default="bfloat16", choices=("auto", "bfloat16"),
                         help="dtype the checkpoint loads in (auto: the quantized files' float16)")
-    parser.add_argument("--cpu-kernel", default="torch", choices=("torch", "onnxruntime"),
+    parser.add_argument("--cpu-kernel", default="torch", choices=load_quantization().CPU_KERNELS,
                         help="the quantized layers' CPU kernel (quantize(bits, cpu_kernel=...))")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rows", type=int, default=25, help="operators listed per table")

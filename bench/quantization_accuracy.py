@@ -29,7 +29,11 @@ VARIANTS = {
     "int4, int8 output_layer": (4, 8, "torch"),
     "int8, onnxruntime (int8 activations)": (8, 0, "onnxruntime"),
     "int4, onnxruntime (int8 activations)": (4, 0, "onnxruntime"),
+    "int8, chatglm_cpu (int8 activations)": (8, 0, "chatglm_cpu"),
+    "int4, chatglm_cpu (int8 activations)": (4, 0, "chatglm_cpu"),
 }
+# What each optional CPU kernel imports; a kernel whose packages are missing is left out of the table.
+KERNEL_PACKAGES = {"torch": (), "onnxruntime": ("onnxruntime", "onnx"), "chatglm_cpu": ("chatglm_cpu",)}
 
 
 def turns(path):
@@ -54,7 +58,7 @@ def load(model_path, bits=0, output_layer_bits=0, cpu_kernel="torch"):
 
 
 def available(cpu_kernel):
-    return cpu_kernel == "torch" or all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx"))
+    return all(importlib.util.find_spec(name) for name in KERNEL_PACKAGES[cpu_kernel])
 
 
 @torch.inference_mode()
