@@ -55,10 +55,10 @@ def integer_activations(rows, in_features, seed=1):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 64])  # 13: blocks of 4 rows plus a remainder
-def test_integer_activations_give_the_exact_integer_products(bits, rows, threads, out_features):
+@pytest.mark.parametrize("in_features", [256, 96])  # int4 spans of 64 inputs; of 32 where K is not a multiple of 64
+def test_integer_activations_give_the_exact_integer_products(bits, rows, threads, out_features, in_features):
     # Every nibble order, the zero point of the int4 bytes, the row split between threads and both
     # the one-row and the several-row paths are exact here: any slip changes an integer.
-    in_features = 256
     q = random_q(out_features, in_features, bits)
     x = integer_activations(rows, in_features)
     out = chatglm_cpu.linear(x, released_weight(q, bits), torch.ones(out_features), None, bits, threads)

@@ -42,7 +42,7 @@ typedef struct {
     int bias_dtype;
     void *out;            /* [M, N] */
     int out_dtype;
-    const int8_t *xq;     /* [M, K]: int4 jobs hold each 32-input block as its even inputs, then its odd ones */
+    const int8_t *xq;     /* [M, K]: int4 jobs hold each span of 32 or 64 inputs as its even inputs, then its odd ones */
     const float *xd;      /* [M, K / group] activation scales */
     const float *xzero;   /* int4: [M] the activations' product with the zero point 8 */
     int threads;
@@ -95,10 +95,11 @@ static inline float horizontal_max(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
-/* One row of activations -> int8 per group, plus the group scales (`buffer`: `group` floats). `interleave` stores each block of
- * 32 as inputs 0, 2, ..., 30, 1, 3, ..., 31: the order in which `unpack_int4` yields a block's nibbles.
+/* One row of activations -> int8 per group, plus the group scales (`buffer`: `group` floats). A `span`
+ * of 32 or 64 stores each span of inputs as its even inputs, then its odd ones: the order in which the
+ * int4 kernels take a span's nibbles from its bytes (0: natural order, for int8 weights).
  * Returns sum_g scale_g * sum_{k in g} xq[k] (the product with a constant weight of 1). */
-static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, int interleave, float *buffer,
+static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, int span, float *buffer,
                           int8_t *xq, float *xd) {
     const __m256 magnitude_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 largest = _mm256_set1_ps(FLT_MAX);
@@ -124,6 +125,7 @@ static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, in
         xd[g] = scale;
         const __m256 multiplier = _mm256_set1_ps(inverse);
         __m256i sum = _mm256_setzero_si256();
+        __m256i previous = _mm256_setzero_si256();
         for (int64_t k = 0; k < group; k += 32) {
             __m256i q[4];
             for (int i = 0; i < 4; i++) {
@@ -133,9 +135,19 @@ static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, in
             }
             __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
             bytes = _mm256_permutevar8x32_epi32(bytes, natural_order);
-            if (interleave)
+            int8_t *destination = xq + g * group + k;
+            if (span) /* the block's 16 even inputs, then its 16 odd ones */
                 bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, even_then_odd), 0xD8);
-            _mm256_storeu_si256((__m256i *)(xq + g * group + k), bytes);
+            if (span == 64) {
+                if (k % 64 == 0) {
+                    previous = bytes;
+                    continue;
+                }
+                /* two blocks: evens of both, then odds of both */
+                _mm256_storeu_si256((__m256i *)(destination - 32), _mm256_permute2x128_si256(previous, bytes, 0x20));
+                bytes = _mm256_permute2x128_si256(previous, bytes, 0x31);
+            }
+            _mm256_storeu_si256((__m256i *)destination, bytes);
         }
         __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4E));
@@ -152,28 +164,54 @@ static inline __m256i unpack_int4(const int8_t *bytes) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-/* Dot products of R int4 weight rows with one activation row: sums[r] = sum_g xd[g] sum_{k in g} (q + 8) xq.
- * Rows come from the released bytes (`unpacked` NULL) or from a buffer of unpacked rows, K bytes each. */
+/* 32 released bytes (64 inputs) -> their 32 even inputs' and 32 odd inputs' nibbles q + 8: 4 operations
+ * for 64 inputs where `unpack_int4` takes 4 for 32. */
+static inline void unpack_int4_pair(const int8_t *bytes, __m256i *evens, __m256i *odds) {
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+    __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)bytes), _mm256_set1_epi8((char)0x88));
+    *evens = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+    *odds = _mm256_and_si256(v, low_nibbles);
+}
+
+/* Dot products of R int4 weight rows with one activation row: sums[r] = sum_g xd[g] sum_{k in g} (q + 8) xq,
+ * the activations in spans of `span` inputs (see quantize_row). Rows come from the released bytes
+ * (`unpacked` NULL) or from a buffer of rows unpacked in the activations' order, K bytes each. */
 static inline __attribute__((always_inline)) void int4_rows(const int8_t *weight, int64_t row_bytes,
-                                                             const uint8_t *unpacked, const int R,
+                                                             const uint8_t *unpacked, const int R, const int span,
                                                              const int8_t *xq, const float *xd, int64_t K,
                                                              int64_t group, float *sums) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K / group; g++) {
-        __m256i partial[4]; /* int16: at most 4 blocks x 2 x 15 x 127 = 15240 */
+        __m256i partial[4]; /* int16: at most 4 products of 32 inputs, 4 x 2 x 15 x 127 = 15240 */
         for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
         if (!unpacked)
             for (int r = 0; r < R; r++)
                 for (int64_t line = 0; line < group / 2; line += 64)
                     _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group / 2 + line), _MM_HINT_T0);
-        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
-            for (int r = 0; r < R; r++) {
-                __m256i w = unpacked ? _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k))
-                                     : unpack_int4(weight + r * row_bytes + k / 2);
-                partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(w, x));
+        for (int64_t k = g * group; k < (g + 1) * group; k += span) {
+            if (span == 64) {
+                __m256i x_evens = _mm256_loadu_si256((const __m256i *)(xq + k));
+                __m256i x_odds = _mm256_loadu_si256((const __m256i *)(xq + k + 32));
+                for (int r = 0; r < R; r++) {
+                    __m256i evens, odds;
+                    if (unpacked) {
+                        evens = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k));
+                        odds = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k + 32));
+                    } else {
+                        unpack_int4_pair(weight + r * row_bytes + k / 2, &evens, &odds);
+                    }
+                    partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(evens, x_evens));
+                    partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(odds, x_odds));
+                }
+            } else {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
+                for (int r = 0; r < R; r++) {
+                    __m256i w = unpacked ? _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k))
+                                         : unpack_int4(weight + r * row_bytes + k / 2);
+                    partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(w, x));
+                }
             }
         }
         __m256 d = _mm256_set1_ps(xd[g]);
@@ -220,43 +258,64 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
     }
 }
 
-/* Output columns [n_begin, n_end) for every activation row. `unpacked` (4 rows of K bytes, int4 with
- * several activation rows; NULL otherwise) holds each block of weight rows unpacked once for all of them. */
-static void run_columns(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked) {
-    const int64_t K = job->K, group = job->group, groups = K / group;
-    const int64_t row_bytes = job->bits == 4 ? K / 2 : K;
-    float sums[4];
-    for (int64_t n = n_begin; n < n_end;) {
-        const int R = n_end - n >= 4 ? 4 : 1;
-        const int8_t *weight = job->weight + n * row_bytes;
-        if (unpacked) {
-            /* Several activation rows: unpack these weight rows once and reuse them for each. */
-            for (int r = 0; r < R; r++)
-                for (int64_t k = 0; k < K; k += 32)
-                    _mm256_storeu_si256((__m256i *)(unpacked + r * K + k), unpack_int4(weight + r * row_bytes + k / 2));
-        }
-        for (int64_t m = 0; m < job->M; m++) {
-            const int8_t *xq = job->xq + m * K;
-            const float *xd = job->xd + m * groups;
-            if (job->bits == 8) {
-                if (R == 4) int8_rows(weight, K, 4, xq, xd, group, sums);
-                else int8_rows(weight, K, 1, xq, xd, group, sums);
-            } else if (unpacked) {
-                if (R == 4) int4_rows(weight, row_bytes, unpacked, 4, xq, xd, K, group, sums);
-                else int4_rows(weight, row_bytes, unpacked, 1, xq, xd, K, group, sums);
-            } else {
-                if (R == 4) int4_rows(weight, row_bytes, NULL, 4, xq, xd, K, group, sums);
-                else int4_rows(weight, row_bytes, NULL, 1, xq, xd, K, group, sums);
-            }
-            store_rows(job, m, n, R, sums);
-        }
-        n += R;
-    }
-}
-
 /* Threads take the output columns in chunks of CHUNK_ROWS (whole blocks of 4) from a shared counter,
  * so a thread slowed by another process on its core takes fewer of them. */
 #define CHUNK_ROWS 32
+
+static inline void dot_rows(const Job *job, const int8_t *weight, const uint8_t *unpacked, int R, int64_t m,
+                            float *sums) {
+    const int64_t K = job->K, group = job->group, row_bytes = job->bits == 4 ? K / 2 : K;
+    const int8_t *xq = job->xq + m * K;
+    const float *xd = job->xd + m * (K / group);
+    if (job->bits == 8) {
+        if (R == 4) int8_rows(weight, K, 4, xq, xd, group, sums);
+        else int8_rows(weight, K, 1, xq, xd, group, sums);
+    } else {
+        /* Each combination its own inlined copy: the branches on them leave the inner loops. */
+#define INT4_ROWS(buffer, rows, span) int4_rows(weight, row_bytes, buffer, rows, span, xq, xd, K, group, sums)
+        const int span = group >= 64 ? 64 : 32; /* 64 wherever K allows it */
+        if (unpacked) {
+            if (span == 64) R == 4 ? INT4_ROWS(unpacked, 4, 64) : INT4_ROWS(unpacked, 1, 64);
+            else R == 4 ? INT4_ROWS(unpacked, 4, 32) : INT4_ROWS(unpacked, 1, 32);
+        } else {
+            if (span == 64) R == 4 ? INT4_ROWS(NULL, 4, 64) : INT4_ROWS(NULL, 1, 64);
+            else R == 4 ? INT4_ROWS(NULL, 4, 32) : INT4_ROWS(NULL, 1, 32);
+        }
+#undef INT4_ROWS
+    }
+}
+
+/* Output columns [n_begin, n_end), at most CHUNK_ROWS of them, for every activation row. One activation
+ * row: each block of 4 weight rows is read once, straight from memory. Several: the chunk's weight rows
+ * (unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes, for int4) stay in the cache while every
+ * activation row passes over them, so the activations are read once per chunk, not once per block. */
+static void run_columns(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked) {
+    const int64_t K = job->K, row_bytes = job->bits == 4 ? K / 2 : K;
+    float sums[4];
+    if (unpacked)
+        for (int64_t r = 0; r < n_end - n_begin; r++) {
+            const int8_t *row = job->weight + (n_begin + r) * row_bytes;
+            uint8_t *destination = unpacked + r * K;
+            for (int64_t k = 0; k < K; k += job->group >= 64 ? 64 : 32) {
+                if (job->group >= 64) {
+                    __m256i evens, odds;
+                    unpack_int4_pair(row + k / 2, &evens, &odds);
+                    _mm256_storeu_si256((__m256i *)(destination + k), evens);
+                    _mm256_storeu_si256((__m256i *)(destination + k + 32), odds);
+                } else {
+                    _mm256_storeu_si256((__m256i *)(destination + k), unpack_int4(row + k / 2));
+                }
+            }
+        }
+    for (int64_t m = 0; m < job->M; m++) {
+        for (int64_t n = n_begin; n < n_end;) {
+            const int R = n_end - n >= 4 ? 4 : 1;
+            dot_rows(job, job->weight + n * row_bytes, unpacked ? unpacked + (n - n_begin) * K : NULL, R, m, sums);
+            store_rows(job, m, n, R, sums);
+            n += R;
+        }
+    }
+}
 
 typedef struct {
     const Job *job;
@@ -267,7 +326,7 @@ static void run_chunks(void *argument) {
     Work *work = (Work *)argument;
     const Job *job = work->job;
     /* Without it (out of memory), the rows are unpacked again for each activation row: slower, same result. */
-    uint8_t *unpacked = job->bits == 4 && job->M > 1 ? (uint8_t *)aligned_alloc(32, (size_t)(4 * job->K)) : NULL;
+    uint8_t *unpacked = job->bits == 4 && job->M > 1 ? (uint8_t *)aligned_alloc(32, (size_t)(CHUNK_ROWS * job->K)) : NULL;
     for (;;) {
         int64_t begin = (int64_t)atomic_fetch_add(&work->next_chunk, 1) * CHUNK_ROWS;
         if (begin >= job->N) break;
@@ -309,7 +368,8 @@ static int linear(Job *job, const void *x, int x_dtype) {
     int ok = buffer && xq && xd && xzero;
     if (ok) {
         for (int64_t m = 0; m < M; m++)
-            xzero[m] = quantize_row((const char *)x + m * K * element, x_dtype, K, job->group, job->bits == 4,
+            xzero[m] = quantize_row((const char *)x + m * K * element, x_dtype, K, job->group,
+                                    job->bits == 8 ? 0 : (job->group >= 64 ? 64 : 32),
                                     buffer, xq + m * K, xd + m * groups);
         job->xq = xq;
         job->xd = xd;
