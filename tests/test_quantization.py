@@ -890,16 +890,20 @@ def test_onnxruntime_kernel_is_not_used_for_training():
     assert layer._matmulnbits is None and x.grad is not None
 
 
-def test_onnxruntime_kernel_without_onnxruntime_warns_and_keeps_the_torch_kernels(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
-    without = load_quantization("chatglm_quantization_without_onnxruntime")
+@pytest.mark.parametrize(
+    "kernel, package, hint",
+    [("onnxruntime", "onnxruntime", "onnxruntime and onnx packages"), ("chatglm_cpu", "chatglm_cpu", "pip install ./cpu_kernels")],
+)
+def test_an_optional_kernel_without_its_package_warns_and_keeps_the_torch_kernels(monkeypatch, caplog, kernel, package, hint):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import <package>` raise ImportError
+    without = load_quantization(f"chatglm_quantization_without_{package}")
     layer = without.QuantizedLinear.from_linear(nn.Linear(64, 48), 4)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = layer.bfloat16()(x)
         with caplog.at_level("WARNING"):
-            without.set_cpu_kernel(layer, "onnxruntime")
-        assert "onnxruntime" in caplog.text and "torch CPU kernels instead" in caplog.text
+            without.set_cpu_kernel(layer, kernel)
+        assert hint in caplog.text and "torch CPU kernels instead" in caplog.text
         assert torch.equal(layer(x), expected)
     assert layer._matmulnbits is None
 
@@ -952,19 +956,6 @@ def test_chatglm_cpu_kernel_takes_a_weight_back_from_the_torch_int4_layout():
         out = layer(x)
     assert layer.weight.dtype == torch.int8
     assert_close_relative(out, reference_output(layer, x), 2e-2)
-
-
-def test_chatglm_cpu_kernel_without_its_package_warns_and_keeps_the_torch_kernels(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "chatglm_cpu", None)  # makes `import chatglm_cpu` raise ImportError
-    without = load_quantization("chatglm_quantization_without_chatglm_cpu")
-    layer = without.QuantizedLinear.from_linear(nn.Linear(64, 48), 4)
-    x = torch.randn(2, 64, dtype=torch.bfloat16)
-    with torch.no_grad():
-        expected = layer.bfloat16()(x)
-        with caplog.at_level("WARNING"):
-            without.set_cpu_kernel(layer, "chatglm_cpu")
-        assert "pip install ./cpu_kernels" in caplog.text and "torch CPU kernels instead" in caplog.text
-        assert torch.equal(layer(x), expected)
 
 
 def test_set_cpu_kernel_names_the_choices_for_an_unknown_kernel():
