@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from demo.cli_demo import BUNDLED_MODEL, DTYPES, OneLineErrorParser, UsageError, device_name, load, positive_int, probability
+from demo.cli_demo import BUNDLED_MODEL, CPU_KERNEL_HELP, DTYPES, OneLineErrorParser, UsageError, device_name, load, positive_int, probability
 
 USAGE_ERROR = 2
 
@@ -34,6 +34,7 @@ def build_parser():
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--quantize", type=int, choices=(0, 4, 8), default=0, help="quantize the weights to 4 or 8 bits after loading (0: no)")
+    parser.add_argument("--cpu-kernel", help=CPU_KERNEL_HELP)
     parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on cpu, bfloat16 (or float16) on cuda, float16 on mps")
     parser.add_argument(

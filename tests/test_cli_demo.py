@@ -60,6 +60,21 @@ def test_query_mode_with_int8_quantization():
     assert result.stdout.strip() == trained_answer("Who are you?")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("chatglm_cpu") is None, reason="chatglm_cpu is optional")
+def test_query_mode_with_int4_on_the_chatglm_cpu_kernel():
+    result = run_cli("--greedy", "--quantize", "4", "--cpu-kernel", "chatglm_cpu", "--device", "cpu", "--query", "Who are you?")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == trained_answer("Who are you?")
+
+
+def test_error_for_an_unknown_cpu_kernel_names_the_choices():
+    # The model checks the name, so the error comes after transformers' loading progress bar.
+    result = run_cli("--cpu-kernel", "fastest", "--query", "hi")
+    assert result.returncode == 2 and result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "cpu_kernel must be one of" in last and "'chatglm_cpu'" in last and "'fastest'" in last
+
+
 def test_interactive_chat_keeps_history_until_cleared():
     typed = "我叫小明。\n我叫什么名字？\nclear\n我叫什么名字？\nstop\n"
     result = run_cli("--greedy", stdin=typed)
