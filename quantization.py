@@ -1000,10 +1000,14 @@ class QuantizedLinear(nn.Module):
         return x.device.type == "cpu" and self.weight.device.type == "cpu" and _onnxruntime() is not None
 
     def _chatglm_cpu_fits(self, x):
+        floats = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel reads and writes
         return (
             x.device.type == "cpu"
             and self.weight.device.type == "cpu"
             and self.in_features % 32 == 0
+            and x.dtype in floats
+            and self.weight_scale.dtype in floats
+            and (self.bias is None or self.bias.dtype in floats)
             and _chatglm_cpu() is not None
         )
 

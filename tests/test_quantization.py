@@ -944,6 +944,17 @@ def test_chatglm_cpu_kernel_reads_the_released_bytes_in_place_within_int8_activa
 
 
 @needs_chatglm_cpu
+def test_chatglm_cpu_kernel_leaves_float64_to_the_exact_path():
+    layer = make_layer(*KERNEL_SHAPE, 4, torch.float64)
+    Q.set_cpu_kernel(layer, "chatglm_cpu")
+    x = torch.randn(2, KERNEL_SHAPE[1], dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference_output(layer, x).double(), rtol=1e-5, atol=1e-5)
+
+
+@needs_chatglm_cpu
 def test_chatglm_cpu_kernel_takes_a_weight_back_from_the_torch_int4_layout():
     # A training forward (gradients: the torch kernels) converts the weight; inference then
     # converts it back for the kernel that reads the released bytes.
