@@ -81,3 +81,6 @@ def test_readme_install_commands_name_files_that_exist():
         for flag, value in zip(words, words[1:]):
             if flag == "-r":
                 assert (REPO_ROOT / value).is_file(), f"{line!r} installs from {value}, which does not exist"
+        for word in words:
+            if word.startswith("./"):  # a package folder of this repository
+                assert (REPO_ROOT / word / "pyproject.toml").is_file(), f"{line!r} installs {word}, which is not a package here"
