@@ -870,9 +870,9 @@ class QuantizedLinear(nn.Module):
     ([out], model dtype) and optional `bias` ([out], model dtype); `state_dict()` always holds them
     in that released format.
 
-    One copy of the weight: on the CPU, a 4-bit layer converts `weight`, at its first forward there,
-    into PyTorch's int4 kernel layout: the same Parameter then holds flat uint8 data of the same size,
-    written over the released bytes when no other tensor shares them (`_only_holder_of_storage`).
+    One copy of the weight: on the CPU, a 4-bit layer on the torch kernels converts `weight`, at its
+    first forward there, into PyTorch's int4 kernel layout (the other CPU kernels read the released
+    one): the same Parameter then holds flat uint8 data of the same size, written over the released bytes when no other tensor shares them (`_only_holder_of_storage`).
     Saving converts back, and so does the first forward on any other device after `.to(...)`; the
     kernel layout is never written anywhere. Its distinct dtype and shape mark it, so a loader that
     writes a released tensor into a converted layer fails its shape check instead of mixing layouts.
@@ -1127,10 +1127,9 @@ def set_cpu_kernel(model, kernel):
     """
     if kernel not in CPU_KERNELS:
         raise ValueError(f"cpu_kernel must be one of {', '.join(map(repr, CPU_KERNELS))}; got {kernel!r}")
-    if kernel == "onnxruntime":
-        _onnxruntime()  # the warning, now rather than at the first forward
-    if kernel == "chatglm_cpu":
-        _chatglm_cpu()
+    optional_kernels = {"onnxruntime": _onnxruntime, "chatglm_cpu": _chatglm_cpu}
+    if kernel in optional_kernels:
+        optional_kernels[kernel]()  # the warning, if any, now rather than at the first forward
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and module.cpu_kernel != kernel:
             module.cpu_kernel = kernel
