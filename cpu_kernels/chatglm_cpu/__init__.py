@@ -46,13 +46,17 @@ def _openmp_parallel_entry():
 _kernels.set_parallel_runtime(_openmp_parallel_entry())
 
 
+# Read once: `linear` checks it at every call.
+_ISA = _kernels.isa()
+
+
 def isa():
     """The instruction set the kernels use on this CPU ("avx2"), or "" where they cannot run."""
-    return _kernels.isa()
+    return _ISA
 
 
 def available():
-    return bool(_kernels.isa())
+    return bool(_ISA)
 
 
 def _check_vector(name, tensor, length):

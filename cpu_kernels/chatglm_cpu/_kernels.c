@@ -352,9 +352,14 @@ static void run_job(const Job *job) {
         run_chunks(&work);
 }
 
+/* Asked once: every call checks it, and the answer never changes. */
 static int cpu_has_avx2(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    static int answer = -1;
+    if (answer < 0) {
+        __builtin_cpu_init();
+        answer = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return answer;
 }
 
 /* Quantize the activations, then run the job. Returns 0, or -1 when out of memory. */
