@@ -43,6 +43,11 @@ def int8_activation_reference(x, q, scale, bias):
     return out + bias.double() if bias is not None else out
 
 
+# Every instruction set's kernels, each run where the CPU has it: they must agree bit for bit.
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in chatglm_cpu.isas(), reason=f"this CPU has no {isa}"))
+        for isa in ("avx2", "avx512_vnni")]
+
+
 def integer_activations(rows, in_features, seed=1):
     """Integers in [-127, 127] with 127 in every group: they quantize to themselves with scale 1."""
     generator = torch.Generator().manual_seed(seed)
@@ -51,17 +56,18 @@ def integer_activations(rows, in_features, seed=1):
     return x
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 64])  # 13: blocks of 4 rows plus a remainder
 @pytest.mark.parametrize("in_features", [256, 96])  # int4 spans of 64 inputs; of 32 where K is not a multiple of 64
-def test_integer_activations_give_the_exact_integer_products(bits, rows, threads, out_features, in_features):
+def test_integer_activations_give_the_exact_integer_products(isa, bits, rows, threads, out_features, in_features):
     # Every nibble order, the zero point of the int4 bytes, the row split between threads and both
     # the one-row and the several-row paths are exact here: any slip changes an integer.
     q = random_q(out_features, in_features, bits)
     x = integer_activations(rows, in_features)
-    out = chatglm_cpu.linear(x, released_weight(q, bits), torch.ones(out_features), None, bits, threads)
+    out = chatglm_cpu.linear(x, released_weight(q, bits), torch.ones(out_features), None, bits, threads, isa)
     assert torch.equal(out, (x.long() @ q.long().T).float())
 
 
@@ -81,6 +87,21 @@ def test_float_activations_match_the_int8_activation_reference(bits, dtype, in_f
     # float32 sums in another order; float16 / bfloat16 results are rounded once at the end.
     tolerance = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [96, 192, 13696])  # groups of 32, 64 and 128 inputs
+@pytest.mark.parametrize("rows", [1, 5])
+def test_every_instruction_set_gives_the_same_result_bit_for_bit(bits, dtype, in_features, rows):
+    if len(chatglm_cpu.isas()) < 2:
+        pytest.skip(f"this CPU runs only {chatglm_cpu.isas()}")
+    generator = torch.Generator().manual_seed(3)
+    q = random_q(70, in_features, bits)
+    scale = (torch.rand(70, generator=generator) * 0.01).to(dtype)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    outs = [chatglm_cpu.linear(x, released_weight(q, bits), scale, None, bits, isa=isa) for isa in chatglm_cpu.isas()]
+    assert all(torch.equal(out, outs[0]) for out in outs)
 
 
 def test_a_non_finite_input_makes_its_own_row_nan_and_no_other():
@@ -110,6 +131,7 @@ def test_zero_activations_give_the_bias():
         (dict(bias=torch.ones(8, dtype=torch.float64)), r"bias must be a CPU float32/float16/bfloat16"),
         (dict(x=torch.zeros(2, 64, dtype=torch.int32)), r"x must be a 2-D CPU float32"),
         (dict(bits=3), r"bits must be 4 or 8, got 3"),
+        (dict(isa="sse2"), r"isa must be one this CPU runs, .*avx2.*; got 'sse2'"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_message_naming_them(change, message):

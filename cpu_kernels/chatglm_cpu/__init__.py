@@ -16,7 +16,7 @@ import torch
 
 from . import _kernels
 
-__all__ = ["available", "isa", "linear", "GROUP_SIZES"]
+__all__ = ["available", "isa", "isas", "linear", "GROUP_SIZES"]
 
 # Inputs per activation scale, the largest that divides K. Four 32-input blocks is the most whose
 # int4 products still add up exactly in 16-bit lanes.
@@ -46,17 +46,23 @@ def _openmp_parallel_entry():
 _kernels.set_parallel_runtime(_openmp_parallel_entry())
 
 
-# Read once: `linear` checks it at every call.
-_ISA = _kernels.isa()
+# Read once: `linear` checks it at every call. Codes as the C module takes them.
+_ISAS = _kernels.isas()
+_ISA_CODES = {"avx2": 0, "avx512_vnni": 1}
+
+
+def isas():
+    """The instruction sets whose kernels this CPU runs, best first: ("avx512_vnni", "avx2"), ("avx2",) or ()."""
+    return _ISAS
 
 
 def isa():
-    """The instruction set the kernels use on this CPU ("avx2"), or "" where they cannot run."""
-    return _ISA
+    """The instruction set `linear` uses by default on this CPU ("avx512_vnni" or "avx2"), or "" where it cannot run."""
+    return _ISAS[0] if _ISAS else ""
 
 
 def available():
-    return bool(_ISA)
+    return bool(_ISAS)
 
 
 def _check_vector(name, tensor, length):
@@ -67,15 +73,20 @@ def _check_vector(name, tensor, length):
         )
 
 
-def linear(x, weight, scale, bias=None, bits=4, threads=None):
+def linear(x, weight, scale, bias=None, bits=4, threads=None, isa=None):
     """x [M, K] (float32/float16/bfloat16) times the quantized weight, scaled per row, + bias -> [M, N] in x's dtype.
 
-    `threads` defaults to torch's intra-op thread count.
+    `threads` defaults to torch's intra-op thread count; `isa` (one of `isas()`) to the best this CPU
+    runs. Every instruction set gives the same result bit for bit.
     """
     if bits not in (4, 8):
         raise ValueError(f"chatglm_cpu.linear: bits must be 4 or 8, got {bits!r}")
     if not available():
-        raise RuntimeError("chatglm_cpu.linear: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isa())")
+        raise RuntimeError("chatglm_cpu.linear: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
+    if isa is None:
+        isa = _ISAS[0]
+    elif isa not in _ISAS:
+        raise ValueError(f"chatglm_cpu.linear: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
     if x.dim() != 2 or x.dtype not in _DTYPE_CODES or x.device.type != "cpu":
         raise ValueError(
             f"chatglm_cpu.linear: x must be a 2-D CPU float32/float16/bfloat16 tensor, "
@@ -113,5 +124,6 @@ def linear(x, weight, scale, bias=None, bits=4, threads=None):
         out.data_ptr(), _DTYPE_CODES[out.dtype],
         group,
         threads if threads is not None else torch.get_num_threads(),
+        _ISA_CODES[isa],
     )
     return out

@@ -7,8 +7,10 @@
  * q8_0 numerics of ggml and onnxruntime's accuracy_level 4. A step reads each weight byte once, in
  * place, so decode runs at the memory bandwidth instead of at the speed of unpacking nibbles to floats.
  *
- * The module builds with default compiler flags and selects its AVX2 code at run time; on CPUs
- * without AVX2/FMA/F16C (and non-x86 builds) `isa()` returns "" and nothing else may be called.
+ * The module builds with default compiler flags and selects its code at run time: AVX2 (with FMA and
+ * F16C), or AVX512-VNNI's one-instruction byte dot products where the CPU has them (AVX512-F/BW/VL/VNNI:
+ * Intel Ice Lake, Sapphire Rapids and later, AMD Zen 4 and later). `isas()` lists what this CPU can run,
+ * best first; on CPUs without AVX2/FMA/F16C (and non-x86 builds) it is empty and nothing else may be called.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +22,8 @@
 #include <string.h>
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT16 = 1, DTYPE_BFLOAT16 = 2 };
+/* Codes of the instruction sets, as chatglm_cpu.linear passes them. */
+enum { ISA_AVX2 = 0, ISA_AVX512_VNNI = 1 };
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define HAVE_AVX2_BUILD 1
@@ -35,6 +39,7 @@ enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT16 = 1, DTYPE_BFLOAT16 = 2 };
 typedef struct {
     int bits;
     int64_t M, N, K, group;
+    int span;             /* int4: inputs per span of released bytes the kernels unpack at once (see quantize_row) */
     const int8_t *weight; /* [N, K * bits / 8] */
     const void *scale;    /* [N] */
     int scale_dtype;
@@ -46,6 +51,7 @@ typedef struct {
     const float *xd;      /* [M, K / group] activation scales */
     const float *xzero;   /* int4: [M] the activations' product with the zero point 8 */
     int threads;
+    int isa;
 } Job;
 
 static inline float load_float(const void *data, int dtype, int64_t i) {
@@ -164,91 +170,6 @@ static inline __m256i unpack_int4(const int8_t *bytes) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-/* 32 released bytes (64 inputs) -> their 32 even inputs' and 32 odd inputs' nibbles q + 8: 4 operations
- * for 64 inputs where `unpack_int4` takes 4 for 32. */
-static inline void unpack_int4_pair(const int8_t *bytes, __m256i *evens, __m256i *odds) {
-    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-    __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)bytes), _mm256_set1_epi8((char)0x88));
-    *evens = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
-    *odds = _mm256_and_si256(v, low_nibbles);
-}
-
-/* Dot products of R int4 weight rows with one activation row: sums[r] = sum_g xd[g] sum_{k in g} (q + 8) xq,
- * the activations in spans of `span` inputs (see quantize_row). Rows come from the released bytes
- * (`unpacked` NULL) or from a buffer of rows unpacked in the activations' order, K bytes each. */
-static inline __attribute__((always_inline)) void int4_rows(const int8_t *weight, int64_t row_bytes,
-                                                             const uint8_t *unpacked, const int R, const int span,
-                                                             const int8_t *xq, const float *xd, int64_t K,
-                                                             int64_t group, float *sums) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / group; g++) {
-        __m256i partial[4]; /* int16: at most 4 products of 32 inputs, 4 x 2 x 15 x 127 = 15240 */
-        for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
-        if (!unpacked)
-            for (int r = 0; r < R; r++)
-                for (int64_t line = 0; line < group / 2; line += 64)
-                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group / 2 + line), _MM_HINT_T0);
-        for (int64_t k = g * group; k < (g + 1) * group; k += span) {
-            if (span == 64) {
-                __m256i x_evens = _mm256_loadu_si256((const __m256i *)(xq + k));
-                __m256i x_odds = _mm256_loadu_si256((const __m256i *)(xq + k + 32));
-                for (int r = 0; r < R; r++) {
-                    __m256i evens, odds;
-                    if (unpacked) {
-                        evens = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k));
-                        odds = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k + 32));
-                    } else {
-                        unpack_int4_pair(weight + r * row_bytes + k / 2, &evens, &odds);
-                    }
-                    partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(evens, x_evens));
-                    partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(odds, x_odds));
-                }
-            } else {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
-                for (int r = 0; r < R; r++) {
-                    __m256i w = unpacked ? _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k))
-                                         : unpack_int4(weight + r * row_bytes + k / 2);
-                    partial[r] = _mm256_add_epi16(partial[r], _mm256_maddubs_epi16(w, x));
-                }
-            }
-        }
-        __m256 d = _mm256_set1_ps(xd[g]);
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(partial[r], ones)), d, acc[r]);
-    }
-    for (int r = 0; r < R; r++) sums[r] = horizontal_sum(acc[r]);
-}
-
-/* The same for int8 weight rows: |q| times x with q's sign (maddubs multiplies unsigned by signed). */
-static inline __attribute__((always_inline)) void int8_rows(const int8_t *weight, int64_t K, const int R,
-                                                             const int8_t *xq, const float *xd, int64_t group,
-                                                             float *sums) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < K / group; g++) {
-        __m256i partial[4]; /* int32 */
-        for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
-        for (int r = 0; r < R; r++)
-            for (int64_t line = 0; line < group; line += 64)
-                _mm_prefetch((const char *)(weight + (r + 4) * K + g * group + line), _MM_HINT_T0);
-        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
-            for (int r = 0; r < R; r++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(weight + r * K + k));
-                /* 2 x 127 x 127 fits int16: q is in [-127, 127] */
-                __m256i products = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-                partial[r] = _mm256_add_epi32(partial[r], _mm256_madd_epi16(products, ones));
-            }
-        }
-        __m256 d = _mm256_set1_ps(xd[g]);
-        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(partial[r]), d, acc[r]);
-    }
-    for (int r = 0; r < R; r++) sums[r] = horizontal_sum(acc[r]);
-}
-
 static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float *sums) {
     float zero = job->bits == 4 ? 8.0f * job->xzero[m] : 0.0f;
     for (int r = 0; r < R; r++) {
@@ -262,78 +183,33 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
  * so a thread slowed by another process on its core takes fewer of them. */
 #define CHUNK_ROWS 32
 
-static inline void dot_rows(const Job *job, const int8_t *weight, const uint8_t *unpacked, int R, int64_t m,
-                            float *sums) {
-    const int64_t K = job->K, group = job->group, row_bytes = job->bits == 4 ? K / 2 : K;
-    const int8_t *xq = job->xq + m * K;
-    const float *xd = job->xd + m * (K / group);
-    if (job->bits == 8) {
-        if (R == 4) int8_rows(weight, K, 4, xq, xd, group, sums);
-        else int8_rows(weight, K, 1, xq, xd, group, sums);
-    } else {
-        /* Each combination its own inlined copy: the branches on them leave the inner loops. */
-#define INT4_ROWS(buffer, rows, span) int4_rows(weight, row_bytes, buffer, rows, span, xq, xd, K, group, sums)
-        const int span = group >= 64 ? 64 : 32; /* 64 wherever K allows it */
-        if (unpacked) {
-            if (span == 64) R == 4 ? INT4_ROWS(unpacked, 4, 64) : INT4_ROWS(unpacked, 1, 64);
-            else R == 4 ? INT4_ROWS(unpacked, 4, 32) : INT4_ROWS(unpacked, 1, 32);
-        } else {
-            if (span == 64) R == 4 ? INT4_ROWS(NULL, 4, 64) : INT4_ROWS(NULL, 1, 64);
-            else R == 4 ? INT4_ROWS(NULL, 4, 32) : INT4_ROWS(NULL, 1, 32);
-        }
-#undef INT4_ROWS
-    }
-}
-
-/* Output columns [n_begin, n_end), at most CHUNK_ROWS of them, for every activation row. One activation
- * row: each block of 4 weight rows is read once, straight from memory. Several: the chunk's weight rows
- * (unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes, for int4) stay in the cache while every
- * activation row passes over them, so the activations are read once per chunk, not once per block. */
-static void run_columns(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked) {
-    const int64_t K = job->K, row_bytes = job->bits == 4 ? K / 2 : K;
-    float sums[4];
-    if (unpacked)
-        for (int64_t r = 0; r < n_end - n_begin; r++) {
-            const int8_t *row = job->weight + (n_begin + r) * row_bytes;
-            uint8_t *destination = unpacked + r * K;
-            for (int64_t k = 0; k < K; k += job->group >= 64 ? 64 : 32) {
-                if (job->group >= 64) {
-                    __m256i evens, odds;
-                    unpack_int4_pair(row + k / 2, &evens, &odds);
-                    _mm256_storeu_si256((__m256i *)(destination + k), evens);
-                    _mm256_storeu_si256((__m256i *)(destination + k + 32), odds);
-                } else {
-                    _mm256_storeu_si256((__m256i *)(destination + k), unpack_int4(row + k / 2));
-                }
-            }
-        }
-    for (int64_t m = 0; m < job->M; m++) {
-        for (int64_t n = n_begin; n < n_end;) {
-            const int R = n_end - n >= 4 ? 4 : 1;
-            dot_rows(job, job->weight + n * row_bytes, unpacked ? unpacked + (n - n_begin) * K : NULL, R, m, sums);
-            store_rows(job, m, n, R, sums);
-            n += R;
-        }
-    }
-}
-
 typedef struct {
     const Job *job;
     atomic_long next_chunk;
 } Work;
 
-static void run_chunks(void *argument) {
-    Work *work = (Work *)argument;
-    const Job *job = work->job;
-    /* Without it (out of memory), the rows are unpacked again for each activation row: slower, same result. */
-    uint8_t *unpacked = job->bits == 4 && job->M > 1 ? (uint8_t *)aligned_alloc(32, (size_t)(CHUNK_ROWS * job->K)) : NULL;
-    for (;;) {
-        int64_t begin = (int64_t)atomic_fetch_add(&work->next_chunk, 1) * CHUNK_ROWS;
-        if (begin >= job->N) break;
-        run_columns(job, begin, begin + CHUNK_ROWS < job->N ? begin + CHUNK_ROWS : job->N, unpacked);
-    }
-    free(unpacked);
-}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define KERNEL(name) name##_avx2
+#define VNNI 0
+#include "dot_kernels.h"
+#undef KERNEL
+#undef VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define KERNEL(name) name##_avx512_vnni
+#define VNNI 1
+#include "dot_kernels.h"
+#undef KERNEL
+#undef VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
 
 /* The OpenMP runtime torch computes with (libgomp's GOMP_parallel entry point, which LLVM's and
  * Intel's runtimes also provide), set by chatglm_cpu at import. Its threads are the ones torch's
@@ -346,20 +222,25 @@ static void run_job(const Job *job) {
     Work work = {job, 0};
     int64_t chunks = (job->N + CHUNK_ROWS - 1) / CHUNK_ROWS;
     unsigned threads = (unsigned)(job->threads < chunks ? job->threads : chunks);
+    void (*run_chunks)(void *) = job->isa == ISA_AVX512_VNNI ? run_chunks_avx512_vnni : run_chunks_avx2;
     if (parallel_entry && threads > 1)
         parallel_entry(run_chunks, &work, threads, 0);
     else
         run_chunks(&work);
 }
 
-/* Asked once: every call checks it, and the answer never changes. */
-static int cpu_has_avx2(void) {
-    static int answer = -1;
-    if (answer < 0) {
+/* Whether this CPU (and its OS: libgcc checks that the OS saves the registers) runs the instruction set's
+ * code. Asked once per set: every call checks it, and the answer never changes. */
+static int cpu_supports(int isa) {
+    static int answers[2] = {-1, -1};
+    if (answers[isa] < 0) {
         __builtin_cpu_init();
-        answer = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        answers[isa] = isa == ISA_AVX2 ? avx2
+                                       : avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     }
-    return answer;
+    return answers[isa];
 }
 
 /* Quantize the activations, then run the job. Returns 0, or -1 when out of memory. */
@@ -374,8 +255,7 @@ static int linear(Job *job, const void *x, int x_dtype) {
     if (ok) {
         for (int64_t m = 0; m < M; m++)
             xzero[m] = quantize_row((const char *)x + m * K * element, x_dtype, K, job->group,
-                                    job->bits == 8 ? 0 : (job->group >= 64 ? 64 : 32),
-                                    buffer, xq + m * K, xd + m * groups);
+                                    job->bits == 8 ? 0 : job->span, buffer, xq + m * K, xd + m * groups);
         job->xq = xq;
         job->xd = xd;
         job->xzero = xzero;
@@ -392,31 +272,33 @@ static int linear(Job *job, const void *x, int x_dtype) {
 
 #endif /* HAVE_AVX2_BUILD */
 
-static PyObject *py_isa(PyObject *self, PyObject *unused) {
+static PyObject *py_isas(PyObject *self, PyObject *unused) {
 #ifdef HAVE_AVX2_BUILD
-    if (cpu_has_avx2()) return PyUnicode_FromString("avx2");
+    if (cpu_supports(ISA_AVX512_VNNI)) return Py_BuildValue("(ss)", "avx512_vnni", "avx2");
+    if (cpu_supports(ISA_AVX2)) return Py_BuildValue("(s)", "avx2");
 #endif
-    return PyUnicode_FromString("");
+    return PyTuple_New(0);
 }
 
-/* linear(bits, x, x_dtype, M, K, weight, N, scale, scale_dtype, bias, bias_dtype, out, out_dtype, group, threads)
+/* linear(bits, x, x_dtype, M, K, weight, N, scale, scale_dtype, bias, bias_dtype, out, out_dtype, group, threads, isa)
  * Pointers are addresses (int; bias 0 for none). The caller (chatglm_cpu.linear) checks every shape,
  * dtype and alignment: this function trusts them. */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
-    int bits, x_dtype, scale_dtype, bias_dtype, out_dtype, threads;
+    int bits, x_dtype, scale_dtype, bias_dtype, out_dtype, threads, isa;
     Py_ssize_t x, weight, scale, bias, out, M, K, N, group;
-    if (!PyArg_ParseTuple(args, "ininnnnnininini", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
-                          &bias, &bias_dtype, &out, &out_dtype, &group, &threads))
+    if (!PyArg_ParseTuple(args, "ininnnnninininii", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
+                          &bias, &bias_dtype, &out, &out_dtype, &group, &threads, &isa))
         return NULL;
 #ifdef HAVE_AVX2_BUILD
-    if (!cpu_has_avx2()) {
-        PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu: this CPU has no AVX2/FMA/F16C");
+    if ((isa != ISA_AVX2 && isa != ISA_AVX512_VNNI) || !cpu_supports(isa)) {
+        PyErr_Format(PyExc_RuntimeError, "chatglm_cpu: this CPU cannot run instruction set code %d", isa);
         return NULL;
     }
     if (M == 0 || N == 0) Py_RETURN_NONE;
-    Job job = {bits, M, N, K, group, (const int8_t *)weight, (const void *)scale, scale_dtype,
+    /* int4: spans of 64 inputs (one 256-bit load of released bytes) wherever the groups allow it */
+    Job job = {bits, M, N, K, group, group >= 64 ? 64 : 32, (const int8_t *)weight, (const void *)scale, scale_dtype,
                (const void *)bias, bias_dtype, (void *)out, out_dtype, NULL, NULL, NULL,
-               threads < 1 ? 1 : threads};
+               threads < 1 ? 1 : threads, isa};
     int status;
     Py_BEGIN_ALLOW_THREADS status = linear(&job, (const void *)x, x_dtype);
     Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
@@ -439,7 +321,7 @@ static PyObject *py_set_parallel_runtime(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"set_parallel_runtime", py_set_parallel_runtime, METH_VARARGS,
      "The address of the OpenMP runtime's GOMP_parallel that torch uses (0: compute on the calling thread)."},
-    {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use on this CPU, or '' when they cannot run."},
+    {"isas", py_isas, METH_NOARGS, "The instruction sets whose kernels this CPU runs, best first (empty: none)."},
     {"linear", py_linear, METH_VARARGS, "Quantized linear layer on raw buffers (see chatglm_cpu.linear)."},
     {NULL, NULL, 0, NULL},
 };

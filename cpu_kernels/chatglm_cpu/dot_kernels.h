@@ -1,0 +1,179 @@
+/* The dot-product kernels, compiled once per instruction set: _kernels.c includes this file under
+ * each `#pragma GCC target`, with KERNEL(name) giving the functions that set's suffix and VNNI saying
+ * whether `vpdpbusd` (AVX512-VNNI, on 256-bit registers with AVX512-VL) is there. Without it an
+ * unsigned-by-signed byte dot product takes three AVX2 instructions (`vpmaddubsw` into 16-bit sums,
+ * an add, and `vpmaddwd` into 32-bit sums at the end of a group); with it, one that adds straight
+ * into 32-bit sums. Both give the same integers, so both paths give the same results bit for bit. */
+
+#if VNNI
+/* 32-bit lanes += four u8 x s8 products each. */
+#define DOT_INT4(sums, u, s) _mm256_dpbusd_epi32(sums, u, s)
+#define GROUP_SUMS_INT32(sums) (sums)
+/* (v ^ 0x88) & 0x0F in one vpternlogd: bit function of (v, 0x88, 0x0F) = (A ^ B) & C. */
+#define OFFSET_NIBBLES(v) _mm256_ternarylogic_epi32(v, _mm256_set1_epi8((char)0x88), _mm256_set1_epi8(0x0F), 0x28)
+#else
+/* 16-bit lanes: at most 4 products of 32 inputs per lane per group, 4 x 2 x 15 x 127 = 15240. */
+#define DOT_INT4(sums, u, s) _mm256_add_epi16(sums, _mm256_maddubs_epi16(u, s))
+#define GROUP_SUMS_INT32(sums) _mm256_madd_epi16(sums, _mm256_set1_epi16(1))
+#define OFFSET_NIBBLES(v) _mm256_and_si256(_mm256_xor_si256(v, _mm256_set1_epi8((char)0x88)), _mm256_set1_epi8(0x0F))
+#endif
+
+/* 32 released bytes (64 inputs) -> their 32 even inputs' and 32 odd inputs' nibbles q + 8. */
+static inline void KERNEL(unpack_int4_pair)(const int8_t *bytes, __m256i *evens, __m256i *odds) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)bytes);
+    *evens = OFFSET_NIBBLES(_mm256_srli_epi16(v, 4));
+    *odds = OFFSET_NIBBLES(v);
+}
+
+/* Dot products of R int4 weight rows with one activation row: sums[r] = sum_g xd[g] sum_{k in g} (q + 8) xq,
+ * the activations in spans of `span` inputs (see quantize_row). Rows come from the released bytes
+ * (`unpacked` NULL) or from a buffer of rows unpacked in the activations' order, K bytes each. Even and
+ * odd inputs add into separate sums: two independent chains per row keep `vpdpbusd`'s latency hidden. */
+static inline __attribute__((always_inline)) void KERNEL(int4_rows)(const int8_t *weight, int64_t row_bytes,
+                                                                     const uint8_t *unpacked, const int R,
+                                                                     const int span, const int8_t *xq,
+                                                                     const float *xd, int64_t K, int64_t group,
+                                                                     float *sums) {
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256i even_sums[4], odd_sums[4];
+        for (int r = 0; r < R; r++) even_sums[r] = odd_sums[r] = _mm256_setzero_si256();
+        if (!unpacked)
+            for (int r = 0; r < R; r++)
+                for (int64_t line = 0; line < group / 2; line += 64)
+                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group / 2 + line), _MM_HINT_T0);
+        for (int64_t k = g * group; k < (g + 1) * group; k += span) {
+            if (span == 64) {
+                __m256i x_evens = _mm256_loadu_si256((const __m256i *)(xq + k));
+                __m256i x_odds = _mm256_loadu_si256((const __m256i *)(xq + k + 32));
+                for (int r = 0; r < R; r++) {
+                    __m256i evens, odds;
+                    if (unpacked) {
+                        evens = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k));
+                        odds = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k + 32));
+                    } else {
+                        KERNEL(unpack_int4_pair)(weight + r * row_bytes + k / 2, &evens, &odds);
+                    }
+                    even_sums[r] = DOT_INT4(even_sums[r], evens, x_evens);
+                    odd_sums[r] = DOT_INT4(odd_sums[r], odds, x_odds);
+                }
+            } else {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
+                for (int r = 0; r < R; r++) {
+                    __m256i w = unpacked ? _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k))
+                                         : unpack_int4(weight + r * row_bytes + k / 2);
+                    even_sums[r] = DOT_INT4(even_sums[r], w, x);
+                }
+            }
+        }
+        __m256 d = _mm256_set1_ps(xd[g]);
+        for (int r = 0; r < R; r++) {
+            __m256i group_sums = _mm256_add_epi32(GROUP_SUMS_INT32(even_sums[r]), GROUP_SUMS_INT32(odd_sums[r]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sums), d, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) sums[r] = horizontal_sum(acc[r]);
+}
+
+/* The same for int8 weight rows: |q| times x with q's sign (the byte products multiply unsigned by signed). */
+static inline __attribute__((always_inline)) void KERNEL(int8_rows)(const int8_t *weight, int64_t K, const int R,
+                                                                     const int8_t *xq, const float *xd,
+                                                                     int64_t group, float *sums) {
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256i partial[4]; /* int32 */
+        for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
+        for (int r = 0; r < R; r++)
+            for (int64_t line = 0; line < group; line += 64)
+                _mm_prefetch((const char *)(weight + (r + 4) * K + g * group + line), _MM_HINT_T0);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
+            for (int r = 0; r < R; r++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(weight + r * K + k));
+#if VNNI
+                partial[r] = _mm256_dpbusd_epi32(partial[r], _mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+#else
+                /* 2 x 127 x 127 fits int16: q is in [-127, 127] */
+                __m256i products = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+                partial[r] = _mm256_add_epi32(partial[r], _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+#endif
+            }
+        }
+        __m256 d = _mm256_set1_ps(xd[g]);
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(partial[r]), d, acc[r]);
+    }
+    for (int r = 0; r < R; r++) sums[r] = horizontal_sum(acc[r]);
+}
+
+static inline void KERNEL(dot_rows)(const Job *job, const int8_t *weight, const uint8_t *unpacked, int R, int64_t m,
+                                    float *sums) {
+    const int64_t K = job->K, group = job->group, row_bytes = job->bits == 4 ? K / 2 : K;
+    const int8_t *xq = job->xq + m * K;
+    const float *xd = job->xd + m * (K / group);
+    if (job->bits == 8) {
+        if (R == 4) KERNEL(int8_rows)(weight, K, 4, xq, xd, group, sums);
+        else KERNEL(int8_rows)(weight, K, 1, xq, xd, group, sums);
+    } else {
+        /* Each combination its own inlined copy: the branches on them leave the inner loops. */
+#define INT4_ROWS(buffer, rows, span) KERNEL(int4_rows)(weight, row_bytes, buffer, rows, span, xq, xd, K, group, sums)
+        if (unpacked) {
+            if (job->span == 64) R == 4 ? INT4_ROWS(unpacked, 4, 64) : INT4_ROWS(unpacked, 1, 64);
+            else R == 4 ? INT4_ROWS(unpacked, 4, 32) : INT4_ROWS(unpacked, 1, 32);
+        } else {
+            if (job->span == 64) R == 4 ? INT4_ROWS(NULL, 4, 64) : INT4_ROWS(NULL, 1, 64);
+            else R == 4 ? INT4_ROWS(NULL, 4, 32) : INT4_ROWS(NULL, 1, 32);
+        }
+#undef INT4_ROWS
+    }
+}
+
+/* Output columns [n_begin, n_end), at most CHUNK_ROWS of them, for every activation row. One activation
+ * row: each block of 4 weight rows is read once, straight from memory. Several: the chunk's weight rows
+ * (unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes, for int4) stay in the cache while every
+ * activation row passes over them, so the activations are read once per chunk, not once per block. */
+static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked) {
+    const int64_t K = job->K, row_bytes = job->bits == 4 ? K / 2 : K;
+    float sums[4];
+    if (unpacked)
+        for (int64_t r = 0; r < n_end - n_begin; r++) {
+            const int8_t *row = job->weight + (n_begin + r) * row_bytes;
+            uint8_t *destination = unpacked + r * K;
+            for (int64_t k = 0; k < K; k += job->span) {
+                if (job->span == 64) {
+                    __m256i evens, odds;
+                    KERNEL(unpack_int4_pair)(row + k / 2, &evens, &odds);
+                    _mm256_storeu_si256((__m256i *)(destination + k), evens);
+                    _mm256_storeu_si256((__m256i *)(destination + k + 32), odds);
+                } else {
+                    _mm256_storeu_si256((__m256i *)(destination + k), unpack_int4(row + k / 2));
+                }
+            }
+        }
+    for (int64_t m = 0; m < job->M; m++) {
+        for (int64_t n = n_begin; n < n_end;) {
+            const int R = n_end - n >= 4 ? 4 : 1;
+            KERNEL(dot_rows)(job, job->weight + n * row_bytes, unpacked ? unpacked + (n - n_begin) * K : NULL, R, m, sums);
+            store_rows(job, m, n, R, sums);
+            n += R;
+        }
+    }
+}
+
+static void KERNEL(run_chunks)(void *argument) {
+    Work *work = (Work *)argument;
+    const Job *job = work->job;
+    /* Without it (out of memory), the rows are unpacked again for each activation row: slower, same result. */
+    uint8_t *unpacked = job->bits == 4 && job->M > 1 ? (uint8_t *)aligned_alloc(32, (size_t)(CHUNK_ROWS * job->K)) : NULL;
+    for (;;) {
+        int64_t begin = (int64_t)atomic_fetch_add(&work->next_chunk, 1) * CHUNK_ROWS;
+        if (begin >= job->N) break;
+        KERNEL(run_columns)(job, begin, begin + CHUNK_ROWS < job->N ? begin + CHUNK_ROWS : job->N, unpacked);
+    }
+    free(unpacked);
+}
+
+#undef DOT_INT4
+#undef GROUP_SUMS_INT32
+#undef OFFSET_NIBBLES
