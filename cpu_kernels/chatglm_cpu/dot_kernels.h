@@ -39,10 +39,12 @@ static inline __attribute__((always_inline)) void KERNEL(int4_rows)(const int8_t
     for (int64_t g = 0; g < K / group; g++) {
         __m256i even_sums[4], odd_sums[4];
         for (int r = 0; r < R; r++) even_sums[r] = odd_sums[r] = _mm256_setzero_si256();
+        /* The next block's rows, into L2 (T1): with T0 (into L1) one core streamed 12 GB/s of weights on
+         * a Zen 4 EPYC, with T1 23 GB/s (torch.sum: 27); the L1's few miss buffers held the requests back. */
         if (!unpacked)
             for (int r = 0; r < R; r++)
                 for (int64_t line = 0; line < group / 2; line += 64)
-                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group / 2 + line), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group / 2 + line), _MM_HINT_T1);
         for (int64_t k = g * group; k < (g + 1) * group; k += span) {
             if (span == 64) {
                 __m256i x_evens = _mm256_loadu_si256((const __m256i *)(xq + k));
@@ -87,7 +89,7 @@ static inline __attribute__((always_inline)) void KERNEL(int8_rows)(const int8_t
         for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
         for (int r = 0; r < R; r++)
             for (int64_t line = 0; line < group; line += 64)
-                _mm_prefetch((const char *)(weight + (r + 4) * K + g * group + line), _MM_HINT_T0);
+                _mm_prefetch((const char *)(weight + (r + 4) * K + g * group + line), _MM_HINT_T1);
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
             for (int r = 0; r < R; r++) {
