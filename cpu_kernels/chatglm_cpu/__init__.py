@@ -66,7 +66,7 @@ def available():
 
 
 def _check_vector(name, tensor, length):
-    if tensor.dtype not in _DTYPE_CODES or tuple(tensor.shape) != (length,) or tensor.device.type != "cpu":
+    if tensor.dtype not in _DTYPE_CODES or tensor.shape != (length,) or not tensor.is_cpu:
         raise ValueError(
             f"chatglm_cpu.linear: {name} must be a CPU float32/float16/bfloat16 tensor of shape ({length},), "
             f"got {tensor.dtype} of shape {tuple(tensor.shape)} on {tensor.device}"
@@ -87,7 +87,7 @@ def linear(x, weight, scale, bias=None, bits=4, threads=None, isa=None):
         isa = _ISAS[0]
     elif isa not in _ISAS:
         raise ValueError(f"chatglm_cpu.linear: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
-    if x.dim() != 2 or x.dtype not in _DTYPE_CODES or x.device.type != "cpu":
+    if x.dim() != 2 or x.dtype not in _DTYPE_CODES or not x.is_cpu:
         raise ValueError(
             f"chatglm_cpu.linear: x must be a 2-D CPU float32/float16/bfloat16 tensor, "
             f"got {x.dtype} of shape {tuple(x.shape)} on {x.device}"
@@ -98,7 +98,7 @@ def linear(x, weight, scale, bias=None, bits=4, threads=None, isa=None):
         weight.dtype != torch.int8
         or weight.dim() != 2
         or weight.shape[1] * 8 != in_features * bits
-        or weight.device.type != "cpu"
+        or not weight.is_cpu
         or not weight.is_contiguous()
     ):
         raise ValueError(
