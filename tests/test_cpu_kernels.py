@@ -58,7 +58,7 @@ def integer_activations(rows, in_features, seed=1):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 9])  # int4 from 8 rows: weights unpacked once per chunk
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 64])  # 13: blocks of 4 rows plus a remainder
 @pytest.mark.parametrize("in_features", [256, 96])  # int4 spans of 64 inputs; of 32 where K is not a multiple of 64
@@ -102,6 +102,22 @@ def test_every_instruction_set_gives_the_same_result_bit_for_bit(bits, dtype, in
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
     outs = [chatglm_cpu.linear(x, released_weight(q, bits), scale, None, bits, isa=isa) for isa in chatglm_cpu.isas()]
     assert all(torch.equal(out, outs[0]) for out in outs)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("in_features", [192, 4096])
+def test_a_rows_result_does_not_depend_on_the_rows_batched_with_it(isa, bits, in_features):
+    # Alone, in a small batch (nibbles unpacked on the way) and in a prompt-sized one (unpacked once):
+    # the same bits, so a conversation's answer does not change with the server's batch.
+    generator = torch.Generator().manual_seed(4)
+    q = random_q(37, in_features, bits)
+    scale = (torch.rand(37, generator=generator) * 0.01).to(torch.float16)
+    x = torch.randn(12, in_features, generator=generator).to(torch.float16)
+    weight = released_weight(q, bits)
+    alone = chatglm_cpu.linear(x[:1], weight, scale, None, bits, isa=isa)
+    for rows in (3, 12):
+        assert torch.equal(chatglm_cpu.linear(x[:rows], weight, scale, None, bits, isa=isa)[:1], alone)
 
 
 def test_a_non_finite_input_makes_its_own_row_nan_and_no_other():

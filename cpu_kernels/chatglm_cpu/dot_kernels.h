@@ -133,8 +133,9 @@ static inline void KERNEL(dot_rows)(const Job *job, const int8_t *weight, const 
 
 /* Output columns [n_begin, n_end), at most CHUNK_ROWS of them, for every activation row. One activation
  * row: each block of 4 weight rows is read once, straight from memory. Several: the chunk's weight rows
- * (unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes, for int4) stay in the cache while every
- * activation row passes over them, so the activations are read once per chunk, not once per block. */
+ * (for int4 from UNPACK_ONCE_FROM_ROWS rows, unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes) stay
+ * in the cache while every activation row passes over them. Every path adds the same products in the same
+ * order, so a row's result does not depend on the rows batched with it. */
 static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked) {
     const int64_t K = job->K, row_bytes = job->bits == 4 ? K / 2 : K;
     float sums[4];
@@ -166,8 +167,10 @@ static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, 
 static void KERNEL(run_chunks)(void *argument) {
     Work *work = (Work *)argument;
     const Job *job = work->job;
-    /* Without it (out of memory), the rows are unpacked again for each activation row: slower, same result. */
-    uint8_t *unpacked = job->bits == 4 && job->M > 1 ? (uint8_t *)aligned_alloc(32, (size_t)(CHUNK_ROWS * job->K)) : NULL;
+    /* Up to UNPACK_ONCE_FROM_ROWS - 1 activation rows (batched decode) each unpack the nibbles again on the
+     * way, from packed bytes the L2 holds; from there on (prompts), unpacking once pays for reading twice
+     * the bytes. Without the buffer (out of memory), every row unpacks again: slower, same result. */
+    uint8_t *unpacked = job->bits == 4 && job->M >= UNPACK_ONCE_FROM_ROWS ? (uint8_t *)aligned_alloc(32, (size_t)(CHUNK_ROWS * job->K)) : NULL;
     for (;;) {
         int64_t begin = (int64_t)atomic_fetch_add(&work->next_chunk, 1) * CHUNK_ROWS;
         if (begin >= job->N) break;
