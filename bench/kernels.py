@@ -3,7 +3,7 @@
 A decode step multiplies one to a few activation rows by every quantized matrix, so its speed is the
 speed of these kernels on weights that come from memory, not from cache. This times each CPU kernel
 `QuantizedLinear` can use (`cpu_kernel` "torch" in bfloat16 and float32, "onnxruntime", "chatglm_cpu" in
-float16, the released checkpoints' dtype, when installed) on the
+float16, the released checkpoints' dtype, with each instruction set the CPU runs, when installed) on the
 four projection matrices of a 6B layer (shapes from the model built on the meta device), rotated
 over enough random copies that they do not fit in the caches, and scales the time to the 28 layers
 of a step. Each figure is given as a fraction of the memory roofline: the weight bytes of a step
@@ -56,23 +56,31 @@ def random_layer(Q, shape, bits, dtype, generator):
     return layer
 
 
-def time_layers(layers, rows, dtype, repeats):
-    """(wall seconds, CPU seconds of this process) per pass over `layers`, one activation per input width."""
+def time_layers(layers, rows, dtype, repeats, forward=None):
+    """(wall seconds, CPU seconds of this process) per pass over `layers`, one activation per input width.
+
+    `forward(layer, x)` computes a layer (default: calling it)."""
+    forward = forward or (lambda layer, x: layer(x))
     inputs = {layer.in_features: torch.randn(rows, layer.in_features).to(dtype) for layer in layers}
     with torch.inference_mode():
         for layer in layers:  # one untimed pass: first-call work, if any is left, and warm allocator
-            layer(inputs[layer.in_features])
+            forward(layer, inputs[layer.in_features])
         walls, cpus = [], []
         for _ in range(repeats):
             wall, cpu = time.perf_counter(), time.process_time()
             for layer in layers:
-                layer(inputs[layer.in_features])
+                forward(layer, inputs[layer.in_features])
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
     return walls, cpus
 
 
-def measure_kernel(Q, config, bits, kernel, dtype, copies, batches, repeats):
+def chatglm_cpu_forward(chatglm_cpu, isa):
+    """A layer's product by chatglm_cpu's kernels of one instruction set (the model always takes the best)."""
+    return lambda layer, x: chatglm_cpu.linear(x, layer.weight, layer.weight_scale, layer.bias, layer.bits, isa=isa)
+
+
+def measure_kernel(Q, config, bits, kernel, dtype, copies, batches, repeats, isa=None):
     generator = torch.Generator().manual_seed(bits)
     shapes = layer_shapes(config)
     layers = [random_layer(Q, shape, bits, torch.bfloat16, generator) for _ in range(copies) for _, shape in shapes]
@@ -83,11 +91,12 @@ def measure_kernel(Q, config, bits, kernel, dtype, copies, batches, repeats):
             layer(torch.zeros(1, layer.in_features, dtype=dtype))
     setup_seconds, setup_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     step_scale = config["num_layers"] / copies
-    result = {"bits": bits, "kernel": kernel, "activations": str(dtype).removeprefix("torch."), "copies": copies}
+    forward = chatglm_cpu_forward(Q._chatglm_cpu(), isa) if isa else None
+    result = {"bits": bits, "kernel": kernel + (f" ({isa})" if isa else ""), "activations": str(dtype).removeprefix("torch."), "copies": copies}
     result["first_call_seconds_per_step"] = setup_seconds * step_scale
     result["first_call_cpu_seconds_per_step"] = setup_cpu_seconds * step_scale
     for batch in batches:
-        walls, cpus = time_layers(layers, batch, dtype, repeats)
+        walls, cpus = time_layers(layers, batch, dtype, repeats, forward)
         result[f"batch{batch}"] = {
             "step_seconds": summary([wall * step_scale for wall in walls]),
             "step_cpu_seconds": summary([cpu * step_scale for cpu in cpus]),
@@ -145,21 +154,21 @@ def main(argv=None):
     bandwidth = read_bandwidth(1 << 30)["bytes_per_second"]["median"]
     machine = describe_machine("cpu")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, {machine['cpu']}, ISA {machine['isa']}", file=sys.stderr)
-    kernels = [("torch", torch.bfloat16)]
+    kernels = [("torch", torch.bfloat16, None)]
     if args.float32:
-        kernels.append(("torch", torch.float32))
+        kernels.append(("torch", torch.float32, None))
     onnxruntime = Q._onnxruntime() is not None
     if onnxruntime:
-        kernels.append(("onnxruntime", torch.bfloat16))
+        kernels.append(("onnxruntime", torch.bfloat16, None))
     chatglm_cpu = Q._chatglm_cpu() is not None
-    if chatglm_cpu:
-        kernels.append(("chatglm_cpu", torch.float16))
+    if chatglm_cpu:  # each instruction set this CPU runs (AVX512-VNNI and AVX2 on an AVX-512 machine)
+        kernels.extend(("chatglm_cpu", torch.float16, isa) for isa in Q._chatglm_cpu().isas())
     rows = []
     for bits in args.bits:
         roofline = step_weight_bytes(config, bits) / bandwidth
-        for kernel, dtype in kernels:
-            print(f"int{bits} {kernel} {dtype}", file=sys.stderr, flush=True)
-            row = measure_kernel(Q, config, bits, kernel, dtype, args.copies, args.batches, args.repeats)
+        for kernel, dtype, isa in kernels:
+            print(f"int{bits} {kernel} {isa or ''} {dtype}", file=sys.stderr, flush=True)
+            row = measure_kernel(Q, config, bits, kernel, dtype, args.copies, args.batches, args.repeats, isa)
             row["roofline_step_seconds"] = roofline
             rows.append(row)
     output_layer = measure_output_layer(Q, config, args.repeats)
