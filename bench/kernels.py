@@ -56,23 +56,28 @@ def random_layer(Q, shape, bits, dtype, generator):
     return layer
 
 
-def time_layers(layers, rows, dtype, repeats, forward=None):
-    """(wall seconds, CPU seconds of this process) per pass over `layers`, one activation per input width.
+def call_layer(layer, x):
+    return layer(x)
 
-    `forward(layer, x)` computes a layer (default: calling it)."""
-    forward = forward or (lambda layer, x: layer(x))
+
+def time_layers(layers, rows, dtype, repeats, forwards=(call_layer,)):
+    """For each of `forwards` (`forward(layer, x)` computes a layer): (wall seconds, CPU seconds of this
+    process) per pass over `layers`, one activation per input width. The forwards take turns within
+    each repeat, so that a shared machine's drift in bandwidth falls on all of them alike."""
     inputs = {layer.in_features: torch.randn(rows, layer.in_features).to(dtype) for layer in layers}
+    timings = [([], []) for _ in forwards]
     with torch.inference_mode():
-        for layer in layers:  # one untimed pass: first-call work, if any is left, and warm allocator
-            forward(layer, inputs[layer.in_features])
-        walls, cpus = [], []
-        for _ in range(repeats):
-            wall, cpu = time.perf_counter(), time.process_time()
+        for forward in forwards:  # one untimed pass: first-call work, if any is left, and warm allocator
             for layer in layers:
                 forward(layer, inputs[layer.in_features])
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
-    return walls, cpus
+        for _ in range(repeats):
+            for forward, (walls, cpus) in zip(forwards, timings):
+                wall, cpu = time.perf_counter(), time.process_time()
+                for layer in layers:
+                    forward(layer, inputs[layer.in_features])
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.process_time() - cpu)
+    return timings
 
 
 def chatglm_cpu_forward(chatglm_cpu, isa):
@@ -80,7 +85,8 @@ def chatglm_cpu_forward(chatglm_cpu, isa):
     return lambda layer, x: chatglm_cpu.linear(x, layer.weight, layer.weight_scale, layer.bias, layer.bits, isa=isa)
 
 
-def measure_kernel(Q, config, bits, kernel, dtype, copies, batches, repeats, isa=None):
+def measure_kernel(Q, config, bits, kernel, dtype, copies, batches, repeats, isas=(None,)):
+    """One result row per instruction set in `isas` (chatglm_cpu; None: the layer's own call)."""
     generator = torch.Generator().manual_seed(bits)
     shapes = layer_shapes(config)
     layers = [random_layer(Q, shape, bits, torch.bfloat16, generator) for _ in range(copies) for _, shape in shapes]
@@ -91,18 +97,26 @@ def measure_kernel(Q, config, bits, kernel, dtype, copies, batches, repeats, isa
             layer(torch.zeros(1, layer.in_features, dtype=dtype))
     setup_seconds, setup_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     step_scale = config["num_layers"] / copies
-    forward = chatglm_cpu_forward(Q._chatglm_cpu(), isa) if isa else None
-    result = {"bits": bits, "kernel": kernel + (f" ({isa})" if isa else ""), "activations": str(dtype).removeprefix("torch."), "copies": copies}
-    result["first_call_seconds_per_step"] = setup_seconds * step_scale
-    result["first_call_cpu_seconds_per_step"] = setup_cpu_seconds * step_scale
-    for batch in batches:
-        walls, cpus = time_layers(layers, batch, dtype, repeats, forward)
-        result[f"batch{batch}"] = {
-            "step_seconds": summary([wall * step_scale for wall in walls]),
-            "step_cpu_seconds": summary([cpu * step_scale for cpu in cpus]),
+    forwards = [chatglm_cpu_forward(Q._chatglm_cpu(), isa) if isa else call_layer for isa in isas]
+    results = [
+        {
+            "bits": bits,
+            "kernel": kernel + (f" ({isa})" if isa else ""),
+            "activations": str(dtype).removeprefix("torch."),
+            "copies": copies,
+            "first_call_seconds_per_step": setup_seconds * step_scale,
+            "first_call_cpu_seconds_per_step": setup_cpu_seconds * step_scale,
         }
+        for isa in isas
+    ]
+    for batch in batches:
+        for result, (walls, cpus) in zip(results, time_layers(layers, batch, dtype, repeats, forwards)):
+            result[f"batch{batch}"] = {
+                "step_seconds": summary([wall * step_scale for wall in walls]),
+                "step_cpu_seconds": summary([cpu * step_scale for cpu in cpus]),
+            }
     del layers
-    return result
+    return results
 
 
 def measure_output_layer(Q, config, repeats):
@@ -127,7 +141,7 @@ def measure_output_layer(Q, config, repeats):
         with torch.no_grad():
             layer.weight.copy_(Q.quantize_weight(weight.to(torch.bfloat16), 8)[0])
         Q.set_cpu_kernel(layer, kernel)
-        walls, _ = time_layers([layer], 1, torch.bfloat16, repeats)
+        [(walls, _)] = time_layers([layer], 1, torch.bfloat16, repeats)
         rows[f"int8, {kernel}"] = {"bytes": layer.weight.nbytes + 2 * vocab, "seconds": summary(walls)}
         del layer
     return rows
@@ -154,23 +168,23 @@ def main(argv=None):
     bandwidth = read_bandwidth(1 << 30)["bytes_per_second"]["median"]
     machine = describe_machine("cpu")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {args.threads} threads, {machine['cpu']}, ISA {machine['isa']}", file=sys.stderr)
-    kernels = [("torch", torch.bfloat16, None)]
+    kernels = [("torch", torch.bfloat16, (None,))]
     if args.float32:
-        kernels.append(("torch", torch.float32, None))
+        kernels.append(("torch", torch.float32, (None,)))
     onnxruntime = Q._onnxruntime() is not None
     if onnxruntime:
-        kernels.append(("onnxruntime", torch.bfloat16, None))
+        kernels.append(("onnxruntime", torch.bfloat16, (None,)))
     chatglm_cpu = Q._chatglm_cpu() is not None
     if chatglm_cpu:  # each instruction set this CPU runs (AVX512-VNNI and AVX2 on an AVX-512 machine)
-        kernels.extend(("chatglm_cpu", torch.float16, isa) for isa in Q._chatglm_cpu().isas())
+        kernels.append(("chatglm_cpu", torch.float16, Q._chatglm_cpu().isas()))
     rows = []
     for bits in args.bits:
         roofline = step_weight_bytes(config, bits) / bandwidth
-        for kernel, dtype, isa in kernels:
-            print(f"int{bits} {kernel} {isa or ''} {dtype}", file=sys.stderr, flush=True)
-            row = measure_kernel(Q, config, bits, kernel, dtype, args.copies, args.batches, args.repeats, isa)
-            row["roofline_step_seconds"] = roofline
-            rows.append(row)
+        for kernel, dtype, isas in kernels:
+            print(f"int{bits} {kernel} {dtype}", file=sys.stderr, flush=True)
+            for row in measure_kernel(Q, config, bits, kernel, dtype, args.copies, args.batches, args.repeats, isas):
+                row["roofline_step_seconds"] = roofline
+                rows.append(row)
     output_layer = measure_output_layer(Q, config, args.repeats)
     results = {
         "machine": machine,

@@ -191,3 +191,19 @@ def test_unknown_precision_is_refused_before_any_work(tmp_path):
     assert completed.returncode == 2
     assert "--precisions" in completed.stderr and "fp8" in completed.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_kernel_timings_take_turns_between_the_compared_forwards():
+    # bench.kernels compares chatglm_cpu's instruction sets on a shared machine: each repeat times every
+    # forward once, in turn, so that a drift in bandwidth falls on all of them (it made a sequential
+    # comparison show one set 25% slower than the other, equal when interleaved).
+    from bench.kernels import time_layers
+
+    calls = []
+    layers = [torch.nn.Linear(8, 4), torch.nn.Linear(6, 4)]
+    forwards = [lambda layer, x, name=name: calls.append((name, layer.in_features)) for name in ("a", "b")]
+    timings = time_layers(layers, 2, torch.float32, 3, forwards)
+    assert [len(walls) for walls, cpus in timings] == [3, 3] and all(len(cpus) == 3 for _, cpus in timings)
+    untimed, timed = calls[:4], calls[4:]
+    assert untimed == [("a", 8), ("a", 6), ("b", 8), ("b", 6)]
+    assert timed == [("a", 8), ("a", 6), ("b", 8), ("b", 6)] * 3
