@@ -466,7 +466,7 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
 #   products (ggml's q4_0 x q8_0 numerics), in prebuilt AVX2 / AVX512 / VNNI / AMX / Arm kernels.
 #   Weights stay exact; the activation rounding is measured by bench/quantization_accuracy.py.
 #   Optional: `pip install onnxruntime onnx`; without them layers keep the "torch" kernels.
-# - "chatglm_cpu": this repository's AVX2 kernels (`pip install ./cpu_kernels`): the same int8
+# - "chatglm_cpu": this repository's AVX2 / AVX512-VNNI kernels (`pip install ./cpu_kernels`): the same int8
 #   activation numerics (per group of 128 inputs), reading the released bytes where they lie: no
 #   conversion at the first forward, no second copy, every byte read once per step. Without the
 #   package, or on a CPU without AVX2, layers keep the "torch" kernels.
