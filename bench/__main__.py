@@ -22,7 +22,7 @@ from .checkpoint import cache_root, model_folder
 from .kernels import load_quantization
 from .model_shapes import REPO_ROOT, decode_roofline, released_config
 from .report import check_readme, write_reports
-from .system import describe_machine, read_bandwidth
+from .system import describe_machine, read_bandwidth, summary
 
 PRECISIONS = {"bf16": 16, "int8": 8, "int4": 4}
 FULL_DEFAULTS = {"runs": 3, "prefill_lengths": [128, 512], "batches": [1, 4], "new_tokens": 64, "bandwidth_bytes": 1 << 30}
@@ -230,8 +230,16 @@ def main(argv=None):
         print(f"== {configuration['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
         row = {key: configuration[key] for key in ("label", "precision", "bits", "load_path")}
         row["output_layer_bits"] = configuration.get("output_layer_bits", 16)
+        # A shared machine's bandwidth drifts by a third between minutes: each row's roofline uses the
+        # bandwidth read just before and just after its own worker (in this process: the worker's
+        # memory figures never see the array).
+        before = read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"]
+        gc.collect()
         row.update(run_worker(configuration, args))
-        add_rooflines(row, config, args, rate)
+        after = read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"]
+        gc.collect()
+        row["bandwidth_bytes_per_second"] = summary(before + after)
+        add_rooflines(row, config, args, row["bandwidth_bytes_per_second"]["median"])
         rows.append(row)
 
     results = {

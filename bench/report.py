@@ -59,7 +59,9 @@ def markdown(results, image_path):
         f"dtype: the model's floating point dtype (`dtype=\"auto\"` keeps the checkpoint's float16). "
         f"First generate: the first `generate` call after loading ({WARMUP_PROMPT_LENGTH} prompt tokens, {WARMUP_NEW_TOKENS} new), one-time work included. "
         f"The roofline is the bytes one decode step must read (quantized matrices at their precision with their "
-        f"scales, `output_layer` and the rest at 2 bytes unless quantized, the KV cache) divided by the read bandwidth. "
+        f"scales, `output_layer` and the rest at 2 bytes unless quantized, the KV cache) divided by the read bandwidth "
+        f"measured just before and after that row's runs (column read GB/s: the median of both measurements; the "
+        f"figure above was read once at the start). "
         f"Peak RSS (VmHWM) also counts the pages of a memory-mapped checkpoint that loading touched, which the "
         f"kernel can drop and re-read; peak anonymous is the highest RssAnon (sampled every 20 ms), the memory "
         f"that cannot be given back. "
@@ -70,7 +72,7 @@ def markdown(results, image_path):
     header = ["precision", "weights loaded from", "dtype", "load (s)", "first generate (s)", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)", "peak anonymous (GB)"]
     header += [f"prefill {length} (tok/s)" for length in prefill_lengths]
     header += [f"decode b{batch} (tok/s)" for batch in batches]
-    header += [f"b{batches[0]} roofline (tok/s)", f"b{batches[0]} % of roofline"]
+    header += ["read GB/s", f"b{batches[0]} roofline (tok/s)", f"b{batches[0]} % of roofline"]
     header.append("other processes (cores)")
     if cuda:
         header += ["peak CUDA (GB)", "8192 tokens: peak (GB), fits 6 GiB"]
@@ -94,6 +96,8 @@ def markdown(results, image_path):
         ]
         cells += [_rate(_speed(row, "prefill", str(length))) for length in prefill_lengths]
         cells += [_rate(_speed(row, "decode", f"batch{batch}")) for batch in batches]
+        row_rate = row.get("bandwidth_bytes_per_second")
+        cells.append(f"{row_rate['median'] / 1e9:.1f}" if row_rate else "—")
         cells += [f"{first['tokens_per_second']:.3g}", f"{100 * first['fraction']:.0f}%"] if first else ["—", "—"]
         cells.append("—" if row["other_processes_cores"] is None else f"{row['other_processes_cores']:.2f}")
         if cuda:
