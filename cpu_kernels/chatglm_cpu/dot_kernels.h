@@ -12,7 +12,8 @@
 /* (v ^ 0x88) & 0x0F in one vpternlogd: bit function of (v, 0x88, 0x0F) = (A ^ B) & C. */
 #define OFFSET_NIBBLES(v) _mm256_ternarylogic_epi32(v, _mm256_set1_epi8((char)0x88), _mm256_set1_epi8(0x0F), 0x28)
 #else
-/* 16-bit lanes: at most 4 products of 32 inputs per lane per group, 4 x 2 x 15 x 127 = 15240. */
+/* 16-bit lanes: a group adds at most two results (two products each) into a lane of the even or the odd
+ * sums (128 inputs, spans of 64): 4 x 15 x 127 = 7620 fits. */
 #define DOT_INT4(sums, u, s) _mm256_add_epi16(sums, _mm256_maddubs_epi16(u, s))
 #define GROUP_SUMS_INT32(sums) _mm256_madd_epi16(sums, _mm256_set1_epi16(1))
 #define OFFSET_NIBBLES(v) _mm256_and_si256(_mm256_xor_si256(v, _mm256_set1_epi8((char)0x88)), _mm256_set1_epi8(0x0F))
