@@ -547,9 +547,10 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         vocabulary projection: at 8 bits it halves the 533 MB every 6B decode step reads there.
         Checkpoints saved with it record `output_layer_quantization_bit` and load only with this code.
 
-        `cpu_kernel` ("torch", the default; "onnxruntime" or "chatglm_cpu": int8 activations, faster;
-        see quantization.CPU_KERNELS) chooses how quantized layers compute on the CPU; it is saved
-        in the config as `quantization_cpu_kernel`.
+        `cpu_kernel` chooses how quantized layers compute on the CPU (quantization.CPU_KERNELS): "auto"
+        (the default) runs "chatglm_cpu" (int8 activations, faster) where that package is installed and
+        "torch" (exact weight-only) elsewhere; "onnxruntime" is opt-in. Given, it is saved in the config
+        as `quantization_cpu_kernel`.
         """
         for setting, requested in (("quantization_bit", bits), ("output_layer_quantization_bit", output_layer_bits)):
             current = getattr(self.config, setting)
@@ -565,7 +566,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             self.config.output_layer_quantization_bit = output_layer_bits
         if cpu_kernel is not None:
             self.config.quantization_cpu_kernel = cpu_kernel
-        set_cpu_kernel(self, getattr(self.config, "quantization_cpu_kernel", "torch"))
+        set_cpu_kernel(self, getattr(self.config, "quantization_cpu_kernel", None))
         return self
 
 
@@ -591,7 +592,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             quantize_model(self, config.quantization_bit, empty_init=True)
         if config.output_layer_quantization_bit:
             quantize_output_layer(self, config.output_layer_quantization_bit, empty_init=True)
-        set_cpu_kernel(self, getattr(config, "quantization_cpu_kernel", "torch"))
+        set_cpu_kernel(self, getattr(config, "quantization_cpu_kernel", None))
         self.post_init()
 
     def freeze_all_but_prefix(self):

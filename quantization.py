@@ -9,8 +9,8 @@ Compute paths of `QuantizedLinear`, picked per call from where the weight lives 
 - CPU, bfloat16/float16 activations: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`) for a few rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts),
   the layer's integers unpacked to bfloat16 and a GEMM.
-- CPU with `cpu_kernel` "onnxruntime" or "chatglm_cpu" (opt-in, inference): int8 activations and
-  integer dot products (see CPU_KERNELS).
+- CPU with `cpu_kernel` "chatglm_cpu" (the default where its package is installed) or "onnxruntime"
+  (opt-in), inference: int8 activations and integer dot products (see CPU_KERNELS).
 - CPU, float32 activations: dequantize to float32 and a float32 matmul, the published CPU kernels'
   numerics (the bfloat16 kernels would round activations and results: 1-3% off).
 - CUDA with Triton: one fused dequantize-and-multiply kernel that reads the released layout directly.
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CPU_KERNELS",
     "CpuInt4Layout",
+    "DEFAULT_CPU_KERNEL",
     "MatMulNBits",
     "QUANTIZED_PROJECTIONS",
     "QUANTIZED_PROJECTION_WEIGHT",
@@ -58,6 +59,7 @@ __all__ = [
     "quantize_output_layer",
     "quantize_weight",
     "quantized_projection",
+    "resolve_cpu_kernel",
     "set_cpu_kernel",
     "unpack_int4",
 ]
@@ -461,7 +463,11 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
 # ---------------------------------------------------------------------------------------------
 
 # The CPU kernels a quantized layer may use (`set_cpu_kernel`; config `quantization_cpu_kernel`):
-# - "torch" (default): the PyTorch paths above; exact weight-only numerics.
+# - "auto" (the default, `DEFAULT_CPU_KERNEL`): "chatglm_cpu" where its package is installed and the CPU
+#   runs it, else "torch", silently: its int8 activations cost next to nothing in accuracy next to the
+#   weights' own rounding, measured by bench/quantization_accuracy.py before it became the default, and
+#   spare the int4 file its conversion at the first forward (README, "Fast CPU inference").
+# - "torch": the PyTorch paths above; exact weight-only numerics, what the conformance tests use.
 # - "onnxruntime": onnxruntime's MatMulNBits (com.microsoft) with accuracy_level 4. It quantizes
 #   activations to int8 per block of `MATMULNBITS_BLOCK` inputs and multiplies with integer dot
 #   products (ggml's q4_0 x q8_0 numerics), in prebuilt AVX2 / AVX512 / VNNI / AMX / Arm kernels.
@@ -470,8 +476,9 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
 # - "chatglm_cpu": this repository's AVX2 / AVX512-VNNI kernels (`pip install ./cpu_kernels`): the same int8
 #   activation numerics (per group of 128 inputs), reading the released bytes where they lie: no
 #   conversion at the first forward, no second copy, every byte read once per step. Without the
-#   package, or on a CPU without AVX2, layers keep the "torch" kernels.
-CPU_KERNELS = ("torch", "onnxruntime", "chatglm_cpu")
+#   package, or on a CPU without AVX2, layers keep the "torch" kernels (with a warning when asked for by name).
+CPU_KERNELS = ("auto", "torch", "onnxruntime", "chatglm_cpu")
+DEFAULT_CPU_KERNEL = "auto"
 # Inputs per MatMulNBits block: one (repeated) row scale and one activation scale per block. Scales
 # are float32 per block: 4 bytes per 128 weights, 6% on top of the int4 bytes.
 MATMULNBITS_BLOCK = 128
@@ -621,20 +628,24 @@ class MatMulNBits:
 
 
 @functools.cache
-def _chatglm_cpu():
-    """The chatglm_cpu package when installed and able to run on this CPU; None, with one warning, when not."""
+def _chatglm_cpu_or_why_not():
+    """(the chatglm_cpu package, None) when installed and able to run on this CPU; (None, the reason) when not."""
     try:
         import chatglm_cpu
     except ImportError as error:
-        logger.warning(
-            f"cpu_kernel='chatglm_cpu' needs the chatglm_cpu package (pip install ./cpu_kernels from this "
-            f"repository; {error}); quantized layers use the torch CPU kernels instead."
-        )
-        return None
+        return None, f"needs the chatglm_cpu package (pip install ./cpu_kernels from this repository; {error})"
     if not chatglm_cpu.available():
-        logger.warning("cpu_kernel='chatglm_cpu': this CPU has no AVX2/FMA/F16C; quantized layers use the torch CPU kernels.")
-        return None
-    return chatglm_cpu
+        return None, "this CPU has no AVX2/FMA/F16C"
+    return chatglm_cpu, None
+
+
+@functools.cache
+def _chatglm_cpu():
+    """The chatglm_cpu package when installed and able to run on this CPU; None, with one warning, when not."""
+    package, why_not = _chatglm_cpu_or_why_not()
+    if package is None:
+        logger.warning(f"cpu_kernel='chatglm_cpu' {why_not}; quantized layers use the torch CPU kernels instead.")
+    return package
 
 
 @torch.compiler.disable
@@ -902,7 +913,8 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
         # Which CPU int4 layout `weight` holds while it is uint8 (it travels with a pickled module).
         self._cpu_layout = None
-        # One of CPU_KERNELS (`set_cpu_kernel`); "onnxruntime" builds `_matmulnbits` at the first CPU forward.
+        # One of CPU_KERNELS but "auto" (`set_cpu_kernel` resolves it); "onnxruntime" builds `_matmulnbits`
+        # at the first CPU forward.
         self.cpu_kernel = "torch"
         self._matmulnbits = None
 
@@ -1122,14 +1134,24 @@ def quantize_model(transformer, bits, empty_init=False, device=None):
     return transformer
 
 
-def set_cpu_kernel(model, kernel):
-    """Make every `QuantizedLinear` in `model` compute on the CPU with `kernel` (one of `CPU_KERNELS`); returns `model`.
-
-    "onnxruntime" without onnxruntime and onnx installed, or "chatglm_cpu" without its package or
-    AVX2, warns once and keeps the torch kernels.
-    """
+def resolve_cpu_kernel(kernel=None):
+    """The CPU kernel that `kernel` (one of `CPU_KERNELS`; None: `DEFAULT_CPU_KERNEL`) names on this machine:
+    "auto" is "chatglm_cpu" where that package is installed and runs on this CPU, else "torch"."""
+    kernel = DEFAULT_CPU_KERNEL if kernel is None else kernel
     if kernel not in CPU_KERNELS:
         raise ValueError(f"cpu_kernel must be one of {', '.join(map(repr, CPU_KERNELS))}; got {kernel!r}")
+    if kernel == "auto":
+        return "torch" if _chatglm_cpu_or_why_not()[0] is None else "chatglm_cpu"
+    return kernel
+
+
+def set_cpu_kernel(model, kernel=None):
+    """Make every `QuantizedLinear` in `model` compute on the CPU with `resolve_cpu_kernel(kernel)`; returns `model`.
+
+    "onnxruntime" without onnxruntime and onnx installed, or "chatglm_cpu" asked for by name without its
+    package or AVX2, warns once and keeps the torch kernels.
+    """
+    kernel = resolve_cpu_kernel(kernel)
     optional_kernels = {"onnxruntime": _onnxruntime, "chatglm_cpu": _chatglm_cpu}
     if kernel in optional_kernels:
         optional_kernels[kernel]()  # the warning, if any, now rather than at the first forward

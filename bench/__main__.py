@@ -72,9 +72,10 @@ def parse_args(argv):
     parser.add_argument(
         "--cpu-kernels",
         type=choice_list(*load_quantization().CPU_KERNELS),
-        default=["torch"],
+        default=["auto"],
         help="comma-separated CPU kernels of the int8/int4 files' layers, one set of rows each "
-        "(quantize(bits, cpu_kernel=...); onnxruntime, chatglm_cpu: int8 activations; default torch)",
+        "(quantize(bits, cpu_kernel=...); onnxruntime, chatglm_cpu: int8 activations; default auto: "
+        "what a load gives, chatglm_cpu where it is installed, else torch)",
     )
     parser.add_argument(
         "--file-dtypes",
@@ -127,6 +128,7 @@ def parse_args(argv):
 def plan_configurations(args, config):
     """What to measure: (label, precision, bits, load path, model folder, dtype, worker flags); writes missing checkpoints."""
     root = cache_root(args.cache_dir, args.quick, args.seed)
+    quantization = load_quantization()
     configurations = []
     for precision in args.precisions:
         bits = PRECISIONS[precision]
@@ -142,14 +144,15 @@ def plan_configurations(args, config):
             continue
         long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
         for cpu_kernel in args.cpu_kernels:
-            kernel = [] if cpu_kernel == "torch" else ["--cpu-kernel", cpu_kernel]
+            # Every row names the kernel it ran: "auto" resolves here as it will in the worker.
+            resolved = quantization.resolve_cpu_kernel(cpu_kernel)
             for dtype in args.file_dtypes:
                 configurations.append(dict(
                     configuration,
-                    label=precision + QUANTIZED_FILE_DTYPES[dtype] + (f", {cpu_kernel}" if kernel else ""),
-                    load_path=f"int{bits} file" + (f" + cpu_kernel={cpu_kernel}" if kernel else ""),
+                    label=precision + QUANTIZED_FILE_DTYPES[dtype] + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
+                    load_path=f"int{bits} file + cpu_kernel={resolved}" + (" (default)" if cpu_kernel == "auto" else ""),
                     dtype=dtype,
-                    flags=long_conversation + kernel,
+                    flags=long_conversation + ["--cpu-kernel", cpu_kernel],
                 ))
         if args.output_layer_bits:
             configurations.append(dict(

@@ -54,8 +54,9 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=8, help="decode steps recorded")
     parser.add_argument("--dtype", default="bfloat16", choices=("auto", "bfloat16"),
                         help="dtype the checkpoint loads in (auto: the quantized files' float16)")
-    parser.add_argument("--cpu-kernel", default="torch", choices=load_quantization().CPU_KERNELS,
-                        help="the quantized layers' CPU kernel (quantize(bits, cpu_kernel=...))")
+    parser.add_argument("--cpu-kernel", default="auto", choices=load_quantization().CPU_KERNELS,
+                        help="the quantized layers' CPU kernel (quantize(bits, cpu_kernel=...); default auto: "
+                        "chatglm_cpu where it is installed, else torch)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rows", type=int, default=25, help="operators listed per table")
     parser.add_argument("--seed", type=int, default=0)
@@ -72,8 +73,9 @@ def main(argv=None):
     folder = model_folder(cache_root(args.cache_dir, args.quick, args.seed), config, args.seed, bits)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else "auto"
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
-    if bits < 16 and args.cpu_kernel != "torch":
-        model = model.quantize(bits, cpu_kernel=args.cpu_kernel)
+    cpu_kernel = load_quantization().resolve_cpu_kernel(args.cpu_kernel)
+    if bits < 16:
+        model = model.quantize(bits, cpu_kernel=cpu_kernel)
     prompt = random_prompt(config["padded_vocab_size"], args.batch, args.prompt_length, 1, "cpu")
 
     activities = [ProfilerActivity.CPU]
@@ -94,7 +96,7 @@ def main(argv=None):
     wall = statistics.median(step_seconds)
     lines = [
         f"profile of {args.steps} decode steps: {args.precision}, {'quick' if args.quick else 'ChatGLM2-6B'} shapes, "
-        f"dtype {args.dtype}, cpu_kernel {args.cpu_kernel}, batch {args.batch}, prompt {args.prompt_length}, "
+        f"dtype {args.dtype}, cpu_kernel {cpu_kernel}, batch {args.batch}, prompt {args.prompt_length}, "
         f"{args.threads} threads, torch {torch.__version__}; {machine['cpu']}, ISA {machine['isa']}",
         f"wall time per step: median {wall * 1e3:.1f} ms ({1 / wall * args.batch:.3g} tokens/s); "
         f"self CPU time inside operators: {ops_microseconds / 1e3:.1f} ms per step",
@@ -108,7 +110,7 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    variant = "".join(f"-{value}" for value in (args.dtype, args.cpu_kernel) if value not in ("bfloat16", "torch"))
+    variant = "".join(f"-{value}" for value in (args.dtype, cpu_kernel) if value not in ("bfloat16", "torch"))
     path = args.out / f"profile-{args.precision}{variant}{'-quick' if args.quick else ''}.txt"
     path.write_text(text + "\n")
     print(f"written to {path}", file=sys.stderr)

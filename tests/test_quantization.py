@@ -908,6 +908,16 @@ def test_an_optional_kernel_without_its_package_warns_and_keeps_the_torch_kernel
     assert layer._matmulnbits is None
 
 
+def test_the_default_kernel_without_chatglm_cpu_is_torch_without_a_warning(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "chatglm_cpu", None)
+    without = load_quantization("chatglm_quantization_default_without_chatglm_cpu")
+    layer = without.QuantizedLinear.from_linear(nn.Linear(64, 48), 4)
+    with caplog.at_level("WARNING"):
+        without.set_cpu_kernel(layer, None)
+        without.set_cpu_kernel(layer, "auto")
+    assert layer.cpu_kernel == "torch" and caplog.text == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Optional chatglm_cpu CPU kernel (cpu_kernels/; the kernel itself: tests/test_cpu_kernels.py)
 # ---------------------------------------------------------------------------------------------
@@ -941,6 +951,18 @@ def test_chatglm_cpu_kernel_reads_the_released_bytes_in_place_within_int8_activa
     # int8 activations per group of 64 inputs here (about 0.5%), then the output dtype's rounding.
     assert_close_relative(out, reference_output(layer, x), 2e-2)
     assert layer.weight.data_ptr() == stored and torch.equal(layer.state_dict()["weight"], released)
+
+
+@needs_chatglm_cpu
+def test_the_default_kernel_is_chatglm_cpu_where_it_runs():
+    layer = make_layer(*KERNEL_SHAPE, 4, torch.bfloat16)
+    assert Q.DEFAULT_CPU_KERNEL == "auto"
+    Q.set_cpu_kernel(layer, None)
+    assert layer.cpu_kernel == "chatglm_cpu"
+    Q.set_cpu_kernel(layer, "torch")
+    assert layer.cpu_kernel == "torch"
+    Q.set_cpu_kernel(layer, "auto")
+    assert layer.cpu_kernel == "chatglm_cpu"
 
 
 @needs_chatglm_cpu
@@ -982,7 +1004,7 @@ def test_chatglm_cpu_calls_are_named_in_torch_profiler_traces():
 
 
 def test_set_cpu_kernel_names_the_choices_for_an_unknown_kernel():
-    with pytest.raises(ValueError, match="'torch', 'onnxruntime', 'chatglm_cpu'.*'cuda'"):
+    with pytest.raises(ValueError, match="'auto', 'torch', 'onnxruntime', 'chatglm_cpu'.*'cuda'"):
         Q.set_cpu_kernel(make_layer(*KERNEL_SHAPE, 4), "cuda")
 
 

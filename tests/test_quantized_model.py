@@ -73,7 +73,7 @@ def test_int8_tracks_float_closer_than_int4_and_greedy_tokens_mostly_agree(float
 def test_float32_quantized_model_matches_float32_layers_with_the_dequantized_weights(float_folder, bits):
     """The published CPU kernels dequantize to float32 and multiply in float32: a float32 model's
     quantized layers must give those logits to 1e-5, through the prompt and through decode steps."""
-    quantized = load(float_folder, dtype=torch.float32).quantize(bits)
+    quantized = load(float_folder, dtype=torch.float32).quantize(bits, cpu_kernel="torch")
     dequantized = load(float_folder, dtype=torch.float32)
     for quantized_layer, float_layer in zip(quantized.transformer.encoder.layers, dequantized.transformer.encoder.layers):
         for path in PROJECTIONS:
@@ -276,7 +276,7 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     calls = []
     kernel = chatglm_cpu.linear
     monkeypatch.setattr(chatglm_cpu, "linear", lambda *args: calls.append(1) or kernel(*args))
-    exact = load(float_folder, dtype=torch.float16).quantize(bits)
+    exact = load(float_folder, dtype=torch.float16).quantize(bits, cpu_kernel="torch")
     fast = load(float_folder, dtype=torch.float16).quantize(bits, cpu_kernel="chatglm_cpu")
     ids = ids_of(batch=2, length=12)
     with torch.no_grad():
@@ -287,3 +287,22 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     assert len(calls) == 4 * fast.config.num_layers  # every projection of the forward ran on it
     tokens = fast.generate(ids, max_new_tokens=6, do_sample=False)
     assert tokens.shape == (2, 18) and torch.equal(tokens[:, :12], ids)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("chatglm_cpu") is None, reason="chatglm_cpu is optional")
+def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kernel_choice(float_folder, tmp_path, monkeypatch):
+    import chatglm_cpu
+
+    if not chatglm_cpu.available():
+        pytest.skip("chatglm_cpu needs AVX2")
+    load(float_folder, dtype=torch.float16).quantize(4).save_pretrained(tmp_path)
+    copy_code(tmp_path)
+    assert "quantization_cpu_kernel" not in json.loads((tmp_path / "config.json").read_text())
+    model = load(tmp_path, dtype="auto")
+    calls = []
+    kernel = chatglm_cpu.linear
+    monkeypatch.setattr(chatglm_cpu, "linear", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        model(ids_of())
+    assert len(calls) == 4 * model.config.num_layers
+    assert all(module.weight.dtype == torch.int8 for module in model.modules() if type(module).__name__ == "QuantizedLinear")
