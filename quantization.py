@@ -1014,15 +1014,15 @@ class QuantizedLinear(nn.Module):
     def _onnxruntime_fits(self, x):
         return x.device.type == "cpu" and self.weight.device.type == "cpu" and _onnxruntime() is not None
 
-    def _chatglm_cpu_fits(self, x):
+    def _chatglm_cpu_fits(self, x, weight, scale, bias):
         floats = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel reads and writes
         return (
-            x.device.type == "cpu"
-            and self.weight.device.type == "cpu"
+            x.is_cpu
+            and weight.is_cpu
             and self.in_features % 32 == 0
             and x.dtype in floats
-            and self.weight_scale.dtype in floats
-            and (self.bias is None or self.bias.dtype in floats)
+            and scale.dtype in floats
+            and (bias is None or bias.dtype in floats)
             and _chatglm_cpu() is not None
         )
 
@@ -1061,10 +1061,14 @@ class QuantizedLinear(nn.Module):
             # Before `_weight_for_forward`: the torch int4 layout would rewrite (and so copy) every
             # weight page that onnxruntime then packs its own copy of.
             return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
-        if not needs_grad and self.cpu_kernel == "chatglm_cpu" and self._chatglm_cpu_fits(x):
-            if self.weight.dtype == torch.uint8:
-                self._convert_weight(None)  # converted by a torch-kernel forward (training) before
-            return _chatglm_cpu_linear(x, self.weight, self.weight_scale, self.bias, self.bits)
+        if not needs_grad and self.cpu_kernel == "chatglm_cpu":
+            # Read once: a parameter lookup goes through nn.Module.__getattr__, and a 6B decode step makes 112 of these calls.
+            weight, scale, bias = self.weight, self.weight_scale, self.bias
+            if self._chatglm_cpu_fits(x, weight, scale, bias):
+                if weight.dtype == torch.uint8:
+                    self._convert_weight(None)  # converted by a torch-kernel forward (training) before
+                    weight = self.weight
+                return _chatglm_cpu_linear(x, weight, scale, bias, self.bits)
         weight = self._weight_for_forward()
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.

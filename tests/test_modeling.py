@@ -331,6 +331,20 @@ def test_a_cpu_decode_step_attends_in_float32_without_sdpa(released_folder, mode
     assert (step.logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rotation_by_per_dim_tables_is_the_pairwise_rotation_bit_for_bit(model, dtype):
+    # Half precision rounds each product before the sum; the four-operator form must round the same way.
+    modeling = sys.modules[type(model).__module__]
+    generator = torch.Generator().manual_seed(3)
+    states = (torch.randn(2, 5, 6, 16, generator=generator) * 4).to(dtype)
+    angles = torch.rand(2, 5, 4, generator=generator) * 100  # rotary_dim 8 of head_dim 16
+    cos, sin = angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+    even, odd = states[..., 0:8:2], states[..., 1:8:2]
+    expected = torch.cat((torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2), states[..., 8:]), -1)
+    rotated = modeling.apply_rotary_pos_emb(states, *modeling.rotary_tables(cos, sin, 16))
+    assert rotated.dtype == dtype and torch.equal(rotated, expected)
+
+
 @pytest.mark.parametrize("groups", [2, 8])  # multi-query groups; one key head per query head
 def test_single_query_cpu_attention_is_the_eager_attention(model, groups):
     modeling = sys.modules[type(model).__module__]
