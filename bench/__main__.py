@@ -23,6 +23,7 @@ from .kernels import load_quantization
 from .model_shapes import REPO_ROOT, decode_roofline, released_config
 from .report import check_readme, write_reports
 from .system import describe_machine, read_bandwidth, summary
+from .worker import BANDWIDTH_PAUSE
 
 PRECISIONS = {"bf16": 16, "int8": 8, "int4": 4}
 FULL_DEFAULTS = {"runs": 3, "prefill_lengths": [128, 512], "batches": [1, 4], "new_tokens": 64, "bandwidth_bytes": 1 << 30}
@@ -175,7 +176,8 @@ def plan_configurations(args, config):
 
 
 def run_worker(configuration, args):
-    """One configuration in its own process; its output is echoed, its JSON result returned."""
+    """One configuration in its own process; its output is echoed, its JSON result returned with the
+    read bandwidth measured while it paused between runs (`bandwidth_samples`)."""
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "result.json"
         command = [
@@ -190,18 +192,28 @@ def run_worker(configuration, args):
             "--new-tokens", str(args.new_tokens),
             "--runs", str(args.runs),
             "--output", str(output),
+            "--bandwidth-pauses",
         ] + configuration["flags"]
         # No network: the model folder is local, and nothing may be fetched while measuring.
         environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         tail = deque(maxlen=WORKER_TAIL_LINES)
-        with subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as worker:
+        samples = []
+        with subprocess.Popen(
+            command, cwd=REPO_ROOT, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as worker:
             for line in worker.stdout:
+                if line.rstrip("\n") == BANDWIDTH_PAUSE:
+                    samples += read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"]
+                    gc.collect()
+                    worker.stdin.write("\n")
+                    worker.stdin.flush()
+                    continue
                 sys.stderr.write(line)
                 tail.append(line.rstrip())
         if worker.returncode != 0:
             last = next((line for line in reversed(tail) if line.strip()), "no output")
             return {"error": f"worker exited with code {worker.returncode}: {last}"}
-        return json.loads(output.read_text())
+        return dict(json.loads(output.read_text()), bandwidth_samples=samples)
 
 
 def add_rooflines(row, config, args, bandwidth):
@@ -233,15 +245,15 @@ def main(argv=None):
         print(f"== {configuration['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
         row = {key: configuration[key] for key in ("label", "precision", "bits", "load_path")}
         row["output_layer_bits"] = configuration.get("output_layer_bits", 16)
-        # A shared machine's bandwidth drifts by a third between minutes: each row's roofline uses the
-        # bandwidth read just before and just after its own worker (in this process: the worker's
-        # memory figures never see the array).
+        # A shared machine's bandwidth moves by half or more between minutes: each row's roofline uses the
+        # bandwidth read just before its worker, between its runs and after it (in this process: the
+        # worker's memory figures never see the array).
         before = read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"]
         gc.collect()
         row.update(run_worker(configuration, args))
         after = read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"]
         gc.collect()
-        row["bandwidth_bytes_per_second"] = summary(before + after)
+        row["bandwidth_bytes_per_second"] = summary(before + row.pop("bandwidth_samples", []) + after)
         add_rooflines(row, config, args, row["bandwidth_bytes_per_second"]["median"])
         rows.append(row)
 

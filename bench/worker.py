@@ -33,6 +33,18 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
+# With --bandwidth-pauses the worker prints this line before each run and after the last, then waits for
+# a line on stdin: `python -m bench` reads the memory bandwidth meanwhile, from its own process (an array
+# here would count in this process's memory figures), so the roofline uses readings taken between runs.
+BANDWIDTH_PAUSE = "bench.worker: read the bandwidth now"
+
+
+def pause_for_bandwidth(args):
+    if args.bandwidth_pauses:
+        print(BANDWIDTH_PAUSE, flush=True)
+        sys.stdin.readline()
+
+
 class TokenClock(BaseStreamer):
     """Timestamps of generate's streamer calls: once for the prompt, then once per new token."""
 
@@ -116,6 +128,7 @@ def measure_speed(model, args, vocab_size):
     log(f"  [{args.label}] first generate: {first_generate_seconds:.1f} s")
     for run in range(args.runs):
         seed = run + 1
+        pause_for_bandwidth(args)
         for batch in args.batches:
             prompt = random_prompt(vocab_size, batch, decode_prompt, seed, args.device)
             prefill_seconds, tokens_per_second = timed_generate(model, prompt, args.new_tokens)
@@ -129,6 +142,7 @@ def measure_speed(model, args, vocab_size):
         log(f"  [{args.label}] run {run + 1}/{args.runs} prefill: " + ", ".join(
             f"{length} tokens {values[-1]:.3g} tok/s" for length, values in prefill.items()
         ))
+    pause_for_bandwidth(args)
     return (
         first_generate_seconds,
         {str(length): {"tokens_per_second": summary(values)} for length, values in prefill.items()},
@@ -190,6 +204,8 @@ def parse_args(argv):
     parser.add_argument("--load-only", action="store_true", help="measure loading and memory, not speed")
     parser.add_argument("--long-conversation", action="store_true", help="CUDA: the 2048/8192-token memory check")
     parser.add_argument("--output", required=True, help="where to write the JSON result")
+    parser.add_argument("--bandwidth-pauses", action="store_true", help=f"print {BANDWIDTH_PAUSE!r} before each run and "
+                        "after the last, then wait for a line on stdin (python -m bench reads the bandwidth meanwhile)")
     return parser.parse_args(argv)
 
 
