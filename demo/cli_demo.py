@@ -41,7 +41,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_KERNEL_HELP = (
     "the quantized layers' CPU kernel: auto (default: chatglm_cpu where it is installed, else torch), "
-    "torch (exact weight-only), chatglm_cpu (pip install ./cpu_kernels: int8 activations, 1.7-2.6x faster "
+    "torch (exact weight-only), chatglm_cpu (pip install ./cpu_kernels: int8 activations, 1.5-2.6x faster "
     "int4 decoding) or onnxruntime; also for a quantized checkpoint as stored"
 )
 BANNER = (
