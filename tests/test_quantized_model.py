@@ -266,9 +266,11 @@ def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(fl
     assert load(tmp_path).quantize(4, cpu_kernel="torch").transformer.encoder.layers[1].self_attention.dense.cpu_kernel == "torch"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("chatglm_cpu") is None, reason="chatglm_cpu is optional")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_folder, bits, monkeypatch):
+@pytest.fixture
+def chatglm_cpu_calls(monkeypatch):
+    """A list that gets one entry per chatglm_cpu.linear call; skips where the optional package cannot run."""
+    if importlib.util.find_spec("chatglm_cpu") is None:
+        pytest.skip("chatglm_cpu is optional")
     import chatglm_cpu
 
     if not chatglm_cpu.available():
@@ -276,6 +278,12 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     calls = []
     kernel = chatglm_cpu.linear
     monkeypatch.setattr(chatglm_cpu, "linear", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_folder, bits, chatglm_cpu_calls):
+    calls = chatglm_cpu_calls
     exact = load(float_folder, dtype=torch.float16).quantize(bits, cpu_kernel="torch")
     fast = load(float_folder, dtype=torch.float16).quantize(bits, cpu_kernel="chatglm_cpu")
     ids = ids_of(batch=2, length=12)
@@ -289,20 +297,12 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     assert tokens.shape == (2, 18) and torch.equal(tokens[:, :12], ids)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("chatglm_cpu") is None, reason="chatglm_cpu is optional")
-def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kernel_choice(float_folder, tmp_path, monkeypatch):
-    import chatglm_cpu
-
-    if not chatglm_cpu.available():
-        pytest.skip("chatglm_cpu needs AVX2")
+def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kernel_choice(float_folder, tmp_path, chatglm_cpu_calls):
     load(float_folder, dtype=torch.float16).quantize(4).save_pretrained(tmp_path)
     copy_code(tmp_path)
     assert "quantization_cpu_kernel" not in json.loads((tmp_path / "config.json").read_text())
     model = load(tmp_path, dtype="auto")
-    calls = []
-    kernel = chatglm_cpu.linear
-    monkeypatch.setattr(chatglm_cpu, "linear", lambda *args: calls.append(1) or kernel(*args))
     with torch.no_grad():
         model(ids_of())
-    assert len(calls) == 4 * model.config.num_layers
+    assert len(chatglm_cpu_calls) == 4 * model.config.num_layers
     assert all(module.weight.dtype == torch.int8 for module in model.modules() if type(module).__name__ == "QuantizedLinear")
