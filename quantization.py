@@ -648,12 +648,16 @@ def _chatglm_cpu():
     return package
 
 
+# What the chatglm_cpu kernel reads and writes; other dtypes (float64) take the exact path.
+_CHATGLM_CPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @torch.compiler.disable
-def _chatglm_cpu_linear(x, weight, scale, bias, bits):
+def _chatglm_cpu_linear(x, quantized_weight):
     # Named for torch.profiler, only while one runs: entering a name costs ~8 us per call otherwise.
     profiled = torch.autograd._profiler_enabled()
     with torch.profiler.record_function("chatglm_cpu::linear") if profiled else contextlib.nullcontext():
-        out = _chatglm_cpu().linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, bits)
+        out = quantized_weight(x.reshape(-1, x.shape[-1]))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -917,6 +921,8 @@ class QuantizedLinear(nn.Module):
         # at the first CPU forward.
         self.cpu_kernel = "torch"
         self._matmulnbits = None
+        # "chatglm_cpu": (the parameters' addresses and dtypes, chatglm_cpu.QuantizedWeight checked for them).
+        self._chatglm_cpu_weight = None
 
     @classmethod
     def from_linear(cls, linear, bits):
@@ -968,6 +974,7 @@ class QuantizedLinear(nn.Module):
                 self.check_loaded_tensor(name, value)
             super().__setattr__(name, value)
             self.__dict__["_matmulnbits"] = None  # built from the old weight: rebuild at the next forward
+            self.__dict__["_chatglm_cpu_weight"] = None
             return
         super().__setattr__(name, value)
 
@@ -992,6 +999,7 @@ class QuantizedLinear(nn.Module):
         """Put `weight` in the released layout (`cpu_layout` None) or in torch's CPU int4 layout."""
         # A normal tensor even under inference_mode, so later training can still save it for backward;
         # `.data` keeps the Parameter object that optimizers, hooks and tied-weight maps may hold.
+        self._chatglm_cpu_weight = None  # its aliases of the weight would stop an in-place conversion
         with torch.inference_mode(False):
             if cpu_layout is None:
                 converted = self.released_weight()
@@ -1014,17 +1022,26 @@ class QuantizedLinear(nn.Module):
     def _onnxruntime_fits(self, x):
         return x.device.type == "cpu" and self.weight.device.type == "cpu" and _onnxruntime() is not None
 
-    def _chatglm_cpu_fits(self, x, weight, scale, bias):
-        floats = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel reads and writes
-        return (
-            x.is_cpu
-            and weight.is_cpu
-            and self.in_features % 32 == 0
-            and x.dtype in floats
-            and scale.dtype in floats
-            and (bias is None or bias.dtype in floats)
-            and _chatglm_cpu() is not None
-        )
+    def _chatglm_cpu_weight_for_forward(self):
+        """The chatglm_cpu kernel's checked handle on the parameters, made again when any of them changed
+        (assigned, `.data` replaced, moved, converted); None where the kernel cannot take them."""
+        # Read once: a parameter lookup goes through nn.Module.__getattr__, and a 6B decode step makes 112 of these calls.
+        weight, scale, bias = self.weight, self.weight_scale, self.bias
+        signature = (weight.data_ptr(), weight.dtype, scale.data_ptr(), scale.dtype, bias is not None and (bias.data_ptr(), bias.dtype))
+        cached = self._chatglm_cpu_weight
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        if not (weight.is_cpu and self.in_features % 32 == 0 and _chatglm_cpu() is not None):
+            return None
+        floats = _CHATGLM_CPU_FLOATS
+        if scale.dtype not in floats or (bias is not None and bias.dtype not in floats):
+            return None
+        if weight.dtype == torch.uint8:
+            self._convert_weight(None)  # converted by a torch-kernel forward (training) before
+            return self._chatglm_cpu_weight_for_forward()
+        quantized_weight = _chatglm_cpu().QuantizedWeight(weight, scale, bias, self.bits)
+        self._chatglm_cpu_weight = (signature, quantized_weight)
+        return quantized_weight
 
     @torch.compiler.disable  # runs once per layer
     def _matmulnbits_for_forward(self):
@@ -1061,14 +1078,10 @@ class QuantizedLinear(nn.Module):
             # Before `_weight_for_forward`: the torch int4 layout would rewrite (and so copy) every
             # weight page that onnxruntime then packs its own copy of.
             return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
-        if not needs_grad and self.cpu_kernel == "chatglm_cpu":
-            # Read once: a parameter lookup goes through nn.Module.__getattr__, and a 6B decode step makes 112 of these calls.
-            weight, scale, bias = self.weight, self.weight_scale, self.bias
-            if self._chatglm_cpu_fits(x, weight, scale, bias):
-                if weight.dtype == torch.uint8:
-                    self._convert_weight(None)  # converted by a torch-kernel forward (training) before
-                    weight = self.weight
-                return _chatglm_cpu_linear(x, weight, scale, bias, self.bits)
+        if not needs_grad and self.cpu_kernel == "chatglm_cpu" and x.is_cpu and x.dtype in _CHATGLM_CPU_FLOATS:
+            quantized_weight = self._chatglm_cpu_weight_for_forward()
+            if quantized_weight is not None:
+                return _chatglm_cpu_linear(x, quantized_weight)
         weight = self._weight_for_forward()
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.

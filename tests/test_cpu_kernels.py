@@ -157,6 +157,24 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(change, message):
         chatglm_cpu.linear(**arguments)
 
 
+def test_a_checked_weight_gives_linears_results_and_its_copies_own_their_tensors():
+    import copy
+    import pickle
+
+    q = random_q(13, 128, 4)
+    weight, scale, bias = released_weight(q, 4), torch.rand(13, dtype=torch.float16), torch.randn(13, dtype=torch.float16)
+    x = torch.randn(3, 128, dtype=torch.float16)
+    checked = chatglm_cpu.QuantizedWeight(weight, scale, bias, 4)
+    expected = chatglm_cpu.linear(x, weight, scale, bias, 4)
+    assert torch.equal(checked(x), expected)
+    copies = [copy.deepcopy(checked), pickle.loads(pickle.dumps(checked))]
+    del checked
+    weight.zero_()  # the copies read their own tensors, not the addresses of these
+    assert all(torch.equal(each(x), expected) for each in copies)
+    with pytest.raises(ValueError, match=r"x must be .* of width 128, got .* shape \(3, 64\)"):
+        copies[0](x[:, :64])
+
+
 def test_callers_on_several_threads_at_once_all_get_their_own_results():
     # Each caller's OpenMP team is its own.
     q = random_q(512, 1024, 4)

@@ -992,6 +992,46 @@ def test_chatglm_cpu_kernel_takes_a_weight_back_from_the_torch_int4_layout():
 
 
 @needs_chatglm_cpu
+def test_chatglm_cpu_kernel_follows_parameters_changed_after_its_first_call():
+    # The layer keeps the kernel's checked handle between calls (checking 112 weights per token cost a
+    # 6B decode step milliseconds): a parameter replaced, a `.data` swapped in, a copy in place, a dtype
+    # change must each reach the next call, never the old bytes.
+    layer = make_layer(*KERNEL_SHAPE, 4, torch.float16)
+    Q.set_cpu_kernel(layer, "chatglm_cpu")
+    x = torch.randn(2, KERNEL_SHAPE[1], dtype=torch.float16)
+    other = make_layer(*KERNEL_SHAPE, 4, torch.float16, seed=1)
+    changes = [
+        lambda: setattr(layer, "weight_scale", nn.Parameter(layer.weight_scale * 3, requires_grad=False)),
+        lambda: setattr(layer.weight, "data", other.weight.detach().clone()),
+        lambda: layer.weight.copy_(make_layer(*KERNEL_SHAPE, 4, torch.float16, seed=2).weight),
+        lambda: setattr(layer.bias, "data", layer.bias.detach() + 1),
+        lambda: layer.to(torch.bfloat16),
+    ]
+    with torch.no_grad():
+        for change in changes:
+            layer(x.to(layer.weight_scale.dtype))
+            change()
+            dtype = layer.weight_scale.dtype
+            out = layer(x.to(dtype))
+            assert out.dtype == dtype
+            assert_close_relative(out, reference_output(layer, x.to(dtype)), 2e-2)
+
+
+@needs_chatglm_cpu
+def test_a_training_forward_after_chatglm_cpu_inference_still_converts_the_weight_in_place():
+    # The kernel's handle holds aliases of the weight; the conversion to the torch int4 layout drops it
+    # first, so that it still writes over the released bytes instead of a second copy of the weight.
+    layer = make_layer(*KERNEL_SHAPE, 4, torch.bfloat16)
+    Q.set_cpu_kernel(layer, "chatglm_cpu")
+    x = torch.randn(3, KERNEL_SHAPE[1], dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+    stored = layer.weight.data_ptr()
+    layer(x.clone().requires_grad_()).sum().backward()
+    assert layer.weight.dtype == torch.uint8 and layer.weight.data_ptr() == stored
+
+
+@needs_chatglm_cpu
 def test_chatglm_cpu_calls_are_named_in_torch_profiler_traces():
     # bench.profile_decode reads the kernel's share of a step from this name; outside a profiler
     # the name is not entered (it cost ~8 us per call, ~1 ms per 6B decode step).

@@ -268,7 +268,7 @@ def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(fl
 
 @pytest.fixture
 def chatglm_cpu_calls(monkeypatch):
-    """A list that gets one entry per chatglm_cpu.linear call; skips where the optional package cannot run."""
+    """A list that gets one entry per chatglm_cpu kernel call; skips where the optional package cannot run."""
     if importlib.util.find_spec("chatglm_cpu") is None:
         pytest.skip("chatglm_cpu is optional")
     import chatglm_cpu
@@ -276,8 +276,8 @@ def chatglm_cpu_calls(monkeypatch):
     if not chatglm_cpu.available():
         pytest.skip("chatglm_cpu needs AVX2")
     calls = []
-    kernel = chatglm_cpu.linear
-    monkeypatch.setattr(chatglm_cpu, "linear", lambda *args: calls.append(1) or kernel(*args))
+    kernel = chatglm_cpu.QuantizedWeight.__call__
+    monkeypatch.setattr(chatglm_cpu.QuantizedWeight, "__call__", lambda *args: calls.append(1) or kernel(*args))
     return calls
 
 

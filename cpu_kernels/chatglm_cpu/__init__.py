@@ -16,7 +16,7 @@ import torch
 
 from . import _kernels
 
-__all__ = ["available", "isa", "isas", "linear", "GROUP_SIZES"]
+__all__ = ["available", "isa", "isas", "linear", "QuantizedWeight", "GROUP_SIZES"]
 
 # Inputs per activation scale, the largest that divides K. Four 32-input blocks is the most whose
 # int4 products still add up exactly in 16-bit lanes.
@@ -73,57 +73,84 @@ def _check_vector(name, tensor, length):
         )
 
 
+class QuantizedWeight:
+    """One layer's quantized weight, scale and bias, checked once, for many `linear` calls.
+
+    A decode step multiplies 112 weights by one activation row each; checking every weight tensor
+    at every call cost more than the Python of the call itself (the weight stream before it has
+    evicted the interpreter's working set from the caches). Calling this checks only `x`. It holds
+    its own aliases of the tensors (`detach()`), so they stay alive and keep this dtype and shape
+    whatever happens to the caller's tensor objects; values written into them in place are seen.
+    """
+
+    __slots__ = ("bits", "isa", "in_features", "out_features", "group", "_tensors", "_isa_code", "_weight_arguments")
+
+    def __init__(self, weight, scale, bias=None, bits=4, isa=None):
+        if bits not in (4, 8):
+            raise ValueError(f"chatglm_cpu.linear: bits must be 4 or 8, got {bits!r}")
+        if not available():
+            raise RuntimeError("chatglm_cpu.linear: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
+        if isa is None:
+            isa = _ISAS[0]
+        elif isa not in _ISAS:
+            raise ValueError(f"chatglm_cpu.linear: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
+        if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_cpu or not weight.is_contiguous():
+            raise ValueError(
+                f"chatglm_cpu.linear: weight must be a contiguous CPU int8 tensor [N, K * {bits} / 8], "
+                f"got {weight.dtype} of shape {tuple(weight.shape)}"
+            )
+        out_features, in_features = weight.shape[0], weight.shape[1] * 8 // bits
+        group = next((size for size in GROUP_SIZES if in_features % size == 0), None)
+        if group is None:
+            raise ValueError(f"chatglm_cpu.linear: the input width must be a multiple of 32, got {in_features}")
+        _check_vector("scale", scale, out_features)
+        if bias is not None:
+            _check_vector("bias", bias, out_features)
+        self.bits, self.isa, self.in_features, self.out_features, self.group = bits, isa, in_features, out_features, group
+        self._tensors = (weight.detach(), scale.detach().contiguous(), bias.detach().contiguous() if bias is not None else None)
+        weight, scale, bias = self._tensors
+        self._isa_code = _ISA_CODES[isa]
+        # The C function's weight-side arguments, in its order (see `__call__`): addresses of the aliases above.
+        self._weight_arguments = (
+            weight.data_ptr(), out_features,
+            scale.data_ptr(), _DTYPE_CODES[scale.dtype],
+            bias.data_ptr() if bias is not None else 0, _DTYPE_CODES[bias.dtype] if bias is not None else 0,
+        )
+
+    def __reduce__(self):
+        # Copies and pickles check the copied tensors again: the addresses above belong to this process's tensors.
+        return QuantizedWeight, (*self._tensors, self.bits, self.isa)
+
+    def __call__(self, x, threads=None):
+        """x [M, K] (float32/float16/bfloat16, CPU) -> [M, N] in x's dtype; `threads` as in `linear`."""
+        dtype_code = _DTYPE_CODES.get(x.dtype)
+        if x.dim() != 2 or dtype_code is None or not x.is_cpu or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"chatglm_cpu.linear: x must be a 2-D CPU float32/float16/bfloat16 tensor of width "
+                f"{self.in_features}, got {x.dtype} of shape {tuple(x.shape)} on {x.device}"
+            )
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        _kernels.linear(
+            self.bits, x.data_ptr(), dtype_code, x.shape[0], self.in_features,
+            *self._weight_arguments,
+            out.data_ptr(), dtype_code, self.group,
+            threads if threads is not None else torch.get_num_threads(),
+            self._isa_code,
+        )
+        return out
+
+
 def linear(x, weight, scale, bias=None, bits=4, threads=None, isa=None):
     """x [M, K] (float32/float16/bfloat16) times the quantized weight, scaled per row, + bias -> [M, N] in x's dtype.
 
     `threads` defaults to torch's intra-op thread count; `isa` (one of `isas()`) to the best this CPU
-    runs. Every instruction set gives the same result bit for bit.
+    runs. Every instruction set gives the same result bit for bit. For many calls with one weight,
+    `QuantizedWeight(weight, scale, bias, bits)(x)` checks the weight once.
     """
-    if bits not in (4, 8):
-        raise ValueError(f"chatglm_cpu.linear: bits must be 4 or 8, got {bits!r}")
-    if not available():
-        raise RuntimeError("chatglm_cpu.linear: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
-    if isa is None:
-        isa = _ISAS[0]
-    elif isa not in _ISAS:
-        raise ValueError(f"chatglm_cpu.linear: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
-    if x.dim() != 2 or x.dtype not in _DTYPE_CODES or not x.is_cpu:
+    if bits in (4, 8) and x.dim() == 2 and weight.dim() == 2 and weight.shape[1] * 8 != x.shape[1] * bits:
         raise ValueError(
-            f"chatglm_cpu.linear: x must be a 2-D CPU float32/float16/bfloat16 tensor, "
-            f"got {x.dtype} of shape {tuple(x.shape)} on {x.device}"
+            f"chatglm_cpu.linear: weight must be a contiguous CPU int8 tensor of shape [N, {x.shape[1] * bits // 8}] "
+            f"for {bits}-bit weights and {x.shape[1]} inputs, got {weight.dtype} of shape {tuple(weight.shape)}"
         )
-    rows, in_features = x.shape
-    out_features = weight.shape[0] if weight.dim() == 2 else -1
-    if (
-        weight.dtype != torch.int8
-        or weight.dim() != 2
-        or weight.shape[1] * 8 != in_features * bits
-        or not weight.is_cpu
-        or not weight.is_contiguous()
-    ):
-        raise ValueError(
-            f"chatglm_cpu.linear: weight must be a contiguous CPU int8 tensor of shape [N, {in_features * bits // 8}] "
-            f"for {bits}-bit weights and {in_features} inputs, got {weight.dtype} of shape {tuple(weight.shape)}"
-        )
-    group = next((size for size in GROUP_SIZES if in_features % size == 0), None)
-    if group is None:
-        raise ValueError(f"chatglm_cpu.linear: the input width must be a multiple of 32, got {in_features}")
-    _check_vector("scale", scale, out_features)
-    if bias is not None:
-        _check_vector("bias", bias, out_features)
-    x = x.contiguous()
-    scale = scale.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    out = torch.empty(rows, out_features, dtype=x.dtype)
-    _kernels.linear(
-        bits,
-        x.data_ptr(), _DTYPE_CODES[x.dtype], rows, in_features,
-        weight.data_ptr(), out_features,
-        scale.data_ptr(), _DTYPE_CODES[scale.dtype],
-        bias.data_ptr() if bias is not None else 0, _DTYPE_CODES[bias.dtype] if bias is not None else 0,
-        out.data_ptr(), _DTYPE_CODES[out.dtype],
-        group,
-        threads if threads is not None else torch.get_num_threads(),
-        _ISA_CODES[isa],
-    )
-    return out
+    return QuantizedWeight(weight, scale, bias, bits, isa)(x, threads)
