@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -177,7 +178,7 @@ def plan_configurations(args, config):
 
 def run_worker(configuration, args):
     """One configuration in its own process; its output is echoed, its JSON result returned with the
-    read bandwidth measured while it paused between runs (`bandwidth_samples`)."""
+    read bandwidth measured at each of its pauses, before each run and after the last (`bandwidth_pauses`)."""
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "result.json"
         command = [
@@ -197,13 +198,13 @@ def run_worker(configuration, args):
         # No network: the model folder is local, and nothing may be fetched while measuring.
         environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         tail = deque(maxlen=WORKER_TAIL_LINES)
-        samples = []
+        pauses = []
         with subprocess.Popen(
             command, cwd=REPO_ROOT, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as worker:
             for line in worker.stdout:
                 if line.rstrip("\n") == BANDWIDTH_PAUSE:
-                    samples += read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"]
+                    pauses.append(read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"])
                     gc.collect()
                     worker.stdin.write("\n")
                     worker.stdin.flush()
@@ -213,10 +214,12 @@ def run_worker(configuration, args):
         if worker.returncode != 0:
             last = next((line for line in reversed(tail) if line.strip()), "no output")
             return {"error": f"worker exited with code {worker.returncode}: {last}"}
-        return dict(json.loads(output.read_text()), bandwidth_samples=samples)
+        return dict(json.loads(output.read_text()), bandwidth_pauses=pauses)
 
 
-def add_rooflines(row, config, args, bandwidth):
+def add_rooflines(row, config, args, bandwidth, pauses):
+    """Each batch's roofline at the row's median bandwidth, and each run's fraction of the roofline at the
+    bandwidth read in the pauses just before and just after that run (`pauses`: one list of readings per pause)."""
     if not row.get("decode"):
         return
     row["roofline"] = {}
@@ -224,7 +227,14 @@ def add_rooflines(row, config, args, bandwidth):
         roofline = decode_roofline(
             config, row["bits"], bandwidth, args.prefill_lengths[0], args.new_tokens, batch, row["output_layer_bits"]
         )
-        roofline["fraction"] = row["decode"][f"batch{batch}"]["tokens_per_second"]["median"] / roofline["tokens_per_second"]
+        speeds = row["decode"][f"batch{batch}"]["tokens_per_second"]
+        roofline["fraction"] = speeds["median"] / roofline["tokens_per_second"]
+        if len(pauses) == len(speeds["runs"]) + 1:
+            # The roofline is proportional to the bandwidth: tokens/s = batch * bandwidth / bytes per step.
+            around = [statistics.median(before + after) for before, after in zip(pauses, pauses[1:])]
+            roofline["fraction_per_run"] = summary(
+                [speed * roofline["bytes_per_step"] / (batch * rate) for speed, rate in zip(speeds["runs"], around)]
+            )
         row["roofline"][f"batch{batch}"] = roofline
 
 
@@ -253,8 +263,9 @@ def main(argv=None):
         row.update(run_worker(configuration, args))
         after = read_bandwidth(args.bandwidth_bytes)["bytes_per_second"]["runs"]
         gc.collect()
-        row["bandwidth_bytes_per_second"] = summary(before + row.pop("bandwidth_samples", []) + after)
-        add_rooflines(row, config, args, row["bandwidth_bytes_per_second"]["median"])
+        pauses = row.pop("bandwidth_pauses", [])
+        row["bandwidth_bytes_per_second"] = summary(before + [rate for pause in pauses for rate in pause] + after)
+        add_rooflines(row, config, args, row["bandwidth_bytes_per_second"]["median"], pauses)
         rows.append(row)
 
     results = {

@@ -61,7 +61,8 @@ def markdown(results, image_path):
         f"The roofline is the bytes one decode step must read (quantized matrices at their precision with their "
         f"scales, `output_layer` and the rest at 2 bytes unless quantized, the KV cache) divided by the read bandwidth "
         f"measured before that row's worker, between its runs (the worker waits meanwhile) and after it (column "
-        f"read GB/s: the median of those readings; the figure above was read once at the start). "
+        f"read GB/s: the median of those readings; the figure above was read once at the start); per run: each "
+        f"run's speed over the roofline at the bandwidth read just before and just after that run (median, min–max). "
         f"Peak RSS (VmHWM) also counts the pages of a memory-mapped checkpoint that loading touched, which the "
         f"kernel can drop and re-read; peak anonymous is the highest RssAnon (sampled every 20 ms), the memory "
         f"that cannot be given back. "
@@ -72,7 +73,7 @@ def markdown(results, image_path):
     header = ["precision", "weights loaded from", "dtype", "load (s)", "first generate (s)", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)", "peak anonymous (GB)"]
     header += [f"prefill {length} (tok/s)" for length in prefill_lengths]
     header += [f"decode b{batch} (tok/s)" for batch in batches]
-    header += ["read GB/s", f"b{batches[0]} roofline (tok/s)", f"b{batches[0]} % of roofline"]
+    header += ["read GB/s", f"b{batches[0]} roofline (tok/s)", f"b{batches[0]} % of roofline", f"b{batches[0]} % of roofline per run"]
     header.append("other processes (cores)")
     if cuda:
         header += ["peak CUDA (GB)", "8192 tokens: peak (GB), fits 6 GiB"]
@@ -99,6 +100,8 @@ def markdown(results, image_path):
         row_rate = row.get("bandwidth_bytes_per_second")
         cells.append(f"{row_rate['median'] / 1e9:.1f}" if row_rate else "—")
         cells += [f"{first['tokens_per_second']:.3g}", f"{100 * first['fraction']:.0f}%"] if first else ["—", "—"]
+        per_run = (first or {}).get("fraction_per_run")
+        cells.append(f"{100 * per_run['median']:.0f}% ({100 * per_run['min']:.0f}–{100 * per_run['max']:.0f}%)" if per_run else "—")
         cells.append("—" if row["other_processes_cores"] is None else f"{row['other_processes_cores']:.2f}")
         if cuda:
             cells.append(_gb(row.get("cuda_peak_run_bytes")))

@@ -53,6 +53,22 @@ def test_int4_roofline_at_28_gb_per_second_is_about_8_tokens():
     assert 8.0 < roofline["tokens_per_second"] < 8.5
 
 
+def test_each_run_is_measured_against_the_bandwidth_read_on_either_side_of_it():
+    # A shared host's bandwidth moves between minutes: a run is held to the readings next to it.
+    from types import SimpleNamespace
+
+    from bench.__main__ import add_rooflines
+    from bench.system import summary
+
+    args = SimpleNamespace(batches=[1], prefill_lengths=[128], new_tokens=64)
+    row = {"bits": 4, "output_layer_bits": 16, "decode": {"batch1": {"tokens_per_second": summary([2.0, 6.0])}}}
+    add_rooflines(row, released_config(), args, 30e9, [[10e9], [30e9], [50e9]])
+    roofline = row["roofline"]["batch1"]
+    step_bytes = roofline["bytes_per_step"]
+    assert roofline["fraction_per_run"]["runs"] == pytest.approx([2.0 * step_bytes / 20e9, 6.0 * step_bytes / 40e9])
+    assert roofline["fraction"] == pytest.approx(4.0 * step_bytes / 30e9)  # the median speed at the row's bandwidth
+
+
 def test_roofline_counts_a_quantized_output_layer_at_its_bits():
     config = released_config()
     plain = decode_roofline(config, 4, 28e9, prompt_length=128, new_tokens=64, batch=1)
@@ -167,6 +183,9 @@ def test_quick_run_measures_every_configuration(quick_run):
             roofline = row["roofline"][f"batch{batch}"]
             assert roofline["bytes_per_step"] > 0 and roofline["fraction"] > 0
             assert roofline["tokens_per_second"] == pytest.approx(batch * rate["median"] / roofline["bytes_per_step"])
+            # Each run against the bandwidth read in the pauses on either side of it.
+            per_run = roofline["fraction_per_run"]
+            assert len(per_run["runs"]) == results["harness"]["runs"] and per_run["min"] <= per_run["median"] <= per_run["max"] and per_run["min"] > 0
 
 
 @pytest.mark.slow
