@@ -199,9 +199,9 @@ def single_query_attention_on_cpu(query, key, value, attention_mask, scaling):
     grouped = (query.float() * scaling).reshape(batch * groups, heads // groups, dim)
     scores = torch.bmm(grouped, key.float().reshape(batch * groups, keys, dim).transpose(1, 2))
     if attention_mask is not None:
-        scores = scores.view(batch, groups, -1, keys).masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    probabilities = torch.softmax(scores, dim=-1).view(batch * groups, -1, keys)
-    context = torch.bmm(probabilities, value.float().reshape(batch * groups, keys, dim))
+        masked = scores.view(batch, groups, -1, keys).masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        scores = masked.view(batch * groups, -1, keys)
+    context = torch.bmm(torch.softmax(scores, dim=-1), value.float().reshape(batch * groups, keys, dim))
     return context.view(batch, 1, heads, dim).to(query.dtype)
 
 
