@@ -60,7 +60,7 @@ def integer_activations(rows, in_features, seed=1):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 3, 9])  # int4 from 8 rows: weights unpacked once per chunk
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("out_features", [13, 64])  # 13: blocks of 4 rows plus a remainder
+@pytest.mark.parametrize("out_features", [13, 64, 301])  # 13, 301: a remainder; 301 at one row: chunks of over 32 rows, shrinking
 @pytest.mark.parametrize("in_features", [256, 96])  # int4 spans of 64 inputs; of 32 where K is not a multiple of 64
 def test_integer_activations_give_the_exact_integer_products(isa, bits, rows, threads, out_features, in_features):
     # Every nibble order, the zero point of the int4 bytes, the row split between threads and both
