@@ -30,7 +30,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_chatglm import CACHE_FIELD, ChatGLMConfig
-from .quantization import check_stored_weight, quantize_model, quantize_output_layer, quantized_projection, set_cpu_kernel
+from .quantization import (
+    QuantizedLinear,
+    check_stored_weight,
+    quantize_model,
+    quantize_output_layer,
+    quantized_projection,
+    set_cpu_kernel,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -69,6 +76,27 @@ class RMSNorm(nn.Module):
         # rms_norm does those same operations (on the CPU, bit for bit) as one call instead of seven.
         normed = F.rms_norm(hidden_states.float(), self.weight.shape, self.weight.float(), self.eps)
         return normed.to(hidden_states.dtype)
+
+
+def runs_only_its_forward(module):
+    """Whether calling `module` runs just its `forward`: no hooks on it or on every module, and no forward set
+    on the instance (accelerate's offloading wraps it so)."""
+    hooked = module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+    return not hooked and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def normed_projection(norm, projection, states):
+    """`projection(norm(states))` (just `projection(states)` without a norm). A quantized projection on
+    chatglm_cpu applies an RMSNorm while it quantizes its input, in the same call: the norm's nine torch
+    operators, 56 times per step, cost a 6B int4 decode step 6.6 ms of its 37.6 outside the matrices (Zen 3)."""
+    if norm is None:
+        return projection(states)
+    if isinstance(norm, RMSNorm) and isinstance(projection, QuantizedLinear):
+        if runs_only_its_forward(norm) and runs_only_its_forward(projection):
+            out = projection.forward_after_rms_norm(states, norm.weight, norm.eps)
+            if out is not None:
+                return out
+    return projection(norm(states))
 
 
 def make_norm(config, device=None, dtype=None):
@@ -249,8 +277,9 @@ class SelfAttention(nn.Module):
             value = per_head[:, :, :, 2]
         return query_key, value
 
-    def forward(self, hidden_states, rotary, attention_mask, prefix=None, cache=None, output_attentions=False):
-        query_key, value = self.split_heads(self.query_key_value(hidden_states))
+    def forward(self, hidden_states, rotary, attention_mask, prefix=None, cache=None, output_attentions=False, norm=None):
+        """`norm`: the norm still to apply to `hidden_states` (see `normed_projection`), or None."""
+        query_key, value = self.split_heads(normed_projection(norm, self.query_key_value, hidden_states))
         cos, sin, cache_position = rotary
         query_key = apply_rotary_pos_emb(query_key, cos, sin)
         query, key = query_key.split([self.num_heads, self.num_key_value_heads], dim=2)
@@ -288,8 +317,9 @@ class MLP(nn.Module):
             *reversed(shapes["mlp.dense_4h_to_h"]), bias=config.add_bias_linear, device=device, dtype=dtype
         )
 
-    def forward(self, hidden_states):
-        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+    def forward(self, hidden_states, norm=None):
+        """`norm`: the norm still to apply to `hidden_states` (see `normed_projection`), or None."""
+        gate, up = normed_projection(norm, self.dense_h_to_4h, hidden_states).chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
@@ -310,18 +340,24 @@ class GLMBlock(GradientCheckpointingLayer):
     def forward(
         self, hidden_states, rotary, attention_mask, prefix_key=None, prefix_value=None, cache=None, output_attentions=False
     ):
-        normed = self.input_layernorm(hidden_states)
         prefix = None if prefix_key is None else (prefix_key, prefix_value)
+        states, norm, residual = self.before_sublayer(self.input_layernorm, hidden_states)
         attention_output, probs = self.self_attention(
-            normed, rotary, attention_mask, prefix, cache=cache, output_attentions=output_attentions
+            states, rotary, attention_mask, prefix, cache=cache, output_attentions=output_attentions, norm=norm
         )
-        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         hidden_states = residual + self.dropout(attention_output)
 
-        normed = self.post_attention_layernorm(hidden_states)
-        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
-        hidden_states = residual + self.dropout(self.mlp(normed))
+        states, norm, residual = self.before_sublayer(self.post_attention_layernorm, hidden_states)
+        hidden_states = residual + self.dropout(self.mlp(states, norm=norm))
         return hidden_states, probs
+
+    def before_sublayer(self, norm, hidden_states):
+        """(the sublayer's input, the norm it still has to apply or None, the residual). The sublayer's first
+        projection applies the norm (see `normed_projection`), unless the residual is taken after it."""
+        if self.apply_residual_connection_post_layernorm:
+            normed = norm(hidden_states)
+            return normed, None, normed
+        return hidden_states, norm, hidden_states
 
     def dropout(self, states):
         # Not even called in inference: every operator call costs a decode step 28 times over.

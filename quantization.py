@@ -652,12 +652,19 @@ def _chatglm_cpu():
 _CHATGLM_CPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def _chatglm_cpu_applies_rms_norm():
+    """Whether the installed chatglm_cpu (0.2 on) takes an RMSNorm to apply on the way in."""
+    version = getattr(_chatglm_cpu(), "__version__", "0.1")
+    return tuple(int(part) for part in version.split(".")[:2]) >= (0, 2)
+
+
 @torch.compiler.disable
-def _chatglm_cpu_linear(x, quantized_weight):
+def _chatglm_cpu_linear(x, quantized_weight, rms_norm=None):
     # Named for torch.profiler, only while one runs: entering a name costs ~8 us per call otherwise.
     profiled = torch.autograd._profiler_enabled()
     with torch.profiler.record_function("chatglm_cpu::linear") if profiled else contextlib.nullcontext():
-        out = quantized_weight(x.reshape(-1, x.shape[-1]))
+        out = quantized_weight(x.reshape(-1, x.shape[-1]), rms_norm=rms_norm)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -1042,6 +1049,21 @@ class QuantizedLinear(nn.Module):
         quantized_weight = _chatglm_cpu().QuantizedWeight(weight, scale, bias, self.bits)
         self._chatglm_cpu_weight = (signature, quantized_weight)
         return quantized_weight
+
+    def forward_after_rms_norm(self, x, norm_weight, eps):
+        """`self(rms_norm(x))` as one chatglm_cpu call that applies the norm while it quantizes x (float32
+        throughout, the normed x never rounded to x's dtype); None where that path does not run (gradients
+        wanted, another kernel, not on the CPU): the caller then applies the norm itself."""
+        if torch.is_grad_enabled() and (x.requires_grad or norm_weight.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return None
+        if not (self.cpu_kernel == "chatglm_cpu" and x.is_cpu and x.dtype in _CHATGLM_CPU_FLOATS and norm_weight.is_cpu):
+            return None
+        if norm_weight.dtype not in _CHATGLM_CPU_FLOATS or x.shape[-1] != self.in_features or not _chatglm_cpu_applies_rms_norm():
+            return None
+        quantized_weight = self._chatglm_cpu_weight_for_forward()
+        if quantized_weight is None:
+            return None
+        return _chatglm_cpu_linear(x, quantized_weight, rms_norm=(norm_weight, eps))
 
     @torch.compiler.disable  # runs once per layer
     def _matmulnbits_for_forward(self):

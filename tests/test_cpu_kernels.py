@@ -175,6 +175,28 @@ def test_a_checked_weight_gives_linears_results_and_its_copies_own_their_tensors
         copies[0](x[:, :64])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_an_rms_norm_given_to_the_call_is_torchs_float32_norm_applied_to_x(isa, bits, dtype, rows):
+    # Integer activations: their squares add up exactly in any order, so the kernel's factor is torch's bit
+    # for bit, and the normed rows (float32, never rounded to x's dtype) must quantize to the same integers.
+    in_features = 256
+    q = random_q(13, in_features, bits)
+    weight, scale, bias = released_weight(q, bits), torch.rand(13, dtype=torch.float16), torch.randn(13, dtype=torch.float16)
+    x = integer_activations(rows, in_features).to(dtype)
+    x[0] *= 2  # rows of different norms
+    norm_weight = (torch.rand(in_features) + 0.5).to(dtype)
+    checked = chatglm_cpu.QuantizedWeight(weight, scale, bias, bits, isa)
+    normed = torch.nn.functional.rms_norm(x.float(), (in_features,), norm_weight.float(), 1e-5)
+    expected = checked(normed).to(dtype)  # the float32 result, rounded once to x's dtype
+    assert torch.equal(checked(x, rms_norm=(norm_weight, 1e-5)), expected)
+    assert not torch.equal(checked(x, rms_norm=(norm_weight, 1e-5)), checked(x))
+    with pytest.raises(ValueError, match=r"the RMSNorm weight must be .* shape \(256,\), got .* shape \(128,\)"):
+        checked(x, rms_norm=(norm_weight[:128], 1e-5))
+
+
 def test_callers_on_several_threads_at_once_all_get_their_own_results():
     # Each caller's OpenMP team is its own.
     q = random_q(512, 1024, 4)

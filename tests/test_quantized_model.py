@@ -268,7 +268,8 @@ def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(fl
 
 @pytest.fixture
 def chatglm_cpu_calls(monkeypatch):
-    """A list that gets one entry per chatglm_cpu kernel call; skips where the optional package cannot run."""
+    """A list that gets one entry per chatglm_cpu kernel call, "normed" where the call applied an RMSNorm to
+    its input and "plain" where not; skips where the optional package cannot run."""
     if importlib.util.find_spec("chatglm_cpu") is None:
         pytest.skip("chatglm_cpu is optional")
     import chatglm_cpu
@@ -277,7 +278,11 @@ def chatglm_cpu_calls(monkeypatch):
         pytest.skip("chatglm_cpu needs AVX2")
     calls = []
     kernel = chatglm_cpu.QuantizedWeight.__call__
-    monkeypatch.setattr(chatglm_cpu.QuantizedWeight, "__call__", lambda *args: calls.append(1) or kernel(*args))
+    def counted(*args, **kwargs):
+        calls.append("plain" if kwargs.get("rms_norm") is None else "normed")
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(chatglm_cpu.QuantizedWeight, "__call__", counted)
     return calls
 
 
@@ -293,8 +298,34 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     # Only the activations' int8 rounding separates them (about 0.5% per projection on this model).
     assert relative_error(logits, reference) < 0.03
     assert len(calls) == 4 * fast.config.num_layers  # every projection of the forward ran on it
+    assert calls.count("normed") == 2 * fast.config.num_layers  # with the norms before QKV and the MLP
     tokens = fast.generate(ids, max_new_tokens=6, do_sample=False)
     assert tokens.shape == (2, 18) and torch.equal(tokens[:, :12], ids)
+
+
+def test_chatglm_cpu_applies_the_norms_in_its_projections_unless_a_hook_or_gradients_need_the_module(float_folder, chatglm_cpu_calls):
+    model = load(float_folder, dtype=torch.float16).quantize(4, cpu_kernel="chatglm_cpu")
+    layers = model.transformer.encoder.layers
+    ids = ids_of(batch=2, length=12)
+    with torch.no_grad():
+        fused = model(ids).logits.float()
+    assert chatglm_cpu_calls.count("normed") == 2 * len(layers)
+
+    seen = []
+    hooks = [norm.register_forward_hook(lambda module, args, output: seen.append(output))
+             for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    chatglm_cpu_calls.clear()
+    with torch.no_grad():
+        hooked = model(ids).logits.float()
+    assert len(seen) == 2 * len(layers) and chatglm_cpu_calls.count("normed") == 0  # every hook saw its norm run
+    # Only the normed activations' rounding to float16 before their int8 quantization separates the two.
+    assert relative_error(fused, hooked) < 0.01
+    for hook in hooks:
+        hook.remove()
+
+    chatglm_cpu_calls.clear()
+    model(ids).logits.sum()  # gradients wanted: the norms' weights train, so the norms run as modules
+    assert chatglm_cpu_calls.count("normed") == 0
 
 
 def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kernel_choice(float_folder, tmp_path, chatglm_cpu_calls):

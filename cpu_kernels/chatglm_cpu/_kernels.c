@@ -45,6 +45,9 @@ typedef struct {
     int scale_dtype;
     const void *bias;     /* [N] or NULL */
     int bias_dtype;
+    const void *norm_weight; /* [K]: an RMSNorm to apply to each activation row first, or NULL */
+    int norm_dtype;
+    float norm_eps;
     void *out;            /* [M, N] */
     int out_dtype;
     const int8_t *xq;     /* [M, K]: int4 jobs hold each span of 32 or 64 inputs as its even inputs, then its odd ones */
@@ -101,11 +104,24 @@ static inline float horizontal_max(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
+/* RMSNorm's factor for one row: 1 / sqrt(mean(x^2) + eps), in float32 as torch computes it (its order of
+ * adding the squares aside, which moves the last bit at most). */
+static float rms_factor(const void *x, int dtype, int64_t K, float eps) {
+    __m256 squares[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t k = 0; k < K; k += 32)
+        for (int i = 0; i < 4; i++) {
+            __m256 v = load8(x, dtype, k + 8 * i);
+            squares[i] = _mm256_fmadd_ps(v, v, squares[i]);
+        }
+    float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(squares[0], squares[1]), _mm256_add_ps(squares[2], squares[3])));
+    return 1.0f / sqrtf(sum / (float)K + eps);
+}
+
 /* One row of activations -> int8 per group, plus the group scales (`buffer`: `group` floats). A `span`
  * of 32 or 64 stores each span of inputs as its even inputs, then its odd ones: the order in which the
  * int4 kernels take a span's nibbles from its bytes (0: natural order, for int8 weights).
  * Returns sum_g scale_g * sum_{k in g} xq[k] (the product with a constant weight of 1). */
-static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, int span, float *buffer,
+static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, int span, const Job *norm, float *buffer,
                           int8_t *xq, float *xd) {
     const __m256 magnitude_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 largest = _mm256_set1_ps(FLT_MAX);
@@ -113,11 +129,16 @@ static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, in
     /* within each 16-byte lane: even bytes first, then odd ones */
     const __m256i even_then_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    /* With an RMSNorm (norm->norm_weight), the row is normalized first: (x * factor) * weight in float32,
+     * torch's order, without rounding to the input dtype in between. */
+    const int normed = norm->norm_weight != NULL;
+    const __m256 factor = _mm256_set1_ps(normed ? rms_factor(x, dtype, K, norm->norm_eps) : 1.0f);
     float total = 0.0f;
     for (int64_t g = 0; g < K / group; g++) {
         __m256 amax = _mm256_setzero_ps(), not_finite = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
             __m256 v = load8(x, dtype, k);
+            if (normed) v = _mm256_mul_ps(_mm256_mul_ps(v, factor), load8(norm->norm_weight, norm->norm_dtype, k));
             _mm256_storeu_ps(buffer + k - g * group, v);
             __m256 magnitude = _mm256_and_ps(v, magnitude_mask);
             not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(magnitude, largest, _CMP_NLE_UQ));
@@ -288,7 +309,7 @@ static int linear(Job *job, const void *x, int x_dtype) {
     if (ok) {
         for (int64_t m = 0; m < M; m++)
             xzero[m] = quantize_row((const char *)x + m * K * element, x_dtype, K, job->group,
-                                    job->bits == 8 ? 0 : job->span, buffer, xq + m * K, xd + m * groups);
+                                    job->bits == 8 ? 0 : job->span, job, buffer, xq + m * K, xd + m * groups);
         job->xq = xq;
         job->xd = xd;
         job->xzero = xzero;
@@ -313,14 +334,16 @@ static PyObject *py_isas(PyObject *self, PyObject *unused) {
     return PyTuple_New(0);
 }
 
-/* linear(bits, x, x_dtype, M, K, weight, N, scale, scale_dtype, bias, bias_dtype, out, out_dtype, group, threads, isa)
- * Pointers are addresses (int; bias 0 for none). The caller (chatglm_cpu.linear) checks every shape,
+/* linear(bits, x, x_dtype, M, K, weight, N, scale, scale_dtype, bias, bias_dtype, out, out_dtype, group, threads, isa,
+ *        norm, norm_dtype, norm_eps)
+ * Pointers are addresses (int; bias and norm 0 for none). The caller (chatglm_cpu.linear) checks every shape,
  * dtype and alignment: this function trusts them. */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
-    int bits, x_dtype, scale_dtype, bias_dtype, out_dtype, threads, isa;
-    Py_ssize_t x, weight, scale, bias, out, M, K, N, group;
-    if (!PyArg_ParseTuple(args, "ininnnnninininii", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
-                          &bias, &bias_dtype, &out, &out_dtype, &group, &threads, &isa))
+    int bits, x_dtype, scale_dtype, bias_dtype, out_dtype, threads, isa, norm_dtype;
+    Py_ssize_t x, weight, scale, bias, out, M, K, N, group, norm;
+    double norm_eps;
+    if (!PyArg_ParseTuple(args, "ininnnnninininiinid", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
+                          &bias, &bias_dtype, &out, &out_dtype, &group, &threads, &isa, &norm, &norm_dtype, &norm_eps))
         return NULL;
 #ifdef HAVE_AVX2_BUILD
     if ((isa != ISA_AVX2 && isa != ISA_AVX512_VNNI) || !cpu_supports(isa)) {
@@ -330,8 +353,8 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     if (M == 0 || N == 0) Py_RETURN_NONE;
     /* int4: spans of 64 inputs (one 256-bit load of released bytes) wherever the groups allow it */
     Job job = {bits, M, N, K, group, group >= 64 ? 64 : 32, (const int8_t *)weight, (const void *)scale, scale_dtype,
-               (const void *)bias, bias_dtype, (void *)out, out_dtype, NULL, NULL, NULL,
-               threads < 1 ? 1 : threads, isa};
+               (const void *)bias, bias_dtype, (const void *)norm, norm_dtype, (float)norm_eps, (void *)out, out_dtype,
+               NULL, NULL, NULL, threads < 1 ? 1 : threads, isa};
     int status;
     Py_BEGIN_ALLOW_THREADS status = linear(&job, (const void *)x, x_dtype);
     Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
