@@ -303,7 +303,7 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     assert tokens.shape == (2, 18) and torch.equal(tokens[:, :12], ids)
 
 
-def test_chatglm_cpu_applies_the_norms_in_its_projections_unless_a_hook_or_gradients_need_the_module(float_folder, chatglm_cpu_calls):
+def test_chatglm_cpu_applies_the_norms_in_its_projections_unless_a_hook_or_gradients_need_the_modules(float_folder, chatglm_cpu_calls):
     model = load(float_folder, dtype=torch.float16).quantize(4, cpu_kernel="chatglm_cpu")
     layers = model.transformer.encoder.layers
     ids = ids_of(batch=2, length=12)
@@ -311,21 +311,48 @@ def test_chatglm_cpu_applies_the_norms_in_its_projections_unless_a_hook_or_gradi
         fused = model(ids).logits.float()
     assert chatglm_cpu_calls.count("normed") == 2 * len(layers)
 
-    seen = []
-    hooks = [norm.register_forward_hook(lambda module, args, output: seen.append(output))
-             for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-    chatglm_cpu_calls.clear()
-    with torch.no_grad():
-        hooked = model(ids).logits.float()
-    assert len(seen) == 2 * len(layers) and chatglm_cpu_calls.count("normed") == 0  # every hook saw its norm run
-    # Only the normed activations' rounding to float16 before their int8 quantization separates the two.
-    assert relative_error(fused, hooked) < 0.01
-    for hook in hooks:
-        hook.remove()
+    def unfused_logits_seen_by_hooks_on(modules):
+        seen = []
+        hooks = [module.register_forward_pre_hook(lambda module, args: seen.append(args[0])) for module in modules]
+        chatglm_cpu_calls.clear()
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+        for hook in hooks:
+            hook.remove()
+        assert chatglm_cpu_calls.count("normed") == 0 and len(seen) == len(modules)
+        return logits, seen
 
+    norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    hooked_norms, norm_inputs = unfused_logits_seen_by_hooks_on(norms)
+    # Only the normed activations' rounding to float16 before their int8 quantization separates the two.
+    assert relative_error(fused, hooked_norms) < 0.01
+    # A hook on a sublayer sees its input normed, as it always did.
+    sublayers = [sublayer for layer in layers for sublayer in (layer.self_attention, layer.mlp)]
+    hooked_sublayers, sublayer_inputs = unfused_logits_seen_by_hooks_on(sublayers)
+    assert torch.equal(hooked_sublayers, hooked_norms)
+    assert torch.equal(sublayer_inputs[0], layers[0].input_layernorm(norm_inputs[0]))
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for norm in norms:
+        norm.weight.requires_grad_(True)  # only the norms train: they must run as modules
     chatglm_cpu_calls.clear()
-    model(ids).logits.sum()  # gradients wanted: the norms' weights train, so the norms run as modules
+    model(ids).logits.sum().backward()
+    assert chatglm_cpu_calls.count("normed") == 0 and all(norm.weight.grad is not None for norm in norms)
+
+
+def test_a_residual_taken_after_the_norm_keeps_the_norm_a_module(tmp_path, chatglm_cpu_calls):
+    random_model(tmp_path, VOCAB, apply_residual_connection_post_layernorm=True).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype=torch.float16).quantize(4, cpu_kernel="chatglm_cpu")
+    ids = ids_of(batch=2, length=12)
+    with torch.no_grad():
+        logits = model(ids).logits
     assert chatglm_cpu_calls.count("normed") == 0
+    # As with the first norm of every layer hooked (a hooked norm always runs as a module).
+    for layer in model.transformer.encoder.layers:
+        layer.input_layernorm.register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
 
 
 def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kernel_choice(float_folder, tmp_path, chatglm_cpu_calls):

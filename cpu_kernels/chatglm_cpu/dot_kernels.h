@@ -146,8 +146,9 @@ static inline void KERNEL(dot_rows)(const Job *job, const int8_t *weight, const 
     }
 }
 
-/* Output columns [n_begin, n_end), at most CHUNK_ROWS of them, for every activation row. One activation
- * row: each block of 4 weight rows is read once, straight from memory. Several: the chunk's weight rows
+/* Output columns [n_begin, n_end) for every activation row (a chunk of claim_rows: CHUNK_ROWS of them from
+ * two activation rows on). One activation row: each weight row is read once, straight from memory (int4 one
+ * row after another, int8 in blocks of 4). Several: the chunk's weight rows
  * (for int4 from UNPACK_ONCE_FROM_ROWS rows, unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes) stay
  * in the cache while every activation row passes over them. Every path adds the same products in the same
  * order, so a row's result does not depend on the rows batched with it. */
@@ -193,7 +194,7 @@ static void KERNEL(run_chunks)(void *argument) {
      * the bytes. Without the buffer (out of memory), every row unpacks again: slower, same result. */
     uint8_t *unpacked = job->bits == 4 && job->M >= UNPACK_ONCE_FROM_ROWS ? (uint8_t *)aligned_alloc(32, (size_t)(CHUNK_ROWS * job->K)) : NULL;
     for (;;) {
-        int64_t end, begin = claim_rows(work, &end);
+        int64_t end = 0, begin = claim_rows(work, &end); /* end: set when a chunk is left */
         if (begin >= job->N) break;
         KERNEL(run_columns)(job, begin, end, unpacked);
     }
