@@ -90,10 +90,10 @@ def may_apply_norm_in_projection(norm, sublayer, projection, states):
     its own call: a quantized projection on chatglm_cpu applies an RMSNorm while it quantizes its input.
     The norm's nine torch operators, 56 times per step, cost a 6B int4 decode step 6.6 ms of its 37.6
     outside the matrices (Zen 3). Only where nothing can tell: none of the three modules is hooked,
-    subclassed or has its forward replaced; the projection checks the rest (gradients, dtypes)."""
+    subclassed or has its forward replaced; the projection decides the rest (kernel, gradients, dtypes)."""
     if states.device.type != "cpu" or type(norm) is not RMSNorm or type(projection) is not QuantizedLinear:
         return False
-    return projection.cpu_kernel == "chatglm_cpu" and all(map(runs_only_its_forward, (norm, sublayer, projection)))
+    return all(map(runs_only_its_forward, (norm, sublayer, projection)))
 
 
 def normed_projection(norm, projection, states):

@@ -1050,18 +1050,23 @@ class QuantizedLinear(nn.Module):
         self._chatglm_cpu_weight = (signature, quantized_weight)
         return quantized_weight
 
+    def _needs_grad(self, *inputs):
+        return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or (self.bias is not None and self.bias.requires_grad))
+
+    def _chatglm_cpu_weight_for(self, x, needs_grad):
+        """The chatglm_cpu handle where `x` takes that path (inference, the kernel chosen, float x on the CPU), else None."""
+        if needs_grad or self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype not in _CHATGLM_CPU_FLOATS:
+            return None
+        return self._chatglm_cpu_weight_for_forward()
+
     def forward_after_rms_norm(self, x, norm_weight, eps):
         """`self(rms_norm(x))` as one chatglm_cpu call that applies the norm while it quantizes x (float32
         throughout, the normed x never rounded to x's dtype); None where that path does not run (gradients
         wanted, another kernel, not on the CPU): the caller then applies the norm itself."""
-        if torch.is_grad_enabled() and (x.requires_grad or norm_weight.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+        if x.shape[-1] != self.in_features or not norm_weight.is_cpu or norm_weight.dtype not in _CHATGLM_CPU_FLOATS:
             return None
-        if not (self.cpu_kernel == "chatglm_cpu" and x.is_cpu and x.dtype in _CHATGLM_CPU_FLOATS and norm_weight.is_cpu):
-            return None
-        if norm_weight.dtype not in _CHATGLM_CPU_FLOATS or x.shape[-1] != self.in_features or not _chatglm_cpu_applies_rms_norm():
-            return None
-        quantized_weight = self._chatglm_cpu_weight_for_forward()
-        if quantized_weight is None:
+        quantized_weight = self._chatglm_cpu_weight_for(x, self._needs_grad(x, norm_weight))
+        if quantized_weight is None or not _chatglm_cpu_applies_rms_norm():
             return None
         return _chatglm_cpu_linear(x, quantized_weight, rms_norm=(norm_weight, eps))
 
@@ -1095,15 +1100,14 @@ class QuantizedLinear(nn.Module):
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        needs_grad = self._needs_grad(x)
         if not needs_grad and self.cpu_kernel == "onnxruntime" and self._onnxruntime_fits(x):
             # Before `_weight_for_forward`: the torch int4 layout would rewrite (and so copy) every
             # weight page that onnxruntime then packs its own copy of.
             return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
-        if not needs_grad and self.cpu_kernel == "chatglm_cpu" and x.is_cpu and x.dtype in _CHATGLM_CPU_FLOATS:
-            quantized_weight = self._chatglm_cpu_weight_for_forward()
-            if quantized_weight is not None:
-                return _chatglm_cpu_linear(x, quantized_weight)
+        quantized_weight = self._chatglm_cpu_weight_for(x, needs_grad)
+        if quantized_weight is not None:
+            return _chatglm_cpu_linear(x, quantized_weight)
         weight = self._weight_for_forward()
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.
