@@ -31,6 +31,7 @@ from transformers.utils import logging
 
 from .configuration_chatglm import CACHE_FIELD, ChatGLMConfig
 from .quantization import (
+    FloatLinear,
     QuantizedLinear,
     check_stored_weight,
     quantize_model,
@@ -641,7 +642,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             config.kv_channels // 2, base=base, position_divisor=position_divisor, device=device
         )
         self.encoder = GLMTransformer(config, device=device)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
+        self.output_layer = FloatLinear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
         self.pre_seq_len = config.pre_seq_len
         if self.pre_seq_len is not None:
             self.prefix_encoder = PrefixEncoder(config)

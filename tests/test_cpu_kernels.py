@@ -239,3 +239,50 @@ def test_a_forked_child_with_one_torch_thread_computes_without_the_parents_threa
         child.kill()
         pytest.fail("the forked child hung")
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+# -- FloatWeight: float16 / bfloat16 weights ------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, chatglm_cpu.FLOAT_MAX_ROWS])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("out_features", [13, 301])  # a remainder; at one row, chunks of over 32 rows, shrinking
+def test_float_weights_times_integers_give_the_exact_products(weight_dtype, x_dtype, rows, threads, out_features):
+    # Small integers are exact in every dtype and their products add up exactly in float32 in any order:
+    # any slip in a row, a column, a chunk or the dtype conversions changes an integer.
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randint(-8, 9, (out_features, 256), generator=generator).to(weight_dtype)
+    bias = torch.randint(-100, 100, (out_features,), generator=generator).to(weight_dtype)
+    x = torch.randint(-8, 9, (rows, 256), generator=generator).to(x_dtype)
+    out = chatglm_cpu.FloatWeight(weight, bias)(x, threads)
+    assert out.dtype == x_dtype
+    assert torch.equal(out, (x.long() @ weight.long().T + bias.long()).to(x_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float_weights_match_torchs_linear_to_its_rounding(dtype):
+    weight = (torch.randn(300, 4096) * 0.02).to(dtype)
+    x = torch.randn(2, 4096).to(dtype)
+    exact = x.double() @ weight.double().T
+    out = chatglm_cpu.FloatWeight(weight)(x)
+    # float32 sums in another order than torch's: the result within one rounding of x's dtype of the exact product
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((out.double() - exact).abs() <= ulp).all()
+    assert (out == torch.nn.functional.linear(x, weight)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize(
+    "weight, x, message",
+    [
+        (torch.zeros(8, 64), torch.zeros(1, 64), r"weight must be a contiguous 2-D CPU float16/bfloat16 tensor, got torch.float32"),
+        (torch.zeros(64, 8, dtype=torch.float16).T, torch.zeros(1, 64), r"weight must be a contiguous"),
+        (torch.zeros(8, 48, dtype=torch.float16), torch.zeros(1, 48), r"multiple of 32, got 48"),
+        (torch.zeros(8, 64, dtype=torch.float16), torch.zeros(1, 32), r"x must be .* width 64 .* got torch.float32 of shape \(1, 32\)"),
+        (torch.zeros(8, 64, dtype=torch.float16), torch.zeros(chatglm_cpu.FLOAT_MAX_ROWS + 1, 64), r"at most 16 rows, got .* shape \(17, 64\)"),
+    ],
+)
+def test_bad_float_weight_arguments_are_refused_with_a_message_naming_them(weight, x, message):
+    with pytest.raises(ValueError, match=message):
+        chatglm_cpu.FloatWeight(weight)(x)

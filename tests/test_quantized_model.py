@@ -268,8 +268,8 @@ def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(fl
 
 @pytest.fixture
 def chatglm_cpu_calls(monkeypatch):
-    """A list that gets one entry per chatglm_cpu kernel call, "normed" where the call applied an RMSNorm to
-    its input and "plain" where not; skips where the optional package cannot run."""
+    """A list that gets one entry per chatglm_cpu kernel call: "normed" where a quantized projection applied an
+    RMSNorm to its input, "plain" where not, "float" for a float weight; skips where the package cannot run."""
     if importlib.util.find_spec("chatglm_cpu") is None:
         pytest.skip("chatglm_cpu is optional")
     import chatglm_cpu
@@ -283,6 +283,12 @@ def chatglm_cpu_calls(monkeypatch):
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(chatglm_cpu.QuantizedWeight, "__call__", counted)
+    float_kernel = chatglm_cpu.FloatWeight.__call__
+    def counted_float(*args, **kwargs):
+        calls.append("float")
+        return float_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(chatglm_cpu.FloatWeight, "__call__", counted_float)
     return calls
 
 
@@ -299,8 +305,10 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     assert relative_error(logits, reference) < 0.03
     assert len(calls) == 4 * fast.config.num_layers  # every projection of the forward ran on it
     assert calls.count("normed") == 2 * fast.config.num_layers  # with the norms before QKV and the MLP
+    calls.clear()
     tokens = fast.generate(ids, max_new_tokens=6, do_sample=False)
     assert tokens.shape == (2, 18) and torch.equal(tokens[:, :12], ids)
+    assert calls.count("float") == 6  # the output layer of every step: the last positions of 2 sequences
 
 
 def test_chatglm_cpu_applies_the_norms_in_its_projections_unless_a_hook_or_gradients_need_the_modules(float_folder, chatglm_cpu_calls):
@@ -362,5 +370,38 @@ def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kern
     model = load(tmp_path, dtype="auto")
     with torch.no_grad():
         model(ids_of())
-    assert len(chatglm_cpu_calls) == 4 * model.config.num_layers
+    assert chatglm_cpu_calls.count("plain") + chatglm_cpu_calls.count("normed") == 4 * model.config.num_layers
     assert all(module.weight.dtype == torch.int8 for module in model.modules() if type(module).__name__ == "QuantizedLinear")
+
+
+def test_the_output_layer_runs_decode_rows_on_chatglm_cpu_and_the_rest_on_torch(float_folder, chatglm_cpu_calls):
+    model = load(float_folder, dtype=torch.float16).quantize(4, cpu_kernel="chatglm_cpu")
+    head = model.transformer.output_layer
+    ids = ids_of(batch=2, length=8)  # 16 rows: the most the float kernel takes
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+        assert chatglm_cpu_calls.count("float") == 1 and len(seen) == 1  # through the module: hooks see it
+        head.cpu_kernel = "torch"
+        reference = model(ids).logits.float()
+        head.cpu_kernel = "chatglm_cpu"
+        # float32 sums in another order than torch's: within float16's rounding
+        assert torch.allclose(logits, reference, rtol=2e-3, atol=2e-3) and not torch.equal(logits, torch.zeros_like(logits))
+        chatglm_cpu_calls.clear()
+        model(ids_of(batch=2, length=9))  # 18 rows: a prompt, torch's matmul
+    assert chatglm_cpu_calls.count("float") == 0
+    model(ids).logits.sum().backward()  # gradients: torch's matmul, which computes them
+    assert chatglm_cpu_calls.count("float") == 0 and head.weight.grad is not None
+
+
+def test_a_float_model_reads_its_output_layer_on_chatglm_cpu_and_float32_stays_on_torch(float_folder, chatglm_cpu_calls):
+    model = load(float_folder, dtype=torch.bfloat16)
+    assert model.transformer.output_layer.cpu_kernel == "chatglm_cpu"  # the default where the package runs
+    with torch.no_grad():
+        model(ids_of())
+    assert chatglm_cpu_calls == ["float"]
+    chatglm_cpu_calls.clear()
+    with torch.no_grad():
+        load(float_folder)(ids_of())  # float32 weights: torch's
+    assert chatglm_cpu_calls == []
