@@ -53,6 +53,7 @@ __all__ = [
     "QUANTIZED_PROJECTION_WEIGHT",
     "QuantizedLinear",
     "check_stored_weight",
+    "chatglm_cpu_attention",
     "dequantize_weight",
     "detect_cpu_int4_layout",
     "pack_int4",
@@ -670,6 +671,28 @@ def _chatglm_cpu_linear(x, handle, **options):
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def chatglm_cpu_attention(query, key, value, mask, scaling):
+    """chatglm_cpu's attention of one query per sequence (`chatglm_cpu.attend`): query [B, H, D], key and value
+    [B, G, T, D], mask None or boolean [B, T]; None where it cannot run (package missing or older than 0.3,
+    float64, gradients wanted), for the caller to compute it with torch."""
+    package = _chatglm_cpu()
+    if package is None or _chatglm_cpu_version() < (0, 3):
+        return None
+    tensors = (query, key, value)
+    if any(t.dtype not in _CHATGLM_CPU_FLOATS for t in tensors) or key.dtype != value.dtype or query.shape[-1] % 8:
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return _chatglm_cpu_attend(package, query, key, value, mask, scaling)
+
+
+@torch.compiler.disable
+def _chatglm_cpu_attend(package, query, key, value, mask, scaling):
+    profiled = torch.autograd._profiler_enabled()
+    with torch.profiler.record_function("chatglm_cpu::attend") if profiled else contextlib.nullcontext():
+        return package.attend(query, key, value, mask, scaling)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA kernel (Triton)
 # ---------------------------------------------------------------------------------------------
@@ -1245,8 +1268,8 @@ def resolve_cpu_kernel(kernel=None):
 
 
 def set_cpu_kernel(model, kernel=None):
-    """Make every `QuantizedLinear` and `FloatLinear` in `model` compute on the CPU with `resolve_cpu_kernel(kernel)`;
-    returns `model`.
+    """Make every `QuantizedLinear`, `FloatLinear` and other module with a `cpu_kernel` in `model` compute on the
+    CPU with `resolve_cpu_kernel(kernel)`; returns `model`.
 
     "onnxruntime" without onnxruntime and onnx installed, or "chatglm_cpu" asked for by name without its
     package or AVX2, warns once and keeps the torch kernels.
@@ -1256,7 +1279,8 @@ def set_cpu_kernel(model, kernel=None):
     if kernel in optional_kernels:
         optional_kernels[kernel]()  # the warning, if any, now rather than at the first forward
     for module in model.modules():
-        if isinstance(module, (QuantizedLinear, FloatLinear)) and module.cpu_kernel != kernel:
+        # The model's own modules that choose a CPU kernel declare `cpu_kernel` too (its attention).
+        if hasattr(module, "cpu_kernel") and module.cpu_kernel != kernel:
             module.cpu_kernel = kernel
             if isinstance(module, QuantizedLinear):
                 module._matmulnbits = None

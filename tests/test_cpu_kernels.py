@@ -286,3 +286,67 @@ def test_float_weights_match_torchs_linear_to_its_rounding(dtype):
 def test_bad_float_weight_arguments_are_refused_with_a_message_naming_them(weight, x, message):
     with pytest.raises(ValueError, match=message):
         chatglm_cpu.FloatWeight(weight)(x)
+
+
+# -- attend: one query per sequence ---------------------------------------------------------------
+
+
+def attention_reference(query, key, value, mask, scaling):
+    """float64 softmax(scaling q K^T) V, masked keys at the lowest score (torch's masked_fill): [B, H, D]."""
+    batch, heads, dim = query.shape
+    groups = key.shape[1]
+    key = key.double().repeat_interleave(heads // groups, dim=1)
+    value = value.double().repeat_interleave(heads // groups, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", query.double() * scaling, key)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], torch.finfo(torch.float32).min)
+    return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("keys", [1, 5, 8, 37, 70])  # blocks of 8 keys and their remainders; tiles of 32
+@pytest.mark.parametrize("dim", [72, 128])  # 72: outputs 64 at a time, then 8
+@pytest.mark.parametrize("threads", [1, 3])
+def test_attend_is_the_softmax_attention_of_each_head_on_its_group(dtype, keys, dim, threads):
+    generator = torch.Generator().manual_seed(keys)
+    query = torch.randn(2, 6, dim, generator=generator).to(dtype)
+    key = torch.randn(2, 3, keys, dim, generator=generator).to(dtype)  # heads 2g and 2g + 1 read group g
+    value = torch.randn(2, 3, keys, dim, generator=generator).to(dtype)
+    mask = torch.rand(2, keys, generator=generator) > 0.3
+    mask[:, 0] = True
+    for given in (mask, None):
+        out = chatglm_cpu.attend(query, key, value, given, dim**-0.5, threads)
+        expected = attention_reference(query, key, value, given, dim**-0.5)
+        assert out.dtype == dtype and out.shape == query.shape
+        # float32 sums: within the output dtype's rounding (float32: a few of its ulps)
+        tolerance = 4 * torch.finfo(dtype).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+        assert ((out.double() - expected).abs() <= tolerance * expected.abs().clamp_min(1)).all()
+
+
+def test_attend_without_a_key_left_attends_to_all_alike_and_a_nan_spoils_only_its_sequence():
+    query, key, value = torch.randn(2, 4, 64), torch.randn(2, 2, 9, 64), torch.randn(2, 2, 9, 64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0] = False  # torch's softmax over equal (lowest) scores: the mean of the values
+    out = chatglm_cpu.attend(query, key, value, mask, 0.125)
+    assert torch.allclose(out[0], value[0].mean(1).repeat_interleave(2, dim=0), atol=1e-6)
+    key[1, 1, 3, 0] = float("nan")
+    out = chatglm_cpu.attend(query, key, value, None, 0.125)
+    assert out[1, 2:].isnan().all() and torch.isfinite(out[1, :2]).all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(query=torch.zeros(1, 4, 64, 1)), r"query must be \[B, H, D\] and key, value \[B, G, T, D\]"),
+        (dict(value=torch.zeros(1, 2, 8, 64)), r"got shapes \(1, 4, 64\), \(1, 2, 9, 64\), \(1, 2, 8, 64\)"),
+        (dict(query=torch.zeros(1, 3, 64)), r"H a multiple of G, got query \(1, 3, 64\)"),
+        (dict(query=torch.zeros(1, 4, 60), key=torch.zeros(1, 2, 9, 60), value=torch.zeros(1, 2, 9, 60)), r"D a multiple of 8"),
+        (dict(value=torch.zeros(1, 2, 9, 64, dtype=torch.float16)), r"key and value alike, got torch.float32, torch.float32, torch.float16"),
+        (dict(mask=torch.ones(1, 8, dtype=torch.bool)), r"mask must be a CPU bool tensor of shape \(1, 9\), got .* shape \(1, 8\)"),
+    ],
+)
+def test_bad_attend_arguments_are_refused_with_a_message_naming_them(change, message):
+    arguments = dict(query=torch.zeros(1, 4, 64), key=torch.zeros(1, 2, 9, 64), value=torch.zeros(1, 2, 9, 64), mask=None, scaling=0.125)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        chatglm_cpu.attend(**arguments)

@@ -1,5 +1,6 @@
 """Quantization at the model level (spec §6): quantize(), pre-quantized checkpoints, errors, training."""
 
+import copy
 import importlib.util
 import json
 
@@ -269,7 +270,8 @@ def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(fl
 @pytest.fixture
 def chatglm_cpu_calls(monkeypatch):
     """A list that gets one entry per chatglm_cpu kernel call: "normed" where a quantized projection applied an
-    RMSNorm to its input, "plain" where not, "float" for a float weight; skips where the package cannot run."""
+    RMSNorm to its input, "plain" where not, "float" for a float weight, "attend" for a decode step's attention;
+    skips where the package cannot run."""
     if importlib.util.find_spec("chatglm_cpu") is None:
         pytest.skip("chatglm_cpu is optional")
     import chatglm_cpu
@@ -289,6 +291,12 @@ def chatglm_cpu_calls(monkeypatch):
         return float_kernel(*args, **kwargs)
 
     monkeypatch.setattr(chatglm_cpu.FloatWeight, "__call__", counted_float)
+    attend = chatglm_cpu.attend
+    def counted_attend(*args, **kwargs):
+        calls.append("attend")
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(chatglm_cpu, "attend", counted_attend)
     return calls
 
 
@@ -309,6 +317,25 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     tokens = fast.generate(ids, max_new_tokens=6, do_sample=False)
     assert tokens.shape == (2, 18) and torch.equal(tokens[:, :12], ids)
     assert calls.count("float") == 6  # the output layer of every step: the last positions of 2 sequences
+    assert calls.count("attend") == 5 * fast.config.num_layers  # every layer of the 5 steps after the prompt
+
+
+def test_decode_steps_attend_on_chatglm_cpu_as_torch_does(float_folder, chatglm_cpu_calls):
+    model = load(float_folder, dtype=torch.bfloat16)
+    ids = ids_of(batch=2, length=12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: masked keys
+    with torch.no_grad():
+        prompt = model(ids, attention_mask=mask, use_cache=True)
+        step = dict(input_ids=ids[:, :1], attention_mask=torch.cat((mask, mask[:, :1]), 1), use_cache=True)
+        cache = prompt.past_key_values
+        logits = model(**step, past_key_values=copy.deepcopy(cache)).logits.float()
+        assert chatglm_cpu_calls.count("attend") == model.config.num_layers
+        for layer in model.transformer.encoder.layers:
+            layer.self_attention.cpu_kernel = "torch"
+        reference = model(**step, past_key_values=cache).logits.float()
+    assert chatglm_cpu_calls.count("attend") == model.config.num_layers
+    assert relative_error(logits, reference) < 2e-3  # bfloat16 roundings of the context
 
 
 def test_chatglm_cpu_applies_the_norms_in_its_projections_unless_a_hook_or_gradients_need_the_modules(float_folder, chatglm_cpu_calls):

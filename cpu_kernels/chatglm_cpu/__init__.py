@@ -16,10 +16,10 @@ import torch
 
 from . import _kernels
 
-__all__ = ["available", "isa", "isas", "linear", "QuantizedWeight", "FloatWeight", "GROUP_SIZES", "FLOAT_MAX_ROWS"]
+__all__ = ["attend", "available", "isa", "isas", "linear", "QuantizedWeight", "FloatWeight", "GROUP_SIZES", "FLOAT_MAX_ROWS"]
 
 # 0.2: `QuantizedWeight(...)(x, rms_norm=(weight, eps))` applies an RMSNorm to x on the way in.
-# 0.3: `FloatWeight`, float16/bfloat16 weights times a few activation rows.
+# 0.3: `FloatWeight`, float16/bfloat16 weights times a few activation rows; `attend`, one query's attention.
 __version__ = "0.3.0"
 
 # Inputs per activation scale, the largest that divides K. Four 32-input blocks is the most whose
@@ -212,6 +212,46 @@ class FloatWeight:
             threads if threads is not None else torch.get_num_threads(),
         )
         return out
+
+
+def attend(query, key, value, mask, scaling, threads=None):
+    """Attention of one query per sequence: softmax(scaling * q K^T) V, in float32, rounded to the query's dtype.
+
+    query [B, H, D], key and value [B, G, T, D] (G key/value groups; query head h reads group h // (H / G)),
+    mask None or boolean [B, T] (True: attend; a row with none attends to every key uniformly, as torch's
+    softmax over equal scores does), D a multiple of 8. Each thread takes one (sequence, group) at a time,
+    converts its keys and values to float32 once and attends with all the heads that read them: a decode
+    step's attention without float copies of the cache or a dozen torch operators per layer.
+    """
+    floats = tuple(_DTYPE_CODES)
+    if query.dim() != 3 or key.dim() != 4 or key.shape != value.shape or not (query.is_cpu and key.is_cpu and value.is_cpu):
+        raise ValueError(
+            f"chatglm_cpu.attend: query must be [B, H, D] and key, value [B, G, T, D] CPU tensors, got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batch, heads, dim = query.shape
+    groups, keys = key.shape[1], key.shape[2]
+    if key.shape[0] != batch or key.shape[3] != dim or dim % 8 or heads % groups:
+        raise ValueError(
+            f"chatglm_cpu.attend: key [B, G, T, D] must match query [B, H, D] with D a multiple of 8 and H a multiple "
+            f"of G, got query {tuple(query.shape)} and key {tuple(key.shape)}"
+        )
+    if query.dtype not in floats or key.dtype not in floats or value.dtype != key.dtype:
+        raise ValueError(
+            f"chatglm_cpu.attend: query, key and value must be float32/float16/bfloat16, key and value alike, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch, keys) or not mask.is_cpu):
+        raise ValueError(f"chatglm_cpu.attend: mask must be a CPU bool tensor of shape {(batch, keys)}, got {mask.dtype} of shape {tuple(mask.shape)}")
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    out = torch.empty_like(query)
+    _kernels.attend(
+        query.data_ptr(), _DTYPE_CODES[query.dtype], key.data_ptr(), value.data_ptr(), _DTYPE_CODES[key.dtype],
+        batch, heads, groups, keys, dim, mask.data_ptr() if mask is not None else 0, float(scaling),
+        out.data_ptr(), threads if threads is not None else torch.get_num_threads(),
+    )
+    return out
 
 
 def linear(x, weight, scale, bias=None, bits=4, threads=None, isa=None):
