@@ -20,7 +20,6 @@ Quantized weights are frozen; gradients flow to the inputs, so LoRA / P-Tuning t
 Importing this module has no side effects: nothing is compiled and no global flag is set.
 """
 
-import contextlib
 import ctypes
 import functools
 import logging
@@ -661,13 +660,29 @@ def _chatglm_cpu_version():
     return tuple(int(part) for part in version.split(".")[:2])
 
 
-@torch.compiler.disable
+def _outside_compile(function):
+    """`function`, which torch.compile must not trace (a C call on raw addresses): while compiling, its
+    `torch.compiler.disable` wrapper (a graph break); otherwise the plain function, since the wrapper costs
+    every eager call what 8 small Python calls do, and a 6B decode step makes 141 of these calls."""
+    disabled = torch.compiler.disable(function)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        return disabled(*args, **kwargs) if torch.compiler.is_compiling() else function(*args, **kwargs)
+
+    return call
+
+
+@_outside_compile
 def _chatglm_cpu_linear(x, handle, **options):
     """`handle` (a chatglm_cpu QuantizedWeight or FloatWeight) applied to the rows of x [..., K]."""
+    rows = x.reshape(-1, x.shape[-1])
     # Named for torch.profiler, only while one runs: entering a name costs ~8 us per call otherwise.
-    profiled = torch.autograd._profiler_enabled()
-    with torch.profiler.record_function("chatglm_cpu::linear") if profiled else contextlib.nullcontext():
-        out = handle(x.reshape(-1, x.shape[-1]), **options)
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function("chatglm_cpu::linear"):
+            out = handle(rows, **options)
+    else:
+        out = handle(rows, **options)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -686,11 +701,12 @@ def chatglm_cpu_attention(query, key, value, mask, scaling):
     return _chatglm_cpu_attend(package, query, key, value, mask, scaling)
 
 
-@torch.compiler.disable
+@_outside_compile
 def _chatglm_cpu_attend(package, query, key, value, mask, scaling):
-    profiled = torch.autograd._profiler_enabled()
-    with torch.profiler.record_function("chatglm_cpu::attend") if profiled else contextlib.nullcontext():
-        return package.attend(query, key, value, mask, scaling)
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function("chatglm_cpu::attend"):
+            return package.attend(query, key, value, mask, scaling)
+    return package.attend(query, key, value, mask, scaling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1094,6 +1110,17 @@ class QuantizedLinear(nn.Module):
         if quantized_weight is None or _chatglm_cpu_version() < (0, 2):
             return None
         return _chatglm_cpu_linear(x, quantized_weight, rms_norm=(norm_weight, eps))
+
+    def forward_after_swiglu(self, x):
+        """`self(silu(gate) * up)` for x = [gate | up] (2 * in_features wide), as one chatglm_cpu call that applies
+        the SwiGLU while it quantizes x (float32 throughout, the product never rounded to x's dtype); None where
+        that path does not run: the caller then computes the product itself."""
+        if x.shape[-1] != 2 * self.in_features:
+            return None
+        quantized_weight = self._chatglm_cpu_weight_for(x, self._needs_grad(x))
+        if quantized_weight is None or _chatglm_cpu_version() < (0, 3):
+            return None
+        return _chatglm_cpu_linear(x, quantized_weight, swiglu=True)
 
     @torch.compiler.disable  # runs once per layer
     def _matmulnbits_for_forward(self):

@@ -197,6 +197,34 @@ def test_an_rms_norm_given_to_the_call_is_torchs_float32_norm_applied_to_x(isa, 
         checked(x, rms_norm=(norm_weight[:128], 1e-5))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 9])
+def test_swiglu_given_to_the_call_multiplies_silu_of_the_gate_times_up(isa, bits, dtype, rows):
+    in_features = 384
+    q = random_q(13, in_features, bits)
+    weight, scale = released_weight(q, bits), torch.rand(13, dtype=torch.float16)
+    generator = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * in_features, generator=generator) * 3).to(dtype)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, -20.0, 0.0]).to(dtype)  # silu's far ends and its zero
+    checked = chatglm_cpu.QuantizedWeight(weight, scale, None, bits, isa)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    expected = checked(torch.nn.functional.silu(gate) * up).to(dtype).float()  # float32 until the output, as the kernel
+    out = checked(gate_up, swiglu=True)
+    assert out.dtype == dtype
+    # Only e^x (the kernel's polynomial, torch's own) may move an activation's int8 rounding by one.
+    assert relative_error(out.float(), expected) < 2e-3
+    gate_up[-1, 7] = float("nan")
+    assert checked(gate_up, swiglu=True)[-1].isnan().all()
+    with pytest.raises(ValueError, match=r"x must be .* width 768 \(\[gate \| up\] for swiglu\), got .* shape \(%d, 384\)" % rows):
+        checked(gate_up[:, :in_features], swiglu=True)
+
+
+def relative_error(out, reference):
+    return ((out - reference).norm() / reference.norm()).item()
+
+
 def test_callers_on_several_threads_at_once_all_get_their_own_results():
     # Each caller's OpenMP team is its own.
     q = random_q(512, 1024, 4)

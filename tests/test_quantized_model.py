@@ -270,8 +270,8 @@ def test_cpu_kernel_choice_is_saved_in_the_config_and_applies_after_reloading(fl
 @pytest.fixture
 def chatglm_cpu_calls(monkeypatch):
     """A list that gets one entry per chatglm_cpu kernel call: "normed" where a quantized projection applied an
-    RMSNorm to its input, "plain" where not, "float" for a float weight, "attend" for a decode step's attention;
-    skips where the package cannot run."""
+    RMSNorm to its input, "swiglu" where it took [gate | up], "plain" where neither, "float" for a float weight,
+    "attend" for a decode step's attention; skips where the package cannot run."""
     if importlib.util.find_spec("chatglm_cpu") is None:
         pytest.skip("chatglm_cpu is optional")
     import chatglm_cpu
@@ -281,7 +281,7 @@ def chatglm_cpu_calls(monkeypatch):
     calls = []
     kernel = chatglm_cpu.QuantizedWeight.__call__
     def counted(*args, **kwargs):
-        calls.append("plain" if kwargs.get("rms_norm") is None else "normed")
+        calls.append("normed" if kwargs.get("rms_norm") is not None else "swiglu" if kwargs.get("swiglu") else "plain")
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(chatglm_cpu.QuantizedWeight, "__call__", counted)
@@ -313,6 +313,7 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
     assert relative_error(logits, reference) < 0.03
     assert len(calls) == 4 * fast.config.num_layers  # every projection of the forward ran on it
     assert calls.count("normed") == 2 * fast.config.num_layers  # with the norms before QKV and the MLP
+    assert calls.count("swiglu") == fast.config.num_layers  # and the MLP's SwiGLU
     calls.clear()
     tokens = fast.generate(ids, max_new_tokens=6, do_sample=False)
     assert tokens.shape == (2, 18) and torch.equal(tokens[:, :12], ids)
@@ -376,6 +377,24 @@ def test_chatglm_cpu_applies_the_norms_in_its_projections_unless_a_hook_or_gradi
     assert chatglm_cpu_calls.count("normed") == 0 and all(norm.weight.grad is not None for norm in norms)
 
 
+def test_chatglm_cpu_takes_the_swiglu_in_the_mlps_last_projection_unless_a_hook_needs_its_input(float_folder, chatglm_cpu_calls):
+    model = load(float_folder, dtype=torch.float16).quantize(4, cpu_kernel="chatglm_cpu")
+    projections = [layer.mlp.dense_4h_to_h for layer in model.transformer.encoder.layers]
+    ids = ids_of(batch=2, length=12)
+    with torch.no_grad():
+        fused = model(ids).logits.float()
+    assert chatglm_cpu_calls.count("swiglu") == len(projections)
+    seen = []
+    for projection in projections:
+        projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    chatglm_cpu_calls.clear()
+    with torch.no_grad():
+        hooked = model(ids).logits.float()
+    # the hooks see silu(gate) * up, as without chatglm_cpu; only its rounding to float16 separates the two
+    assert chatglm_cpu_calls.count("swiglu") == 0 and [x.shape[-1] for x in seen] == [model.config.ffn_hidden_size] * len(projections)
+    assert relative_error(fused, hooked) < 0.01
+
+
 def test_a_residual_taken_after_the_norm_keeps_the_norm_a_module(tmp_path, chatglm_cpu_calls):
     random_model(tmp_path, VOCAB, apply_residual_connection_post_layernorm=True).save_pretrained(tmp_path)
     model = load(tmp_path, dtype=torch.float16).quantize(4, cpu_kernel="chatglm_cpu")
@@ -397,7 +416,7 @@ def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kern
     model = load(tmp_path, dtype="auto")
     with torch.no_grad():
         model(ids_of())
-    assert chatglm_cpu_calls.count("plain") + chatglm_cpu_calls.count("normed") == 4 * model.config.num_layers
+    assert sum(map(chatglm_cpu_calls.count, ("plain", "normed", "swiglu"))) == 4 * model.config.num_layers
     assert all(module.weight.dtype == torch.int8 for module in model.modules() if type(module).__name__ == "QuantizedLinear")
 
 

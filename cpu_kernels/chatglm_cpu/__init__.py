@@ -19,7 +19,8 @@ from . import _kernels
 __all__ = ["attend", "available", "isa", "isas", "linear", "QuantizedWeight", "FloatWeight", "GROUP_SIZES", "FLOAT_MAX_ROWS"]
 
 # 0.2: `QuantizedWeight(...)(x, rms_norm=(weight, eps))` applies an RMSNorm to x on the way in.
-# 0.3: `FloatWeight`, float16/bfloat16 weights times a few activation rows; `attend`, one query's attention.
+# 0.3: `FloatWeight`, float16/bfloat16 weights times a few activation rows; `attend`, one query's attention;
+# `QuantizedWeight(...)(x, swiglu=True)`.
 __version__ = "0.3.0"
 
 # Inputs per activation scale, the largest that divides K. Four 32-input blocks is the most whose
@@ -128,19 +129,23 @@ class QuantizedWeight:
         # Copies and pickles check the copied tensors again: the addresses above belong to this process's tensors.
         return QuantizedWeight, (*self._tensors, self.bits, self.isa)
 
-    def __call__(self, x, threads=None, rms_norm=None):
+    def __call__(self, x, threads=None, rms_norm=None, swiglu=False):
         """x [M, K] (float32/float16/bfloat16, CPU) -> [M, N] in x's dtype; `threads` as in `linear`.
 
         `rms_norm=(weight [K], eps)` multiplies the RMSNorm of each row of x, `x / sqrt(mean(x^2) + eps) *
         weight` computed in float32 and not rounded to x's dtype, instead of x: the norm before a
         projection costs a decode step a dozen torch operators per layer, and this no time.
+        `swiglu=True` takes x [M, 2K], rows [gate | up], and multiplies `silu(gate) * up`, in float32 too.
         """
         dtype_code = _DTYPE_CODES.get(x.dtype)
-        if x.dim() != 2 or dtype_code is None or not x.is_cpu or x.shape[1] != self.in_features:
+        width = 2 * self.in_features if swiglu else self.in_features
+        if x.dim() != 2 or dtype_code is None or not x.is_cpu or x.shape[1] != width:
             raise ValueError(
                 f"chatglm_cpu.linear: x must be a 2-D CPU float32/float16/bfloat16 tensor of width "
-                f"{self.in_features}, got {x.dtype} of shape {tuple(x.shape)} on {x.device}"
+                f"{width}{' ([gate | up] for swiglu)' if swiglu else ''}, got {x.dtype} of shape {tuple(x.shape)} on {x.device}"
             )
+        if swiglu and rms_norm is not None:
+            raise ValueError("chatglm_cpu.linear: rms_norm and swiglu cannot be combined")
         norm_weight, eps = rms_norm if rms_norm is not None else (None, 0.0)
         if norm_weight is not None:
             _check_vector("the RMSNorm weight", norm_weight, self.in_features)
@@ -156,6 +161,7 @@ class QuantizedWeight:
             norm_weight.data_ptr() if norm_weight is not None else 0,
             _DTYPE_CODES[norm_weight.dtype] if norm_weight is not None else 0,
             float(eps),
+            int(bool(swiglu)),
         )
         return out
 

@@ -48,6 +48,7 @@ typedef struct {
     const void *norm_weight; /* [K]: an RMSNorm to apply to each activation row first, or NULL */
     int norm_dtype;
     float norm_eps;
+    int swiglu;           /* activation rows hold [gate | up], 2K wide; the input is silu(gate) * up */
     void *out;            /* [M, N] */
     int out_dtype;
     const int8_t *xq;     /* [M, K]: int4 jobs hold each span of 32 or 64 inputs as its even inputs, then its odd ones */
@@ -106,6 +107,36 @@ static inline float horizontal_max(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
+/* e^x in float32: x = n ln2 + r with |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r (relative error about
+ * 1e-7), 2^n put into the exponent. 0 below -87.3, where float32's e^x leaves the normal numbers (torch's gives 0
+ * or a subnormal there); above 88.3, e^88.3 (where torch's overflows to infinity): as a softmax weight or in
+ * 1 / (1 + e^x), both are the same to float32. A NaN comes out as 0 or e^88.3: callers keep their NaNs otherwise. */
+static inline __m256 exp_ps(__m256 x) {
+    const __m256 lowest = _mm256_set1_ps(-87.3f);
+    const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+}
+
+/* silu(gate) * up in float32, silu(a) = a / (1 + e^-a) as torch computes it; a NaN in either stays NaN. */
+static inline __m256 swiglu8(__m256 gate, __m256 up) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 minus_gate = _mm256_xor_ps(gate, _mm256_set1_ps(-0.0f));
+    return _mm256_mul_ps(_mm256_div_ps(gate, _mm256_add_ps(one, exp_ps(minus_gate))), up);
+}
+
 /* RMSNorm's factor for one row: 1 / sqrt(mean(x^2) + eps), in float32 as torch computes it (its order of
  * adding the squares aside, which moves the last bit at most). */
 static float rms_factor(const void *x, int dtype, int64_t K, float eps) {
@@ -132,7 +163,8 @@ static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, in
     const __m256i even_then_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     /* With an RMSNorm (norm->norm_weight), the row is normalized first: (x * factor) * weight in float32,
-     * torch's order, without rounding to the input dtype in between. */
+     * torch's order, without rounding to the input dtype in between. With norm->swiglu, the row is [gate | up]
+     * (2K wide) and its input silu(gate) * up, in float32 too. */
     const int normed = norm->norm_weight != NULL;
     const __m256 factor = _mm256_set1_ps(normed ? rms_factor(x, dtype, K, norm->norm_eps) : 1.0f);
     float total = 0.0f;
@@ -141,6 +173,7 @@ static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, in
         for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
             __m256 v = load8(x, dtype, k);
             if (normed) v = _mm256_mul_ps(_mm256_mul_ps(v, factor), load8(norm->norm_weight, norm->norm_dtype, k));
+            if (norm->swiglu) v = swiglu8(v, load8(x, dtype, K + k));
             _mm256_storeu_ps(buffer + k - g * group, v);
             __m256 magnitude = _mm256_and_ps(v, magnitude_mask);
             not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(magnitude, largest, _CMP_NLE_UQ));
@@ -354,7 +387,7 @@ static int linear(Job *job, const void *x, int x_dtype) {
     int ok = buffer && xq && xd && xzero;
     if (ok) {
         for (int64_t m = 0; m < M; m++)
-            xzero[m] = quantize_row((const char *)x + m * K * element, x_dtype, K, job->group,
+            xzero[m] = quantize_row((const char *)x + m * (job->swiglu ? 2 * K : K) * element, x_dtype, K, job->group,
                                     job->bits == 8 ? 0 : job->span, job, buffer, xq + m * K, xd + m * groups);
         job->xq = xq;
         job->xd = xd;
@@ -381,28 +414,6 @@ typedef struct {
     void *out; /* [B, H, D], in the query's dtype */
     atomic_long next_item;
 } Attention;
-
-/* e^x in float32 for x <= 0 (scores less their maximum): x = n ln2 + r with |r| <= ln2 / 2, Cephes' degree-6
- * polynomial for e^r (relative error about 1e-7), 2^n put into the exponent; 0 below -87.3, where float32's
- * e^x leaves the normal numbers (torch's gives 0 or a subnormal there: as weights of a softmax, nothing). */
-static inline __m256 exp_nonpositive(__m256 x) {
-    const __m256 lowest = _mm256_set1_ps(-87.3f);
-    const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lowest);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
-}
 
 /* The scores of query q [D] against 8 consecutive key rows k [8, D] (float32), as one vector. */
 static inline __m256 dot_8_rows(const float *q, const float *k, int64_t D) {
@@ -444,14 +455,14 @@ static int softmax_in_place(float *scores, const uint8_t *mask, int64_t T) {
     __m256 sums = _mm256_setzero_ps();
     int64_t t = 0;
     for (; t + 8 <= T; t += 8) {
-        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift));
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift));
         _mm256_storeu_ps(scores + t, e);
         sums = _mm256_add_ps(sums, e);
     }
     float sum = horizontal_sum(sums);
     for (; t < T; t++) {
         float tail[8] = {scores[t] - maximum};
-        _mm256_storeu_ps(tail, exp_nonpositive(_mm256_loadu_ps(tail)));
+        _mm256_storeu_ps(tail, exp_ps(_mm256_loadu_ps(tail)));
         scores[t] = tail[0];
         sum += tail[0];
     }
@@ -551,15 +562,16 @@ static PyObject *py_isas(PyObject *self, PyObject *unused) {
 }
 
 /* linear(bits, x, x_dtype, M, K, weight, N, scale, scale_dtype, bias, bias_dtype, out, out_dtype, group, threads, isa,
- *        norm, norm_dtype, norm_eps)
- * Pointers are addresses (int; bias and norm 0 for none). The caller (chatglm_cpu.linear) checks every shape,
- * dtype and alignment: this function trusts them. */
+ *        norm, norm_dtype, norm_eps, swiglu)
+ * Pointers are addresses (int; bias and norm 0 for none); with swiglu, x is [M, 2K] (and norm 0). The caller
+ * (chatglm_cpu.linear) checks every shape, dtype and alignment: this function trusts them. */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
-    int bits, x_dtype, scale_dtype, bias_dtype, out_dtype, threads, isa, norm_dtype;
+    int bits, x_dtype, scale_dtype, bias_dtype, out_dtype, threads, isa, norm_dtype, swiglu;
     Py_ssize_t x, weight, scale, bias, out, M, K, N, group, norm;
     double norm_eps;
-    if (!PyArg_ParseTuple(args, "ininnnnninininiinid", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
-                          &bias, &bias_dtype, &out, &out_dtype, &group, &threads, &isa, &norm, &norm_dtype, &norm_eps))
+    if (!PyArg_ParseTuple(args, "ininnnnninininiinidi", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
+                          &bias, &bias_dtype, &out, &out_dtype, &group, &threads, &isa, &norm, &norm_dtype, &norm_eps,
+                          &swiglu))
         return NULL;
 #ifdef HAVE_AVX2_BUILD
     if ((isa != ISA_AVX2 && isa != ISA_AVX512_VNNI) || !cpu_supports(isa)) {
@@ -571,8 +583,8 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     Job job = {.bits = bits, .M = M, .N = N, .K = K, .group = group, .span = group >= 64 ? 64 : 32,
                .weight = (const int8_t *)weight, .scale = (const void *)scale, .scale_dtype = scale_dtype,
                .bias = (const void *)bias, .bias_dtype = bias_dtype, .norm_weight = (const void *)norm,
-               .norm_dtype = norm_dtype, .norm_eps = (float)norm_eps, .out = (void *)out, .out_dtype = out_dtype,
-               .threads = threads < 1 ? 1 : threads, .isa = isa};
+               .norm_dtype = norm_dtype, .norm_eps = (float)norm_eps, .swiglu = swiglu, .out = (void *)out,
+               .out_dtype = out_dtype, .threads = threads < 1 ? 1 : threads, .isa = isa};
     int status;
     Py_BEGIN_ALLOW_THREADS status = linear(&job, (const void *)x, x_dtype);
     Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
