@@ -61,6 +61,11 @@ class ChatGLMConfig(PretrainedConfig):
     """
 
     model_type = "chatglm"
+    # Not in the release: how the CPU computes (quantization.CPU_KERNELS; None: "auto") the quantized layers
+    # and, with "chatglm_cpu", the float output layer and decode attention. A class attribute, so that a config
+    # saves it only once chosen (`quantize(..., cpu_kernel=...)`, or `from_pretrained(path,
+    # quantization_cpu_kernel="torch")` at load) and config.json otherwise stays as released.
+    quantization_cpu_kernel = None
     # Output keys that Trainer.evaluate/predict leave out of the predictions: the KV cache.
     keys_to_ignore_at_inference = [CACHE_FIELD]
     attribute_map = {

@@ -651,7 +651,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             self.config.output_layer_quantization_bit = output_layer_bits
         if cpu_kernel is not None:
             self.config.quantization_cpu_kernel = cpu_kernel
-        set_cpu_kernel(self, getattr(self.config, "quantization_cpu_kernel", None))
+        set_cpu_kernel(self, self.config.quantization_cpu_kernel)
         return self
 
 
@@ -677,7 +677,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             quantize_model(self, config.quantization_bit, empty_init=True)
         if config.output_layer_quantization_bit:
             quantize_output_layer(self, config.output_layer_quantization_bit, empty_init=True)
-        set_cpu_kernel(self, getattr(config, "quantization_cpu_kernel", None))
+        set_cpu_kernel(self, config.quantization_cpu_kernel)
         self.post_init()
 
     def freeze_all_but_prefix(self):

@@ -441,7 +441,7 @@ def test_the_output_layer_runs_decode_rows_on_chatglm_cpu_and_the_rest_on_torch(
     assert chatglm_cpu_calls.count("float") == 0 and head.weight.grad is not None
 
 
-def test_a_float_model_reads_its_output_layer_on_chatglm_cpu_and_float32_stays_on_torch(float_folder, chatglm_cpu_calls):
+def test_a_float_model_reads_its_output_layer_on_chatglm_cpu_unless_float32_or_told_otherwise(float_folder, chatglm_cpu_calls):
     model = load(float_folder, dtype=torch.bfloat16)
     assert model.transformer.output_layer.cpu_kernel == "chatglm_cpu"  # the default where the package runs
     with torch.no_grad():
@@ -450,4 +450,6 @@ def test_a_float_model_reads_its_output_layer_on_chatglm_cpu_and_float32_stays_o
     chatglm_cpu_calls.clear()
     with torch.no_grad():
         load(float_folder)(ids_of())  # float32 weights: torch's
+        chosen = load(float_folder, dtype=torch.bfloat16, quantization_cpu_kernel="torch")  # chosen at load
+        chosen.generate(ids_of(), max_new_tokens=3, do_sample=False)
     assert chatglm_cpu_calls == []
