@@ -4,8 +4,10 @@
 released checkpoints store it (int8 [N, K] for 8 bits; int8 [N, K/2] for 4 bits, two signed
 nibbles per byte, the even input high) with one scale per output row. Activations are quantized
 to int8 per group of inputs and multiplied with integer dot products, reading each weight byte
-once where it lies: no conversion, no second copy. The model files use it when installed and asked
-for (`model.quantize(4, cpu_kernel="chatglm_cpu")`); they never need it.
+once where it lies: no conversion, no second copy. `FloatWeight` does the same for float16/bfloat16
+weights and a few activation rows (a decode step's vocabulary projection), and `attend` computes the
+attention of one query per sequence over a key/value cache. The model files use them where installed
+(`cpu_kernel="auto"`, the default, or "chatglm_cpu"); they never need them.
 """
 
 import ctypes

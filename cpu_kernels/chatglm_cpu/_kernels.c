@@ -6,6 +6,9 @@
  * (scale = max|x| / 127, round half to even) and multiplied with integer dot products: the q4_0 x
  * q8_0 numerics of ggml and onnxruntime's accuracy_level 4. A step reads each weight byte once, in
  * place, so decode runs at the memory bandwidth instead of at the speed of unpacking nibbles to floats.
+ * Beside them, for the rest of a decode step: float16/bfloat16 weights times a few activation rows
+ * (float_linear) and the attention of one query per sequence over a key/value cache (attend), both in
+ * float32, AVX2 code only.
  *
  * The module builds with default compiler flags and selects its code at run time: AVX2 (with FMA and
  * F16C), or AVX512-VNNI's one-instruction byte dot products where the CPU has them (AVX512-F/BW/VL/VNNI:
