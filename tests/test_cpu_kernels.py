@@ -357,6 +357,7 @@ def test_attend_without_a_key_left_attends_to_all_alike_and_a_nan_spoils_only_it
     mask[0] = False  # torch's softmax over equal (lowest) scores: the mean of the values
     out = chatglm_cpu.attend(query, key, value, mask, 0.125)
     assert torch.allclose(out[0], value[0].mean(1).repeat_interleave(2, dim=0), atol=1e-6)
+    assert torch.equal(chatglm_cpu.attend(query, key[:, :, :0], value[:, :, :0], None, 0.125), torch.zeros_like(query))  # as torch's
     key[1, 1, 3, 0] = float("nan")
     out = chatglm_cpu.attend(query, key, value, None, 0.125)
     assert out[1, 2:].isnan().all() and torch.isfinite(out[1, :2]).all() and torch.isfinite(out[0]).all()

@@ -251,6 +251,8 @@ def attend(query, key, value, mask, scaling, threads=None):
         )
     if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch, keys) or not mask.is_cpu):
         raise ValueError(f"chatglm_cpu.attend: mask must be a CPU bool tensor of shape {(batch, keys)}, got {mask.dtype} of shape {tuple(mask.shape)}")
+    if keys == 0:
+        return torch.zeros_like(query)  # torch's product of an empty softmax with no values
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     mask = mask.contiguous() if mask is not None else None
     out = torch.empty_like(query)

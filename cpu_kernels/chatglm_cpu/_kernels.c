@@ -564,6 +564,27 @@ static PyObject *py_isas(PyObject *self, PyObject *unused) {
     return PyTuple_New(0);
 }
 
+/* Whether this build and CPU run the instruction set's code; if not, sets the Python error. */
+static int can_run(int isa) {
+#ifdef HAVE_AVX2_BUILD
+    if ((isa == ISA_AVX2 || isa == ISA_AVX512_VNNI) && cpu_supports(isa)) return 1;
+    PyErr_Format(PyExc_RuntimeError, "chatglm_cpu: this CPU cannot run instruction set code %d", isa);
+#else
+    PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu was built without its x86-64 kernels");
+#endif
+    return 0;
+}
+
+#ifdef HAVE_AVX2_BUILD
+/* Runs `function` on the job without the GIL; None, or MemoryError when it ran out of memory. */
+static PyObject *run_unlocked(int (*function)(Job *, const void *, int), Job *job, const void *x, int x_dtype) {
+    int status;
+    Py_BEGIN_ALLOW_THREADS status = function(job, x, x_dtype);
+    Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+#endif
+
 /* linear(bits, x, x_dtype, M, K, weight, N, scale, scale_dtype, bias, bias_dtype, out, out_dtype, group, threads, isa,
  *        norm, norm_dtype, norm_eps, swiglu)
  * Pointers are addresses (int; bias and norm 0 for none); with swiglu, x is [M, 2K] (and norm 0). The caller
@@ -574,13 +595,10 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     double norm_eps;
     if (!PyArg_ParseTuple(args, "ininnnnninininiinidi", &bits, &x, &x_dtype, &M, &K, &weight, &N, &scale, &scale_dtype,
                           &bias, &bias_dtype, &out, &out_dtype, &group, &threads, &isa, &norm, &norm_dtype, &norm_eps,
-                          &swiglu))
+                          &swiglu) ||
+        !can_run(isa))
         return NULL;
 #ifdef HAVE_AVX2_BUILD
-    if ((isa != ISA_AVX2 && isa != ISA_AVX512_VNNI) || !cpu_supports(isa)) {
-        PyErr_Format(PyExc_RuntimeError, "chatglm_cpu: this CPU cannot run instruction set code %d", isa);
-        return NULL;
-    }
     if (M == 0 || N == 0) Py_RETURN_NONE;
     /* int4: spans of 64 inputs (one 256-bit load of released bytes) wherever the groups allow it */
     Job job = {.bits = bits, .M = M, .N = N, .K = K, .group = group, .span = group >= 64 ? 64 : 32,
@@ -588,14 +606,9 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
                .bias = (const void *)bias, .bias_dtype = bias_dtype, .norm_weight = (const void *)norm,
                .norm_dtype = norm_dtype, .norm_eps = (float)norm_eps, .swiglu = swiglu, .out = (void *)out,
                .out_dtype = out_dtype, .threads = threads < 1 ? 1 : threads, .isa = isa};
-    int status;
-    Py_BEGIN_ALLOW_THREADS status = linear(&job, (const void *)x, x_dtype);
-    Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-#else
-    PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu was built without its x86-64 kernels");
-    return NULL;
+    return run_unlocked(linear, &job, (const void *)x, x_dtype);
 #endif
+    Py_RETURN_NONE;
 }
 
 /* float_linear(x, x_dtype, M, K, weight, weight_dtype, N, bias, bias_dtype, out, out_dtype, threads): float16 or
@@ -604,25 +617,17 @@ static PyObject *py_float_linear(PyObject *self, PyObject *args) {
     int x_dtype, weight_dtype, bias_dtype, out_dtype, threads;
     Py_ssize_t x, M, K, weight, N, bias, out;
     if (!PyArg_ParseTuple(args, "ninnninninii", &x, &x_dtype, &M, &K, &weight, &weight_dtype, &N, &bias, &bias_dtype,
-                          &out, &out_dtype, &threads))
+                          &out, &out_dtype, &threads) ||
+        !can_run(ISA_AVX2))
         return NULL;
 #ifdef HAVE_AVX2_BUILD
-    if (!cpu_supports(ISA_AVX2)) {
-        PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu: this CPU cannot run the AVX2 code");
-        return NULL;
-    }
     if (M == 0 || N == 0) Py_RETURN_NONE;
     Job job = {.bits = 16, .M = M, .N = N, .K = K, .weight = (const int8_t *)weight, .weight_dtype = weight_dtype,
                .bias = (const void *)bias, .bias_dtype = bias_dtype, .out = (void *)out, .out_dtype = out_dtype,
                .threads = threads < 1 ? 1 : threads, .isa = ISA_AVX2};
-    int status;
-    Py_BEGIN_ALLOW_THREADS status = float_linear(&job, (const void *)x, x_dtype);
-    Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-#else
-    PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu was built without its x86-64 kernels");
-    return NULL;
+    return run_unlocked(float_linear, &job, (const void *)x, x_dtype);
 #endif
+    Py_RETURN_NONE;
 }
 
 /* attend(query, query_dtype, key, value, kv_dtype, B, H, G, T, D, mask, scaling, out, threads): one query per
@@ -632,13 +637,10 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_ssize_t query, key, value, B, H, G, T, D, mask, out;
     double scaling;
     if (!PyArg_ParseTuple(args, "ninninnnnnndni", &query, &query_dtype, &key, &value, &kv_dtype, &B, &H, &G, &T, &D, &mask,
-                          &scaling, &out, &threads))
+                          &scaling, &out, &threads) ||
+        !can_run(ISA_AVX2))
         return NULL;
 #ifdef HAVE_AVX2_BUILD
-    if (!cpu_supports(ISA_AVX2)) {
-        PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu: this CPU cannot run the AVX2 code");
-        return NULL;
-    }
     Attention a = {.B = B, .H = H, .G = G, .T = T, .D = D, .query = (const void *)query, .query_dtype = query_dtype,
                    .key = (const void *)key, .value = (const void *)value, .kv_dtype = kv_dtype,
                    .mask = (const uint8_t *)mask, .scaling = (float)scaling, .out = (void *)out};
@@ -649,11 +651,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS if (parallel_entry && team > 1) parallel_entry(run_attention, &a, team, 0);
     else run_attention(&a);
     Py_END_ALLOW_THREADS if (atomic_load(&a.next_item) < items) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-#else
-    PyErr_SetString(PyExc_RuntimeError, "chatglm_cpu was built without its x86-64 kernels");
-    return NULL;
 #endif
+    Py_RETURN_NONE;
 }
 
 static PyObject *py_set_parallel_runtime(PyObject *self, PyObject *args) {
