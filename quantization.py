@@ -42,6 +42,16 @@ except Exception:  # optional: CPU-only, macOS and Windows installs have no (wor
 
 logger = logging.getLogger(__name__)
 
+# torch.compiler.is_compiling arrived in torch 2.3; before it, torch._dynamo's.
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: torch._dynamo.is_compiling())
+
+
+def _autocast_on_cpu():
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch before 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
+
 __all__ = [
     "CPU_KERNELS",
     "CpuInt4Layout",
@@ -133,7 +143,7 @@ def pack_int4(q):
         raise ValueError(f"pack_int4 expects an int8 tensor, got {q.dtype}")
     if q.dim() == 0 or q.shape[-1] % 2:
         raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(q.shape)}")
-    checkable = q.numel() and q.device.type != "meta" and not torch.compiler.is_compiling()  # data-dependent
+    checkable = q.numel() and q.device.type != "meta" and not _is_compiling()  # data-dependent
     if checkable:
         low, high = (value.item() for value in q.aminmax())
         if low < -8 or high > 7:
@@ -660,6 +670,12 @@ def _chatglm_cpu_version():
     return tuple(int(part) for part in version.split(".")[:2])
 
 
+def _takes_torchs_path_only():
+    """While torch.compile traces (our kernels would break its graph; `fullgraph=True` refuses them) and under
+    the CPU's autocast (which chooses the dtypes of torch's own operators): torch's operators, not ours."""
+    return _is_compiling() or _autocast_on_cpu()
+
+
 def _outside_compile(function):
     """`function`, which torch.compile must not trace (a C call on raw addresses): while compiling, its
     `torch.compiler.disable` wrapper (a graph break); otherwise the plain function, since the wrapper costs
@@ -668,7 +684,7 @@ def _outside_compile(function):
 
     @functools.wraps(function)
     def call(*args, **kwargs):
-        return disabled(*args, **kwargs) if torch.compiler.is_compiling() else function(*args, **kwargs)
+        return disabled(*args, **kwargs) if _is_compiling() else function(*args, **kwargs)
 
     return call
 
@@ -689,7 +705,9 @@ def _chatglm_cpu_linear(x, handle, **options):
 def chatglm_cpu_attention(query, key, value, mask, scaling):
     """chatglm_cpu's attention of one query per sequence (`chatglm_cpu.attend`): query [B, H, D], key and value
     [B, G, T, D], mask None or boolean [B, T]; None where it cannot run (package missing or older than 0.3,
-    float64, gradients wanted), for the caller to compute it with torch."""
+    float64, gradients wanted, compiling, autocast), for the caller to compute it with torch."""
+    if _takes_torchs_path_only():
+        return None
     package = _chatglm_cpu()
     if package is None or _chatglm_cpu_version() < (0, 3):
         return None
@@ -1132,6 +1150,12 @@ class QuantizedLinear(nn.Module):
                 _page_out(self.weight)
         return self._matmulnbits
 
+    def _apply(self, *args, **kwargs):
+        # Moved or converted: the kernels' handles keep the old tensors (or their own copies) alive.
+        self._chatglm_cpu_weight = None
+        self._matmulnbits = None
+        return super()._apply(*args, **kwargs)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.dtype == torch.uint8:
@@ -1189,15 +1213,18 @@ class FloatLinear(nn.Linear):
         weight, bias = self.weight, self.bias
         if self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype != weight.dtype or x.shape[-1] != self.in_features:
             return None
+        if _takes_torchs_path_only():
+            return None
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
         package = _chatglm_cpu()
         if package is None or _chatglm_cpu_version() < (0, 3) or not 0 < x.numel() // self.in_features <= package.FLOAT_MAX_ROWS:
             return None
-        signature = (weight.data_ptr(), weight.dtype, bias is not None and (bias.data_ptr(), bias.dtype))
+        signature = tuple((t.data_ptr(), t.dtype, t.shape) if t is not None else None for t in (weight, bias))
         cached = self._chatglm_cpu_weight
         if cached is not None and cached[0] == signature:
             return cached[1]
+        self._chatglm_cpu_weight = None  # the old handle would keep the old tensors alive
         if not self._chatglm_cpu_fits(weight, bias):
             return None
         handle = package.FloatWeight(weight, bias)
@@ -1213,6 +1240,11 @@ class FloatLinear(nn.Linear):
             and self.in_features % 32 == 0
             and (bias is None or bias.dtype in _CHATGLM_CPU_FLOATS)
         )
+
+    def _apply(self, *args, **kwargs):
+        # Moved or converted (`.to`, `.float()`, `.cuda()`): drop the handle, which keeps the old tensors alive.
+        self._chatglm_cpu_weight = None
+        return super()._apply(*args, **kwargs)
 
     def forward(self, x):
         handle = self._chatglm_cpu_weight_for(x)

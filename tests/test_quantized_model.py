@@ -453,3 +453,22 @@ def test_a_float_model_reads_its_output_layer_on_chatglm_cpu_unless_float32_or_t
         chosen = load(float_folder, dtype=torch.bfloat16, quantization_cpu_kernel="torch")  # chosen at load
         chosen.generate(ids_of(), max_new_tokens=3, do_sample=False)
     assert chatglm_cpu_calls == []
+
+
+def test_the_output_layers_kernel_follows_its_weight_and_steps_aside_for_compile_and_autocast(float_folder, chatglm_cpu_calls):
+    head = load(float_folder, dtype=torch.float16).transformer.output_layer
+    x = torch.randn(1, head.in_features, dtype=torch.float16)
+    with torch.no_grad():
+        head(x)
+        assert head._chatglm_cpu_weight is not None and chatglm_cpu_calls == ["float"]
+        head.weight = torch.nn.Parameter(head.weight[:100])  # a view from the same address, fewer rows
+        assert torch.equal(head(x), torch.nn.functional.linear(x, head.weight))
+        head.float()  # converted: the handle on the old tensors goes with them
+        assert head._chatglm_cpu_weight is None
+        head.half()
+        chatglm_cpu_calls.clear()
+        compiled = torch.compile(head, fullgraph=True, backend="eager")  # our kernel would break the graph
+        assert torch.equal(compiled(x), torch.nn.functional.linear(x, head.weight))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast chooses torch's dtypes
+            assert head(x).dtype == torch.nn.Linear(1, 1).to(torch.float16)(torch.zeros(1, 1, dtype=torch.float16)).dtype
+    assert chatglm_cpu_calls == []

@@ -75,10 +75,10 @@ def available():
     return bool(_ISAS)
 
 
-def _check_vector(name, tensor, length):
+def _check_vector(name, tensor, length, caller="chatglm_cpu.linear"):
     if tensor.dtype not in _DTYPE_CODES or tensor.shape != (length,) or not tensor.is_cpu:
         raise ValueError(
-            f"chatglm_cpu.linear: {name} must be a CPU float32/float16/bfloat16 tensor of shape ({length},), "
+            f"{caller}: {name} must be a CPU float32/float16/bfloat16 tensor of shape ({length},), "
             f"got {tensor.dtype} of shape {tuple(tensor.shape)} on {tensor.device}"
         )
 
@@ -192,7 +192,7 @@ class FloatWeight:
         if self.in_features % 32:
             raise ValueError(f"chatglm_cpu.FloatWeight: the input width must be a multiple of 32, got {self.in_features}")
         if bias is not None:
-            _check_vector("bias", bias, self.out_features)
+            _check_vector("bias", bias, self.out_features, "chatglm_cpu.FloatWeight")
         self._tensors = (weight.detach(), bias.detach().contiguous() if bias is not None else None)
         weight, bias = self._tensors
         self._weight_arguments = (
@@ -239,7 +239,7 @@ def attend(query, key, value, mask, scaling, threads=None):
         )
     batch, heads, dim = query.shape
     groups, keys = key.shape[1], key.shape[2]
-    if key.shape[0] != batch or key.shape[3] != dim or dim % 8 or heads % groups:
+    if key.shape[0] != batch or key.shape[3] != dim or dim % 8 or not groups or heads % groups:
         raise ValueError(
             f"chatglm_cpu.attend: key [B, G, T, D] must match query [B, H, D] with D a multiple of 8 and H a multiple "
             f"of G, got query {tuple(query.shape)} and key {tuple(key.shape)}"

@@ -112,12 +112,13 @@ static inline float horizontal_max(__m256 v) {
 
 /* e^x in float32: x = n ln2 + r with |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r (relative error about
  * 1e-7), 2^n put into the exponent. 0 below -87.3, where float32's e^x leaves the normal numbers (torch's gives 0
- * or a subnormal there); above 88.3, e^88.3 (where torch's overflows to infinity): as a softmax weight or in
- * 1 / (1 + e^x), both are the same to float32. A NaN comes out as 0 or e^88.3: callers keep their NaNs otherwise. */
+ * or a subnormal there); infinity above 88.3 (torch's from 88.72: as a softmax weight or in 1 / (1 + e^x), the
+ * same to float32). A NaN comes out as a number: callers keep their NaNs otherwise. */
 static inline __m256 exp_ps(__m256 x) {
-    const __m256 lowest = _mm256_set1_ps(-87.3f);
+    const __m256 lowest = _mm256_set1_ps(-87.3f), highest = _mm256_set1_ps(88.3f);
     const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lowest), _mm256_set1_ps(88.3f));
+    const __m256 overflow = _mm256_cmp_ps(x, highest, _CMP_GT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lowest), highest);
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -130,7 +131,8 @@ static inline __m256 exp_ps(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
     const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+    const __m256 e = _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(power)));
+    return _mm256_blendv_ps(e, _mm256_set1_ps(INFINITY), overflow);
 }
 
 /* silu(gate) * up in float32, silu(a) = a / (1 + e^-a) as torch computes it; a NaN in either stays NaN. */
@@ -481,10 +483,10 @@ static void run_attention(void *argument) {
     Attention *a = (Attention *)argument;
     const int64_t T = a->T, D = a->D, heads = a->H / a->G;
     const size_t kv_element = a->kv_dtype == DTYPE_FLOAT32 ? 4 : 2, q_element = a->query_dtype == DTYPE_FLOAT32 ? 4 : 2;
-    /* per head: its scaled query [D], scores [T], output sums [D]; one tile [ATTENTION_TILE, D] */
-    float *queries = (float *)malloc(sizeof(float) * (size_t)(heads * (2 * D + T) + ATTENTION_TILE * D));
+    /* per head: its scaled query [D], scores [T], output sums [D], whether its softmax is finite; one tile [ATTENTION_TILE, D] */
+    float *queries = (float *)malloc(sizeof(float) * (size_t)(heads * (2 * D + T + 1) + ATTENTION_TILE * D));
     if (!queries) return; /* the caller sees next_item short of the end */
-    float *sums = queries + heads * D, *scores = sums + heads * D, *tile = scores + heads * T;
+    float *sums = queries + heads * D, *scores = sums + heads * D, *tile = scores + heads * T, *finite = tile + ATTENTION_TILE * D;
     for (;;) {
         const long item = atomic_fetch_add(&a->next_item, 1);
         if (item >= a->B * a->G) break;
@@ -508,8 +510,7 @@ static void run_attention(void *argument) {
             }
         }
         const uint8_t *mask = a->mask ? a->mask + b * T : NULL;
-        int finite[heads > 0 ? heads : 1];
-        for (int64_t h = 0; h < heads; h++) finite[h] = softmax_in_place(scores + h * T, mask, T);
+        for (int64_t h = 0; h < heads; h++) finite[h] = (float)softmax_in_place(scores + h * T, mask, T);
         memset(sums, 0, sizeof(float) * (size_t)(heads * D));
         for (int64_t t0 = 0; t0 < T; t0 += ATTENTION_TILE) {
             const int64_t n = T - t0 < ATTENTION_TILE ? T - t0 : ATTENTION_TILE;
@@ -532,7 +533,7 @@ static void run_attention(void *argument) {
         }
         for (int64_t h = 0; h < heads; h++)
             for (int64_t d = 0; d < D; d++)
-                store_float(a->out, a->query_dtype, (b * a->H + first_head + h) * D + d, finite[h] ? sums[h * D + d] : NAN);
+                store_float(a->out, a->query_dtype, (b * a->H + first_head + h) * D + d, finite[h] != 0.0f ? sums[h * D + d] : NAN);
     }
     free(queries);
 }
@@ -647,6 +648,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     atomic_init(&a.next_item, 0);
     const int64_t items = B * G;
     if (items == 0 || T == 0) Py_RETURN_NONE;
+    if (threads < 1) threads = 1;
     unsigned team = (unsigned)(threads < items ? threads : items);
     Py_BEGIN_ALLOW_THREADS if (parallel_entry && team > 1) parallel_entry(run_attention, &a, team, 0);
     else run_attention(&a);
