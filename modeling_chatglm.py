@@ -325,7 +325,6 @@ class SelfAttention(nn.Module):
         output = self.dense(context.reshape(*hidden_states.shape[:-1], -1))
         return output, probs
 
-
     def single_query_attention(self, query, key, value, attention_mask):
         """`single_query_attention_on_cpu`, in chatglm_cpu's kernel where `cpu_kernel` chose it: one call instead
         of a dozen operators and float copies of the cache, 43 against 114 us a layer over 190 keys, 332 against

@@ -52,6 +52,7 @@ def _autocast_on_cpu():
     except TypeError:  # torch before 2.4: no device argument
         return torch.is_autocast_cpu_enabled()
 
+
 __all__ = [
     "CPU_KERNELS",
     "CpuInt4Layout",
@@ -1205,7 +1206,7 @@ class FloatLinear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cpu_kernel = "torch"
-        # (the parameters' addresses and dtypes, chatglm_cpu.FloatWeight checked for them), made at first use.
+        # (the parameters' addresses, dtypes and shapes, chatglm_cpu.FloatWeight checked for them), made at first use.
         self._chatglm_cpu_weight = None
 
     def _chatglm_cpu_weight_for(self, x):

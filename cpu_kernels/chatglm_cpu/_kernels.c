@@ -289,8 +289,9 @@ static inline int64_t claim_rows(Work *work, int64_t *end) {
  * exact (11- or 8-bit significands), only the order of the additions differs from torch's. Each weight row is
  * read once, one row after another, and serves every activation row from the L1. One sequential stream per
  * thread, which the hardware prefetchers follow alone: 65024 x 4096 float16, one activation row, 2 threads,
- * Zen 3 EPYC, fraction of torch.sum's bandwidth: 0.97 without software prefetches, 0.85-0.88 with them 2-8 KB
- * ahead; torch's own float16 matmul 0.73-0.78, bfloat16 0.63-0.68. */
+ * Zen 3 EPYC, fraction of torch.sum's bandwidth: 0.97 without software prefetches (0.87 in a later set of
+ * rounds), 0.85-0.88 with T1 ones 2-8 KB ahead, 0.79 with NTA ones; torch's own float16 matmul 0.73-0.78,
+ * bfloat16 0.63-0.68. */
 static inline __attribute__((always_inline)) void float_row(const Job *job, const uint16_t *row, const int dtype,
                                                             float *sums) {
     const int64_t K = job->K;
