@@ -665,10 +665,14 @@ _CHATGLM_CPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def _chatglm_cpu_version():
-    """The installed chatglm_cpu's (major, minor): 0.2 applies an RMSNorm on the way in, 0.3 has `FloatWeight`."""
-    version = getattr(_chatglm_cpu(), "__version__", "0.1")
-    return tuple(int(part) for part in version.split(".")[:2])
+def _chatglm_cpu_since(version):
+    """The chatglm_cpu package where it is installed, runs on this CPU and is at least `version` (major, minor),
+    else None: 0.2 applies an RMSNorm on the way in; 0.3 has `FloatWeight`, `attend` and the SwiGLU."""
+    package = _chatglm_cpu()
+    if package is None:
+        return None
+    installed = tuple(int(part) for part in getattr(package, "__version__", "0.1").split(".")[:2])
+    return package if installed >= version else None
 
 
 def _takes_torchs_path_only():
@@ -709,8 +713,8 @@ def chatglm_cpu_attention(query, key, value, mask, scaling):
     float64, gradients wanted, compiling, autocast), for the caller to compute it with torch."""
     if _takes_torchs_path_only():
         return None
-    package = _chatglm_cpu()
-    if package is None or _chatglm_cpu_version() < (0, 3):
+    package = _chatglm_cpu_since((0, 3))
+    if package is None:
         return None
     tensors = (query, key, value)
     if any(t.dtype not in _CHATGLM_CPU_FLOATS for t in tensors) or key.dtype != value.dtype or query.shape[-1] % 8:
@@ -1126,7 +1130,7 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features or not norm_weight.is_cpu or norm_weight.dtype not in _CHATGLM_CPU_FLOATS:
             return None
         quantized_weight = self._chatglm_cpu_weight_for(x, self._needs_grad(x, norm_weight))
-        if quantized_weight is None or _chatglm_cpu_version() < (0, 2):
+        if quantized_weight is None or _chatglm_cpu_since((0, 2)) is None:
             return None
         return _chatglm_cpu_linear(x, quantized_weight, rms_norm=(norm_weight, eps))
 
@@ -1137,7 +1141,7 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != 2 * self.in_features:
             return None
         quantized_weight = self._chatglm_cpu_weight_for(x, self._needs_grad(x))
-        if quantized_weight is None or _chatglm_cpu_version() < (0, 3):
+        if quantized_weight is None or _chatglm_cpu_since((0, 3)) is None:
             return None
         return _chatglm_cpu_linear(x, quantized_weight, swiglu=True)
 
@@ -1218,8 +1222,8 @@ class FloatLinear(nn.Linear):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
-        package = _chatglm_cpu()
-        if package is None or _chatglm_cpu_version() < (0, 3) or not 0 < x.numel() // self.in_features <= package.FLOAT_MAX_ROWS:
+        package = _chatglm_cpu_since((0, 3))
+        if package is None or not 0 < x.numel() // self.in_features <= package.FLOAT_MAX_ROWS:
             return None
         signature = tuple((t.data_ptr(), t.dtype, t.shape) if t is not None else None for t in (weight, bias))
         cached = self._chatglm_cpu_weight

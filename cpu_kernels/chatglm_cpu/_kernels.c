@@ -103,6 +103,11 @@ static inline __m256 load8(const void *data, int dtype, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
 }
 
+/* count (a multiple of 8) values of `source` from index `start` -> float32 `destination`. */
+static inline void to_float32(float *destination, const void *source, int dtype, int64_t start, int64_t count) {
+    for (int64_t i = 0; i < count; i += 8) _mm256_storeu_ps(destination + i, load8(source, dtype, start + i));
+}
+
 static inline float horizontal_max(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -502,7 +507,7 @@ static void run_attention(void *argument) {
         }
         for (int64_t t0 = 0; t0 < T; t0 += ATTENTION_TILE) {
             const int64_t n = T - t0 < ATTENTION_TILE ? T - t0 : ATTENTION_TILE;
-            for (int64_t i = 0; i < n * D; i += 8) _mm256_storeu_ps(tile + i, load8(keys, a->kv_dtype, t0 * D + i));
+            to_float32(tile, keys, a->kv_dtype, t0 * D, n * D);
             for (int64_t h = 0; h < heads; h++) {
                 float *row = scores + h * T + t0;
                 int64_t t = 0;
@@ -515,7 +520,7 @@ static void run_attention(void *argument) {
         memset(sums, 0, sizeof(float) * (size_t)(heads * D));
         for (int64_t t0 = 0; t0 < T; t0 += ATTENTION_TILE) {
             const int64_t n = T - t0 < ATTENTION_TILE ? T - t0 : ATTENTION_TILE;
-            for (int64_t i = 0; i < n * D; i += 8) _mm256_storeu_ps(tile + i, load8(values, a->kv_dtype, t0 * D + i));
+            to_float32(tile, values, a->kv_dtype, t0 * D, n * D);
             for (int64_t h = 0; h < heads; h++) {
                 const float *p = scores + h * T + t0;
                 /* 64 outputs at a time: 8 accumulators, the other registers free for the loads */
@@ -545,9 +550,7 @@ static int float_linear(Job *job, const void *x, int x_dtype) {
     const size_t element = x_dtype == DTYPE_FLOAT32 ? 4 : 2;
     float *xf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(M * K));
     if (!xf) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k += 8)
-            _mm256_store_ps(xf + m * K + k, load8((const char *)x + m * K * element, x_dtype, k));
+    for (int64_t m = 0; m < M; m++) to_float32(xf + m * K, (const char *)x + m * K * element, x_dtype, 0, K);
     job->xf = xf;
     run_job(job);
     free(xf);
