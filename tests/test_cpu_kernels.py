@@ -276,7 +276,7 @@ def test_a_forked_child_with_one_torch_thread_computes_without_the_parents_threa
 
 @pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, chatglm_cpu.FLOAT_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, chatglm_cpu.FLOAT_PASS_ROWS, 2 * chatglm_cpu.FLOAT_PASS_ROWS + 3])  # + passes over the weight
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 301])  # a remainder; at one row, chunks of over 32 rows, shrinking
 def test_float_weights_times_integers_give_the_exact_products(weight_dtype, x_dtype, rows, threads, out_features):
@@ -305,14 +305,24 @@ def test_float_weights_match_torchs_linear_to_its_rounding(dtype):
     assert (out == torch.nn.functional.linear(x, weight)).float().mean() > 0.95
 
 
+def test_a_float_weights_output_row_does_not_depend_on_the_other_rows_of_the_call():
+    # Every row of every pass adds its products in one order: a sequence decodes alike alone and in a batch,
+    # and a prompt's positions alike in any pass.
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(70, 4096, generator=generator).to(torch.bfloat16)
+    x = torch.randn(2 * chatglm_cpu.FLOAT_PASS_ROWS + 5, 4096, generator=generator).to(torch.bfloat16)
+    together = chatglm_cpu.FloatWeight(weight)(x)
+    alone = torch.cat([chatglm_cpu.FloatWeight(weight)(row[None]) for row in x])
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.parametrize(
     "weight, x, message",
     [
         (torch.zeros(8, 64), torch.zeros(1, 64), r"weight must be a contiguous 2-D CPU float16/bfloat16 tensor, got torch.float32"),
         (torch.zeros(64, 8, dtype=torch.float16).T, torch.zeros(1, 64), r"weight must be a contiguous"),
         (torch.zeros(8, 48, dtype=torch.float16), torch.zeros(1, 48), r"multiple of 32, got 48"),
-        (torch.zeros(8, 64, dtype=torch.float16), torch.zeros(1, 32), r"x must be .* width 64 .* got torch.float32 of shape \(1, 32\)"),
-        (torch.zeros(8, 64, dtype=torch.float16), torch.zeros(chatglm_cpu.FLOAT_MAX_ROWS + 1, 64), r"at most 16 rows, got .* shape \(17, 64\)"),
+        (torch.zeros(8, 64, dtype=torch.float16), torch.zeros(1, 32), r"x must be .* width 64, got torch.float32 of shape \(1, 32\)"),
     ],
 )
 def test_bad_float_weight_arguments_are_refused_with_a_message_naming_them(weight, x, message):

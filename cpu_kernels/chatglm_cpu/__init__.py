@@ -5,7 +5,8 @@ released checkpoints store it (int8 [N, K] for 8 bits; int8 [N, K/2] for 4 bits,
 nibbles per byte, the even input high) with one scale per output row. Activations are quantized
 to int8 per group of inputs and multiplied with integer dot products, reading each weight byte
 once where it lies: no conversion, no second copy. `FloatWeight` does the same for float16/bfloat16
-weights and a few activation rows (a decode step's vocabulary projection), and `attend` computes the
+weights (a decode step at the memory's bandwidth; prompts where torch multiplies those dtypes in a
+loop, as on AVX2 CPUs), and `attend` computes the
 attention of one query per sequence over a key/value cache. The model files use them where installed
 (`cpu_kernel="auto"`, the default, or "chatglm_cpu"); they never need them.
 """
@@ -18,12 +19,13 @@ import torch
 
 from . import _kernels
 
-__all__ = ["attend", "available", "isa", "isas", "linear", "QuantizedWeight", "FloatWeight", "GROUP_SIZES", "FLOAT_MAX_ROWS"]
+__all__ = ["attend", "available", "isa", "isas", "linear", "QuantizedWeight", "FloatWeight", "GROUP_SIZES", "FLOAT_PASS_ROWS"]
 
 # 0.2: `QuantizedWeight(...)(x, rms_norm=(weight, eps))` applies an RMSNorm to x on the way in.
 # 0.3: `FloatWeight`, float16/bfloat16 weights times a few activation rows; `attend`, one query's attention;
 # `QuantizedWeight(...)(x, swiglu=True)`.
-__version__ = "0.3.0"
+# 0.4: `FloatWeight` takes any number of rows, FLOAT_PASS_ROWS per pass over the weight.
+__version__ = "0.4.0"
 
 # Inputs per activation scale, the largest that divides K. Four 32-input blocks is the most whose
 # int4 products still add up exactly in 16-bit lanes.
@@ -31,8 +33,9 @@ GROUP_SIZES = (128, 64, 32)
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-# The most activation rows a `FloatWeight` call takes (FLOAT_MAX_ROWS in _kernels.c): decode steps, not prompts.
-FLOAT_MAX_ROWS = 16
+# The activation rows one pass of a `FloatWeight` call over its weight serves (FLOAT_PASS_ROWS in _kernels.c):
+# up to there a call reads the weight once, as a decode step must; more rows take more passes.
+FLOAT_PASS_ROWS = 16
 
 
 def _openmp_parallel_entry():
@@ -169,13 +172,15 @@ class QuantizedWeight:
 
 
 class FloatWeight:
-    """A float16 or bfloat16 weight [N, K] (K a multiple of 32) and optional bias, checked once, for calls on
-    at most FLOAT_MAX_ROWS activation rows: `FloatWeight(weight, bias)(x)` is `x @ weight.T + bias`.
+    """A float16 or bfloat16 weight [N, K] (K a multiple of 32) and optional bias, checked once:
+    `FloatWeight(weight, bias)(x)` is `x @ weight.T + bias`.
 
     Products are exact in float32 and added in float32 (torch's CPU kernels too, in another order), then
     rounded to x's dtype. Each weight row is read once for all activation rows, in one sequential stream
     per thread: a decode step's vocabulary projection (65024 x 4096, 533 MB in float16) runs at the
     memory's bandwidth, where torch's float16 matmul on an AVX2 CPU reaches about three quarters of it.
+    More rows than FLOAT_PASS_ROWS take a pass each FLOAT_PASS_ROWS: on a 2-core Zen 3 (AVX2) 72 GFLOP/s at
+    16 rows and more, where torch multiplies float16/bfloat16 matrices at 22-28 GFLOP/s however many rows.
     """
 
     __slots__ = ("in_features", "out_features", "_tensors", "_weight_arguments")
@@ -204,12 +209,12 @@ class FloatWeight:
         return FloatWeight, self._tensors
 
     def __call__(self, x, threads=None):
-        """x [M, K] (float32/float16/bfloat16, CPU, M <= FLOAT_MAX_ROWS) -> [M, N] in x's dtype."""
+        """x [M, K] (float32/float16/bfloat16, CPU) -> [M, N] in x's dtype."""
         dtype_code = _DTYPE_CODES.get(x.dtype)
-        if x.dim() != 2 or dtype_code is None or not x.is_cpu or x.shape[1] != self.in_features or x.shape[0] > FLOAT_MAX_ROWS:
+        if x.dim() != 2 or dtype_code is None or not x.is_cpu or x.shape[1] != self.in_features:
             raise ValueError(
                 f"chatglm_cpu.FloatWeight: x must be a 2-D CPU float32/float16/bfloat16 tensor of width "
-                f"{self.in_features} and at most {FLOAT_MAX_ROWS} rows, got {x.dtype} of shape {tuple(x.shape)} on {x.device}"
+                f"{self.in_features}, got {x.dtype} of shape {tuple(x.shape)} on {x.device}"
             )
         x = x.contiguous()
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)

@@ -6,9 +6,9 @@
  * (scale = max|x| / 127, round half to even) and multiplied with integer dot products: the q4_0 x
  * q8_0 numerics of ggml and onnxruntime's accuracy_level 4. A step reads each weight byte once, in
  * place, so decode runs at the memory bandwidth instead of at the speed of unpacking nibbles to floats.
- * Beside them, for the rest of a decode step: float16/bfloat16 weights times a few activation rows
- * (float_linear) and the attention of one query per sequence over a key/value cache (attend), both in
- * float32, AVX2 code only.
+ * Beside them: float16/bfloat16 weights times float activations (float_linear: a decode step's float
+ * matrices at the memory's bandwidth, and prompts on CPUs where torch has no fast GEMM in those dtypes) and
+ * the attention of one query per sequence over a key/value cache (attend), both in float32, AVX2 code only.
  *
  * The module builds with default compiler flags and selects its code at run time: AVX2 (with FMA and
  * F16C), or AVX512-VNNI's one-instruction byte dot products where the CPU has them (AVX512-F/BW/VL/VNNI:
@@ -252,8 +252,9 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
  * stream that the prefetchers have to pick up again (see claim_rows). */
 #define CHUNK_ROWS 32
 
-/* The most activation rows a float-weight call takes (chatglm_cpu checks it): their sums stay on the stack. */
-#define FLOAT_MAX_ROWS 16
+/* The activation rows a float-weight pass takes (float_linear makes as many passes as it needs): their sums stay on
+ * the stack, their float32 copies (16 x 4096 x 4 bytes for the 6B model) in the L2. */
+#define FLOAT_PASS_ROWS 16
 
 /* How far ahead a single-row stream prefetches, in bytes: of 2, 4, 8 and 16 KB, 4 streamed fastest
  * (Zen 3 EPYC, 27392 x 4096 int4, 1 and 2 threads: 0.80-0.86 of torch.sum's bandwidth, the others 0.76-0.82). */
@@ -313,7 +314,7 @@ static inline __attribute__((always_inline)) void float_row(const Job *job, cons
 static void run_float_chunks(void *argument) {
     Work *work = (Work *)argument;
     const Job *job = work->job;
-    float sums[FLOAT_MAX_ROWS];
+    float sums[FLOAT_PASS_ROWS];
     for (;;) {
         int64_t end = 0, begin = claim_rows(work, &end);
         if (begin >= job->N) break;
@@ -544,15 +545,23 @@ static void run_attention(void *argument) {
     free(queries);
 }
 
-/* Float weights: the activations converted to float32 once, then the job. Returns 0, or -1 when out of memory. */
+/* Float weights: FLOAT_PASS_ROWS activation rows at a time (their float32 copies stay in the L2 while each weight
+ * row serves them all from the L1), converted to float32 once; each pass reads the whole weight again, which
+ * costs a prompt little beside its arithmetic. Returns 0, or -1 when out of memory. */
 static int float_linear(Job *job, const void *x, int x_dtype) {
-    const int64_t M = job->M, K = job->K;
-    const size_t element = x_dtype == DTYPE_FLOAT32 ? 4 : 2;
-    float *xf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(M * K));
+    const int64_t M = job->M, K = job->K, rows = M < FLOAT_PASS_ROWS ? M : FLOAT_PASS_ROWS;
+    const size_t element = x_dtype == DTYPE_FLOAT32 ? 4 : 2, out_element = job->out_dtype == DTYPE_FLOAT32 ? 4 : 2;
+    float *xf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(rows * K));
     if (!xf) return -1;
-    for (int64_t m = 0; m < M; m++) to_float32(xf + m * K, (const char *)x + m * K * element, x_dtype, 0, K);
-    job->xf = xf;
-    run_job(job);
+    Job pass = *job;
+    pass.xf = xf;
+    for (int64_t first = 0; first < M; first += rows) {
+        pass.M = M - first < rows ? M - first : rows;
+        pass.out = (char *)job->out + (size_t)(first * job->N) * out_element;
+        for (int64_t m = 0; m < pass.M; m++)
+            to_float32(xf + m * K, (const char *)x + (size_t)((first + m) * K) * element, x_dtype, 0, K);
+        run_job(&pass);
+    }
     free(xf);
     return 0;
 }
@@ -617,7 +626,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 }
 
 /* float_linear(x, x_dtype, M, K, weight, weight_dtype, N, bias, bias_dtype, out, out_dtype, threads): float16 or
- * bfloat16 weights [N, K]; M at most FLOAT_MAX_ROWS, K a multiple of 32. Checked by the caller, as for linear. */
+ * bfloat16 weights [N, K]; K a multiple of 32. Checked by the caller, as for linear. */
 static PyObject *py_float_linear(PyObject *self, PyObject *args) {
     int x_dtype, weight_dtype, bias_dtype, out_dtype, threads;
     Py_ssize_t x, M, K, weight, N, bias, out;
