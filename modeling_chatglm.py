@@ -273,10 +273,10 @@ class SelfAttention(nn.Module):
         self.cpu_kernel = "torch"
         shapes = projection_shapes(config)
         qkv_size, hidden_size = shapes["self_attention.query_key_value"]
-        self.query_key_value = nn.Linear(
+        self.query_key_value = FloatLinear(
             hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias, device=device, dtype=dtype
         )
-        self.dense = nn.Linear(
+        self.dense = FloatLinear(
             *reversed(shapes["self_attention.dense"]), bias=config.add_bias_linear, device=device, dtype=dtype
         )
 
@@ -343,10 +343,10 @@ class MLP(nn.Module):
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
         shapes = projection_shapes(config)
-        self.dense_h_to_4h = nn.Linear(
+        self.dense_h_to_4h = FloatLinear(
             *reversed(shapes["mlp.dense_h_to_4h"]), bias=config.add_bias_linear, device=device, dtype=dtype
         )
-        self.dense_4h_to_h = nn.Linear(
+        self.dense_4h_to_h = FloatLinear(
             *reversed(shapes["mlp.dense_4h_to_h"]), bias=config.add_bias_linear, device=device, dtype=dtype
         )
 

@@ -417,12 +417,18 @@ CPU_GEMM_MIN_ROWS = {8: 64, 4: 192}
 _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _cpu_has_gemm(dtype):
+    """Whether oneDNN multiplies `dtype` (bfloat16 or float16) matrices on this CPU: bfloat16 on AVX-512 and
+    newer, float16 with AVX512-FP16 or AMX-FP16; elsewhere (AVX2) torch multiplies them in a loop."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    supported = getattr(torch.ops.mkldnn, check, None)
+    return bool(supported is not None and supported())
+
+
 # torch.compile calls this once while tracing and keeps the answer.
 @torch.compiler.assume_constant_result
 def _cpu_has_bfloat16_gemm():
-    """Whether oneDNN multiplies bfloat16 matrices on this CPU (AVX-512 and newer; not AVX2)."""
-    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(supported is not None and supported())
+    return _cpu_has_gemm(torch.bfloat16)
 
 
 def _uses_cpu_gemm(rows, bits):
@@ -667,7 +673,8 @@ _CHATGLM_CPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 @functools.cache
 def _chatglm_cpu_since(version):
     """The chatglm_cpu package where it is installed, runs on this CPU and is at least `version` (major, minor),
-    else None: 0.2 applies an RMSNorm on the way in; 0.3 has `FloatWeight`, `attend` and the SwiGLU."""
+    else None: 0.2 applies an RMSNorm on the way in; 0.3 has `FloatWeight`, `attend` and the SwiGLU; 0.4's
+    `FloatWeight` takes any number of rows."""
     package = _chatglm_cpu()
     if package is None:
         return None
@@ -675,10 +682,16 @@ def _chatglm_cpu_since(version):
     return package if installed >= version else None
 
 
+def _under_functorch():
+    """Inside torch.func's transforms (vmap, grad, jvp): their tensors have no data pointer for a C kernel."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _takes_torchs_path_only():
-    """While torch.compile traces (our kernels would break its graph; `fullgraph=True` refuses them) and under
-    the CPU's autocast (which chooses the dtypes of torch's own operators): torch's operators, not ours."""
-    return _is_compiling() or _autocast_on_cpu()
+    """While torch.compile traces (our kernels would break its graph; `fullgraph=True` refuses them), under
+    the CPU's autocast (which chooses the dtypes of torch's own operators) and inside torch.func's
+    transforms: torch's operators, not ours."""
+    return _is_compiling() or _autocast_on_cpu() or _under_functorch()
 
 
 def _outside_compile(function):
@@ -952,6 +965,17 @@ def _onnxruntime_linear(matmul, x, bias):
 # ---------------------------------------------------------------------------------------------
 
 
+# The attributes where the modules keep their kernels' handles, built at the first forward that uses them.
+_KERNEL_HANDLES = ("_chatglm_cpu_weight", "_matmulnbits")
+
+
+def _without_kernel_handles(state):
+    """A module's state to pickle or deep-copy, its kernels' handles left out: C objects on the addresses of the
+    module's own tensors (a copy builds its own at its first forward), which would make unpickling need the
+    kernel packages."""
+    return {name: None if name in _KERNEL_HANDLES else value for name, value in state.items()}
+
+
 class QuantizedLinear(nn.Module):
     """`nn.Linear` with a frozen int8 / int4 weight in the released checkpoint format.
 
@@ -1121,6 +1145,8 @@ class QuantizedLinear(nn.Module):
         """The chatglm_cpu handle where `x` takes that path (inference, the kernel chosen, float x on the CPU), else None."""
         if needs_grad or self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype not in _CHATGLM_CPU_FLOATS:
             return None
+        if _under_functorch():
+            return None
         return self._chatglm_cpu_weight_for_forward()
 
     def forward_after_rms_norm(self, x, norm_weight, eps):
@@ -1154,6 +1180,9 @@ class QuantizedLinear(nn.Module):
             if self._matmulnbits._kept is None:
                 _page_out(self.weight)
         return self._matmulnbits
+
+    def __getstate__(self):
+        return _without_kernel_handles(super().__getstate__())
 
     def _apply(self, *args, **kwargs):
         # Moved or converted: the kernels' handles keep the old tensors (or their own copies) alive.
@@ -1197,14 +1226,16 @@ class QuantizedLinear(nn.Module):
 
 
 class FloatLinear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) that multiplies the few rows of a decode step on
-    chatglm_cpu's float kernel when `cpu_kernel` is "chatglm_cpu" (`set_cpu_kernel`, as for the quantized
-    layers): float16/bfloat16 weights, inference, x in the weight's dtype on the CPU, at most
-    chatglm_cpu.FLOAT_MAX_ROWS rows. It reads the weight at the memory's bandwidth, where torch's matmul of
-    one row reaches 0.73-0.78 of it in float16 and 0.63-0.68 in bfloat16 on a Zen 3 EPYC (AVX2): the 6B
-    vocabulary projection, 533 MB per token, took a fifth of an int4 decode step. The products are exact
-    and added in float32 in another order than torch's; everything else (prompts, training, other
-    devices and dtypes) is `nn.Linear`'s own forward.
+    """`nn.Linear` (same parameters, same state dict) that multiplies on chatglm_cpu's float kernel when
+    `cpu_kernel` is "chatglm_cpu" (`set_cpu_kernel`, as for the quantized layers): float16/bfloat16 weights,
+    inference, x in the weight's dtype on the CPU. Decode steps (up to chatglm_cpu.FLOAT_PASS_ROWS rows) read
+    the weight at the memory's bandwidth, where torch's matmul of one row reaches 0.73-0.78 of it in float16
+    and 0.63-0.68 in bfloat16 on a Zen 3 EPYC (AVX2): the 6B vocabulary projection, 533 MB per token, took a
+    fifth of an int4 decode step, and a float model's projections are the whole of its step. Prompts take it
+    where oneDNN has no GEMM in the weight's dtype (`_cpu_has_gemm`: AVX2 CPUs), since torch multiplies
+    those matrices in a loop there at a third of its speed. The products are exact and added in float32 in
+    another order than torch's; everything else (prompts where oneDNN has a GEMM, training, other devices
+    and dtypes) is `nn.Linear`'s own forward.
     """
 
     def __init__(self, *args, **kwargs):
@@ -1218,12 +1249,15 @@ class FloatLinear(nn.Linear):
         weight, bias = self.weight, self.bias
         if self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype != weight.dtype or x.shape[-1] != self.in_features:
             return None
+        if x.dtype not in _CPU_KERNEL_DTYPES:
+            return None
         if _takes_torchs_path_only():
             return None
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
             return None
-        package = _chatglm_cpu_since((0, 3))
-        if package is None or not 0 < x.numel() // self.in_features <= package.FLOAT_MAX_ROWS:
+        package = _chatglm_cpu_since((0, 4))
+        rows = x.numel() // self.in_features
+        if package is None or rows == 0 or (rows > package.FLOAT_PASS_ROWS and _cpu_has_gemm(weight.dtype)):
             return None
         signature = tuple((t.data_ptr(), t.dtype, t.shape) if t is not None else None for t in (weight, bias))
         cached = self._chatglm_cpu_weight
@@ -1237,14 +1271,15 @@ class FloatLinear(nn.Linear):
         return handle
 
     def _chatglm_cpu_fits(self, weight, bias):
-        floats = (torch.float16, torch.bfloat16)
         return (
             weight.is_cpu
-            and weight.dtype in floats
             and weight.is_contiguous()
             and self.in_features % 32 == 0
             and (bias is None or bias.dtype in _CHATGLM_CPU_FLOATS)
         )
+
+    def __getstate__(self):
+        return _without_kernel_handles(super().__getstate__())
 
     def _apply(self, *args, **kwargs):
         # Moved or converted (`.to`, `.float()`, `.cuda()`): drop the handle, which keeps the old tensors alive.

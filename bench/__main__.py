@@ -75,9 +75,10 @@ def parse_args(argv):
         "--cpu-kernels",
         type=choice_list(*load_quantization().CPU_KERNELS),
         default=["auto"],
-        help="comma-separated CPU kernels of the int8/int4 files' layers, one set of rows each "
-        "(quantize(bits, cpu_kernel=...); onnxruntime, chatglm_cpu: int8 activations; default auto: "
-        "what a load gives, chatglm_cpu where it is installed, else torch)",
+        help="comma-separated CPU kernels, one set of rows each, chosen at load "
+        "(from_pretrained(..., quantization_cpu_kernel=...)); int8/int4 files: onnxruntime and chatglm_cpu "
+        "quantize activations to int8; the bf16 model: chatglm_cpu or torch (onnxruntime is for quantized "
+        "layers only); default auto: what a load gives, chatglm_cpu where it is installed, else torch)",
     )
     parser.add_argument(
         "--file-dtypes",
@@ -127,6 +128,11 @@ def parse_args(argv):
     return args
 
 
+def kernel_name(quantization, cpu_kernel):
+    """The CPU kernel a row ran, as its load path names it: "auto" resolves here as it will in the worker."""
+    return quantization.resolve_cpu_kernel(cpu_kernel) + (" (default)" if cpu_kernel == "auto" else "")
+
+
 def plan_configurations(args, config):
     """What to measure: (label, precision, bits, load path, model folder, dtype, worker flags); writes missing checkpoints."""
     root = cache_root(args.cache_dir, args.quick, args.seed)
@@ -142,17 +148,23 @@ def plan_configurations(args, config):
             "dtype": "auto",
         }
         if bits == 16:
-            configurations.append(dict(configuration, load_path="fp16 shards", dtype=FLOAT_DTYPE, flags=[]))
+            for cpu_kernel in args.cpu_kernels:
+                if cpu_kernel != "onnxruntime":
+                    configurations.append(dict(
+                        configuration,
+                        label=precision + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
+                        load_path=f"fp16 shards + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
+                        dtype=FLOAT_DTYPE,
+                        flags=["--cpu-kernel", cpu_kernel],
+                    ))
             continue
         long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
         for cpu_kernel in args.cpu_kernels:
-            # Every row names the kernel it ran: "auto" resolves here as it will in the worker.
-            resolved = quantization.resolve_cpu_kernel(cpu_kernel)
             for dtype in args.file_dtypes:
                 configurations.append(dict(
                     configuration,
                     label=precision + QUANTIZED_FILE_DTYPES[dtype] + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
-                    load_path=f"int{bits} file + cpu_kernel={resolved}" + (" (default)" if cpu_kernel == "auto" else ""),
+                    load_path=f"int{bits} file + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
                     dtype=dtype,
                     flags=long_conversation + ["--cpu-kernel", cpu_kernel],
                 ))

@@ -96,13 +96,12 @@ def timed_generate(model, input_ids, new_tokens):
 def load_model(args, dtype):
     """`AutoModel.from_pretrained(folder, trust_remote_code=True)` (then `.quantize(bits)`), timed."""
     start = time.perf_counter()
-    model = AutoModel.from_pretrained(args.folder, trust_remote_code=True, dtype=dtype)
+    chosen = {"quantization_cpu_kernel": args.cpu_kernel} if args.cpu_kernel else {}
+    model = AutoModel.from_pretrained(args.folder, trust_remote_code=True, dtype=dtype, **chosen)
     if args.quantize_bits:
         model = model.quantize(args.quantize_bits, device=args.device if args.device == "cuda" else None)
     if args.output_layer_bits:
         model = model.quantize(model.config.quantization_bit, output_layer_bits=args.output_layer_bits)
-    if args.cpu_kernel:
-        model = model.quantize(model.config.quantization_bit, cpu_kernel=args.cpu_kernel)
     model = model.to(args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -193,7 +192,7 @@ def parse_args(argv):
     parser.add_argument("--label", required=True, help="name of this configuration in progress lines")
     parser.add_argument("--quantize-bits", type=int, default=0, help="call model.quantize(bits) after loading")
     parser.add_argument("--output-layer-bits", type=int, default=0, help="then quantize output_layer to these bits")
-    parser.add_argument("--cpu-kernel", help="then choose the quantized layers' CPU kernel (quantize(bits, cpu_kernel=...))")
+    parser.add_argument("--cpu-kernel", help="the CPU kernel, chosen at load (from_pretrained(..., quantization_cpu_kernel=...))")
     parser.add_argument("--dtype", default="bfloat16", help="torch dtype name, or auto: the checkpoint's (config torch_dtype)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, required=True)

@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+import pickle
 
 import pytest
 import torch
@@ -311,7 +312,7 @@ def test_chatglm_cpu_kernel_model_tracks_the_exact_kernels_and_generates(float_f
         logits = fast(ids).logits.float()
     # Only the activations' int8 rounding separates them (about 0.5% per projection on this model).
     assert relative_error(logits, reference) < 0.03
-    assert len(calls) == 4 * fast.config.num_layers  # every projection of the forward ran on it
+    assert sum(map(calls.count, ("plain", "normed", "swiglu"))) == 4 * fast.config.num_layers  # every projection ran on it
     assert calls.count("normed") == 2 * fast.config.num_layers  # with the norms before QKV and the MLP
     assert calls.count("swiglu") == fast.config.num_layers  # and the MLP's SwiGLU
     calls.clear()
@@ -420,10 +421,10 @@ def test_a_quantized_checkpoint_runs_on_chatglm_cpu_by_default_and_saves_no_kern
     assert all(module.weight.dtype == torch.int8 for module in model.modules() if type(module).__name__ == "QuantizedLinear")
 
 
-def test_the_output_layer_runs_decode_rows_on_chatglm_cpu_and_the_rest_on_torch(float_folder, chatglm_cpu_calls):
+def test_the_output_layer_runs_on_chatglm_cpu_through_the_module_and_on_torch_for_gradients(float_folder, chatglm_cpu_calls):
     model = load(float_folder, dtype=torch.float16).quantize(4, cpu_kernel="chatglm_cpu")
     head = model.transformer.output_layer
-    ids = ids_of(batch=2, length=8)  # 16 rows: the most the float kernel takes
+    ids = ids_of(batch=2, length=8)  # 16 rows: one pass of the float kernel, on every CPU
     seen = []
     head.register_forward_hook(lambda module, args, out: seen.append(out))
     with torch.no_grad():
@@ -434,25 +435,82 @@ def test_the_output_layer_runs_decode_rows_on_chatglm_cpu_and_the_rest_on_torch(
         head.cpu_kernel = "chatglm_cpu"
         # float32 sums in another order than torch's: within float16's rounding
         assert torch.allclose(logits, reference, rtol=2e-3, atol=2e-3) and not torch.equal(logits, torch.zeros_like(logits))
-        chatglm_cpu_calls.clear()
-        model(ids_of(batch=2, length=9))  # 18 rows: a prompt, torch's matmul
-    assert chatglm_cpu_calls.count("float") == 0
+    chatglm_cpu_calls.clear()
     model(ids).logits.sum().backward()  # gradients: torch's matmul, which computes them
     assert chatglm_cpu_calls.count("float") == 0 and head.weight.grad is not None
 
 
-def test_a_float_model_reads_its_output_layer_on_chatglm_cpu_unless_float32_or_told_otherwise(float_folder, chatglm_cpu_calls):
+def test_a_float_models_projections_and_output_layer_run_on_chatglm_cpu_unless_float32_or_told_otherwise(float_folder, chatglm_cpu_calls):
     model = load(float_folder, dtype=torch.bfloat16)
     assert model.transformer.output_layer.cpu_kernel == "chatglm_cpu"  # the default where the package runs
+    assert {type(model.transformer.encoder.layers[0].get_submodule(path)) for path in PROJECTIONS} == {type(model.transformer.output_layer)}
     with torch.no_grad():
         model(ids_of())
-    assert chatglm_cpu_calls == ["float"]
+    assert chatglm_cpu_calls == ["float"] * (len(PROJECTIONS) * model.config.num_layers + 1)
     chatglm_cpu_calls.clear()
     with torch.no_grad():
         load(float_folder)(ids_of())  # float32 weights: torch's
         chosen = load(float_folder, dtype=torch.bfloat16, quantization_cpu_kernel="torch")  # chosen at load
         chosen.generate(ids_of(), max_new_tokens=3, do_sample=False)
     assert chatglm_cpu_calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float_model_on_chatglm_cpu_computes_torchs_function(float_folder, dtype, chatglm_cpu_calls):
+    fast = load(float_folder, dtype=dtype)
+    exact = load(float_folder, dtype=dtype, quantization_cpu_kernel="torch")
+    ids = ids_of(batch=2, length=3 * 16 + 5)  # a prompt of several passes over each weight, where it takes them
+    with torch.no_grad():
+        reference = exact(ids).logits.float()
+        logits = fast(ids).logits.float()
+        # the same products added in another order: a few roundings of the dtype apart after two layers
+        assert relative_error(logits, reference) < 0.02
+        assert torch.equal(fast.generate(ids, max_new_tokens=8, do_sample=False), exact.generate(ids, max_new_tokens=8, do_sample=False))
+    assert chatglm_cpu_calls.count("float") >= 8 * (len(PROJECTIONS) * fast.config.num_layers + 1)  # every step's matrices
+
+
+@pytest.mark.parametrize("has_gemm", [False, True])
+def test_a_float_prompt_runs_on_chatglm_cpu_only_where_onednn_has_no_gemm_in_its_dtype(float_folder, has_gemm, chatglm_cpu_calls, monkeypatch):
+    model = load(float_folder, dtype=torch.bfloat16)
+    quantization = importlib.import_module(type(model.transformer.output_layer).__module__)
+    monkeypatch.setattr(quantization, "_cpu_has_gemm", lambda dtype: has_gemm)
+    with torch.no_grad():
+        model(ids_of(length=17))  # one row more than a pass: a prompt
+        assert chatglm_cpu_calls == ([] if has_gemm else ["float"] * (len(PROJECTIONS) * model.config.num_layers + 1))
+        chatglm_cpu_calls.clear()
+        model(ids_of(length=16))  # up to a pass: one read of each weight, on chatglm_cpu wherever it runs
+        assert chatglm_cpu_calls == ["float"] * (len(PROJECTIONS) * model.config.num_layers + 1)
+
+
+def test_a_model_pickles_and_deep_copies_without_its_kernels_handles(float_folder, chatglm_cpu_calls):
+    model = load(float_folder, dtype=torch.bfloat16).quantize(4, cpu_kernel="chatglm_cpu")
+    ids = ids_of()
+    with torch.no_grad():
+        logits = model(ids).logits  # builds the handles of the quantized projections and the output layer
+    assert model.transformer.output_layer._chatglm_cpu_weight is not None
+    data = pickle.dumps(model)
+    # unpickling needs no kernel package (and a copy never shares the original's raw addresses)
+    assert b"QuantizedWeight" not in data and b"FloatWeight" not in data
+    assert model.transformer.output_layer._chatglm_cpu_weight is not None  # the original keeps its own
+    for copied in (pickle.loads(data), copy.deepcopy(model)):
+        chatglm_cpu_calls.clear()
+        with torch.no_grad():
+            assert torch.equal(copied(ids).logits, logits)
+        assert chatglm_cpu_calls.count("float") == 1 and len(chatglm_cpu_calls) == 1 + 4 * model.config.num_layers
+
+
+def test_torch_func_transforms_over_the_cpu_kernels_take_torchs_operators(float_folder, chatglm_cpu_calls):
+    # vmap's batched tensors have no data pointer to hand a C kernel: the modules compute with torch's operators there.
+    model = load(float_folder, dtype=torch.bfloat16).quantize(4, cpu_kernel="chatglm_cpu")
+    output_layer = model.transformer.output_layer
+    quantized = model.transformer.encoder.layers[0].self_attention.query_key_value
+    for module in (output_layer, quantized):
+        x = torch.randn(3, 2, module.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        with torch.no_grad():
+            mapped = torch.func.vmap(module)(x)
+            assert chatglm_cpu_calls == []
+            assert relative_error(mapped.float(), module(x).float()) < 0.03  # the kernels' numerics, outside vmap
+        chatglm_cpu_calls.clear()
 
 
 def test_the_output_layers_kernel_follows_its_weight_and_steps_aside_for_compile_and_autocast(float_folder, chatglm_cpu_calls):
