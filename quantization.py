@@ -419,7 +419,8 @@ _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 def _cpu_has_gemm(dtype):
     """Whether oneDNN multiplies `dtype` (bfloat16 or float16) matrices on this CPU: bfloat16 on AVX-512 and
-    newer, float16 with AVX512-FP16 or AMX-FP16; elsewhere (AVX2) torch multiplies them in a loop."""
+    newer, float16 with AVX512-FP16 or AMX-FP16. Elsewhere torch multiplies them in a loop: measured on AVX2
+    (22-28 GFLOP/s on 2 Zen 3 cores); float16 on AVX-512 CPUs without FP16 (Zen 4, Ice Lake) was never measured."""
     check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     supported = getattr(torch.ops.mkldnn, check, None)
     return bool(supported is not None and supported())
@@ -679,19 +680,40 @@ def _chatglm_cpu_since(version):
     if package is None:
         return None
     installed = tuple(int(part) for part in getattr(package, "__version__", "0.1").split(".")[:2])
-    return package if installed >= version else None
+    if installed < version:
+        logger.warning(
+            f"chatglm_cpu {getattr(package, '__version__', '0.1')} is older than these model files use "
+            f"({version[0]}.{version[1]}); what needs it runs on torch's operators until you reinstall it: "
+            f"pip install --force-reinstall ./cpu_kernels from this repository"
+        )
+        return None
+    return package
 
 
-def _under_functorch():
-    """Inside torch.func's transforms (vmap, grad, jvp): their tensors have no data pointer for a C kernel."""
-    return torch._C._are_functorch_transforms_active()
+def _traced_or_transformed():
+    """Inside torch.func's transforms (vmap, grad, jvp), whose tensors have no data pointer for a C kernel, or
+    while torch.jit traces (a trace would record only the kernel's empty output tensor)."""
+    return torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
 
 
 def _takes_torchs_path_only():
     """While torch.compile traces (our kernels would break its graph; `fullgraph=True` refuses them), under
-    the CPU's autocast (which chooses the dtypes of torch's own operators) and inside torch.func's
-    transforms: torch's operators, not ours."""
-    return _is_compiling() or _autocast_on_cpu() or _under_functorch()
+    the CPU's autocast (which chooses the dtypes of torch's own operators), inside torch.func's transforms
+    and torch.jit's tracing: torch's operators, not ours."""
+    return _is_compiling() or _autocast_on_cpu() or _traced_or_transformed()
+
+
+def _plain(*tensors):
+    """Whether none of `tensors` (None allowed) is a tensor subclass (torchao's quantized weights, DTensor):
+    a subclass's data pointer is not its values' memory, and our C kernels read memory."""
+    return all(t is None or type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+
+
+def _may_keep_kernel_handle(module):
+    """Whether `module` may keep its kernel handle (which holds its weights) between calls: not under an
+    accelerate hook, which may move the weights off after each call (offloading) and would find this call's
+    copy still held."""
+    return getattr(module, "_hf_hook", None) is None
 
 
 def _outside_compile(function):
@@ -723,7 +745,8 @@ def _chatglm_cpu_linear(x, handle, **options):
 def chatglm_cpu_attention(query, key, value, mask, scaling):
     """chatglm_cpu's attention of one query per sequence (`chatglm_cpu.attend`): query [B, H, D], key and value
     [B, G, T, D], mask None or boolean [B, T]; None where it cannot run (package missing or older than 0.3,
-    float64, gradients wanted, compiling, autocast), for the caller to compute it with torch."""
+    float64, tensor subclasses, gradients wanted, compiling, autocast, tracing, torch.func), for the caller to
+    compute it with torch."""
     if _takes_torchs_path_only():
         return None
     package = _chatglm_cpu_since((0, 3))
@@ -731,6 +754,8 @@ def chatglm_cpu_attention(query, key, value, mask, scaling):
         return None
     tensors = (query, key, value)
     if any(t.dtype not in _CHATGLM_CPU_FLOATS for t in tensors) or key.dtype != value.dtype or query.shape[-1] % 8:
+        return None
+    if not _plain(*tensors, mask):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
@@ -1122,6 +1147,8 @@ class QuantizedLinear(nn.Module):
         (assigned, `.data` replaced, moved, converted); None where the kernel cannot take them."""
         # Read once: a parameter lookup goes through nn.Module.__getattr__, and a 6B decode step makes 112 of these calls.
         weight, scale, bias = self.weight, self.weight_scale, self.bias
+        if not _plain(weight, scale, bias):
+            return None
         signature = (weight.data_ptr(), weight.dtype, scale.data_ptr(), scale.dtype, bias is not None and (bias.data_ptr(), bias.dtype))
         cached = self._chatglm_cpu_weight
         if cached is not None and cached[0] == signature:
@@ -1135,7 +1162,8 @@ class QuantizedLinear(nn.Module):
             self._convert_weight(None)  # converted by a torch-kernel forward (training) before
             return self._chatglm_cpu_weight_for_forward()
         quantized_weight = _chatglm_cpu().QuantizedWeight(weight, scale, bias, self.bits)
-        self._chatglm_cpu_weight = (signature, quantized_weight)
+        if _may_keep_kernel_handle(self):
+            self._chatglm_cpu_weight = (signature, quantized_weight)
         return quantized_weight
 
     def _needs_grad(self, *inputs):
@@ -1145,7 +1173,7 @@ class QuantizedLinear(nn.Module):
         """The chatglm_cpu handle where `x` takes that path (inference, the kernel chosen, float x on the CPU), else None."""
         if needs_grad or self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype not in _CHATGLM_CPU_FLOATS:
             return None
-        if _under_functorch():
+        if _traced_or_transformed() or type(x) is not torch.Tensor:
             return None
         return self._chatglm_cpu_weight_for_forward()
 
@@ -1228,7 +1256,7 @@ class QuantizedLinear(nn.Module):
 class FloatLinear(nn.Linear):
     """`nn.Linear` (same parameters, same state dict) that multiplies on chatglm_cpu's float kernel when
     `cpu_kernel` is "chatglm_cpu" (`set_cpu_kernel`, as for the quantized layers): float16/bfloat16 weights,
-    inference, x in the weight's dtype on the CPU. Decode steps (up to chatglm_cpu.FLOAT_PASS_ROWS rows) read
+    no gradient wanted (inference, or a frozen layer of a model in training), x in the weight's dtype on the CPU. Decode steps (up to chatglm_cpu.FLOAT_PASS_ROWS rows) read
     the weight at the memory's bandwidth, where torch's matmul of one row reaches 0.73-0.78 of it in float16
     and 0.63-0.68 in bfloat16 on a Zen 3 EPYC (AVX2): the 6B vocabulary projection, 533 MB per token, took a
     fifth of an int4 decode step, and a float model's projections are the whole of its step. Prompts take it
@@ -1249,7 +1277,7 @@ class FloatLinear(nn.Linear):
         weight, bias = self.weight, self.bias
         if self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype != weight.dtype or x.shape[-1] != self.in_features:
             return None
-        if x.dtype not in _CPU_KERNEL_DTYPES:
+        if x.dtype not in _CPU_KERNEL_DTYPES or type(x) is not torch.Tensor or not _plain(weight, bias):
             return None
         if _takes_torchs_path_only():
             return None
@@ -1267,7 +1295,8 @@ class FloatLinear(nn.Linear):
         if not self._chatglm_cpu_fits(weight, bias):
             return None
         handle = package.FloatWeight(weight, bias)
-        self._chatglm_cpu_weight = (signature, handle)
+        if _may_keep_kernel_handle(self):
+            self._chatglm_cpu_weight = (signature, handle)
         return handle
 
     def _chatglm_cpu_fits(self, weight, bias):

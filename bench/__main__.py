@@ -148,15 +148,19 @@ def plan_configurations(args, config):
             "dtype": "auto",
         }
         if bits == 16:
-            for cpu_kernel in args.cpu_kernels:
-                if cpu_kernel != "onnxruntime":
-                    configurations.append(dict(
-                        configuration,
-                        label=precision + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
-                        load_path=f"fp16 shards + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
-                        dtype=FLOAT_DTYPE,
-                        flags=["--cpu-kernel", cpu_kernel],
-                    ))
+            # A float model's matrices run on chatglm_cpu or torch (onnxruntime takes quantized layers only);
+            # on CUDA, or with no such kernel named, one row as loaded.
+            float_kernels = [kernel for kernel in args.cpu_kernels if kernel != "onnxruntime"] if args.device == "cpu" else []
+            for cpu_kernel in float_kernels:
+                configurations.append(dict(
+                    configuration,
+                    label=precision + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
+                    load_path=f"fp16 shards + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
+                    dtype=FLOAT_DTYPE,
+                    flags=["--cpu-kernel", cpu_kernel],
+                ))
+            if not float_kernels:
+                configurations.append(dict(configuration, load_path="fp16 shards", dtype=FLOAT_DTYPE, flags=[]))
             continue
         long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
         for cpu_kernel in args.cpu_kernels:

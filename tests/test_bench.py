@@ -231,3 +231,20 @@ def test_kernel_timings_take_turns_between_the_compared_forwards():
     untimed, timed = calls[:4], calls[4:]
     assert untimed == [("a", 8), ("a", 6), ("b", 8), ("b", 6)]
     assert timed == [("a", 8), ("a", 6), ("b", 8), ("b", 6)] * 3
+
+
+@pytest.mark.parametrize(
+    "device, kernels, rows",
+    [
+        ("cpu", "auto,torch,onnxruntime", [("bf16", ["--cpu-kernel", "auto"]), ("bf16, torch", ["--cpu-kernel", "torch"])]),
+        ("cpu", "onnxruntime", [("bf16", [])]),  # quantized layers' kernel only: the float model as loaded
+        ("cuda", "auto,torch", [("bf16", [])]),  # no CPU kernel runs there
+    ],
+)
+def test_the_float_model_gets_a_row_per_cpu_kernel_it_can_run(tmp_path, device, kernels, rows):
+    from bench.__main__ import parse_args, plan_configurations
+
+    args = parse_args(["--quick", "--precisions", "bf16", "--cpu-kernels", kernels, "--cache-dir", str(tmp_path)])
+    args.device = device  # the plan only; nothing runs
+    planned = plan_configurations(args, released_config(quick=True))
+    assert [(row["label"], row["flags"]) for row in planned] == rows

@@ -78,6 +78,14 @@ def available():
     return bool(_ISAS)
 
 
+def _check_plain(caller, **tensors):
+    """Refuse tensor subclasses (wrappers such as torchao's quantized tensors, DTensor, functorch's batched
+    tensors): their data pointer is not their values' memory, and the kernels read memory."""
+    for name, tensor in tensors.items():
+        if tensor is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise ValueError(f"{caller}: {name} must be a plain torch.Tensor, got a {type(tensor).__name__}")
+
+
 def _check_vector(name, tensor, length, caller="chatglm_cpu.linear"):
     if tensor.dtype not in _DTYPE_CODES or tensor.shape != (length,) or not tensor.is_cpu:
         raise ValueError(
@@ -101,6 +109,7 @@ class QuantizedWeight:
     def __init__(self, weight, scale, bias=None, bits=4, isa=None):
         if bits not in (4, 8):
             raise ValueError(f"chatglm_cpu.linear: bits must be 4 or 8, got {bits!r}")
+        _check_plain("chatglm_cpu.linear", weight=weight, scale=scale, bias=bias)
         if not available():
             raise RuntimeError("chatglm_cpu.linear: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
         if isa is None:
@@ -142,6 +151,7 @@ class QuantizedWeight:
         projection costs a decode step a dozen torch operators per layer, and this no time.
         `swiglu=True` takes x [M, 2K], rows [gate | up], and multiplies `silu(gate) * up`, in float32 too.
         """
+        _check_plain("chatglm_cpu.linear", x=x, rms_norm_weight=rms_norm[0] if rms_norm is not None else None)
         dtype_code = _DTYPE_CODES.get(x.dtype)
         width = 2 * self.in_features if swiglu else self.in_features
         if x.dim() != 2 or dtype_code is None or not x.is_cpu or x.shape[1] != width:
@@ -188,6 +198,7 @@ class FloatWeight:
     def __init__(self, weight, bias=None):
         if not available():
             raise RuntimeError("chatglm_cpu.FloatWeight: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
+        _check_plain("chatglm_cpu.FloatWeight", weight=weight, bias=bias)
         if weight.dtype not in (torch.float16, torch.bfloat16) or weight.dim() != 2 or not weight.is_cpu or not weight.is_contiguous():
             raise ValueError(
                 f"chatglm_cpu.FloatWeight: weight must be a contiguous 2-D CPU float16/bfloat16 tensor, "
@@ -210,6 +221,7 @@ class FloatWeight:
 
     def __call__(self, x, threads=None):
         """x [M, K] (float32/float16/bfloat16, CPU) -> [M, N] in x's dtype."""
+        _check_plain("chatglm_cpu.FloatWeight", x=x)
         dtype_code = _DTYPE_CODES.get(x.dtype)
         if x.dim() != 2 or dtype_code is None or not x.is_cpu or x.shape[1] != self.in_features:
             raise ValueError(
@@ -236,6 +248,7 @@ def attend(query, key, value, mask, scaling, threads=None):
     converts its keys and values to float32 once and attends with all the heads that read them: a decode
     step's attention without float copies of the cache or a dozen torch operators per layer.
     """
+    _check_plain("chatglm_cpu.attend", query=query, key=key, value=value, mask=mask)
     floats = tuple(_DTYPE_CODES)
     if query.dim() != 3 or key.dim() != 4 or key.shape != value.shape or not (query.is_cpu and key.is_cpu and value.is_cpu):
         raise ValueError(
