@@ -693,7 +693,7 @@ def _chatglm_cpu_since(version):
 def _traced_or_transformed():
     """Inside torch.func's transforms (vmap, grad, jvp), whose tensors have no data pointer for a C kernel, or
     while torch.jit traces (a trace would record only the kernel's empty output tensor)."""
-    return torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+    return torch._C._are_functorch_transforms_active() or torch._C._is_tracing()
 
 
 def _takes_torchs_path_only():
@@ -703,10 +703,13 @@ def _takes_torchs_path_only():
     return _is_compiling() or _autocast_on_cpu() or _traced_or_transformed()
 
 
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, nn.Parameter, type(None)))
+
+
 def _plain(*tensors):
     """Whether none of `tensors` (None allowed) is a tensor subclass (torchao's quantized weights, DTensor):
     a subclass's data pointer is not its values' memory, and our C kernels read memory."""
-    return all(t is None or type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+    return _PLAIN_TENSOR_TYPES.issuperset(map(type, tensors))
 
 
 def _may_keep_kernel_handle(module):
