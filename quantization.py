@@ -691,9 +691,14 @@ def _chatglm_cpu_since(version):
 
 
 def _traced_or_transformed():
-    """Inside torch.func's transforms (vmap, grad, jvp), whose tensors have no data pointer for a C kernel, or
-    while torch.jit traces (a trace would record only the kernel's empty output tensor)."""
-    return torch._C._are_functorch_transforms_active() or torch._C._is_tracing()
+    """Inside torch.func's transforms (vmap, grad, jvp), whose tensors have no data pointer for a C kernel,
+    inside forward-mode AD's dual level (the kernel's output would carry no tangent), or while torch.jit
+    traces (a trace would record only the kernel's empty output tensor)."""
+    return (
+        torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._is_tracing()
+    )
 
 
 def _takes_torchs_path_only():
@@ -748,8 +753,8 @@ def _chatglm_cpu_linear(x, handle, **options):
 def chatglm_cpu_attention(query, key, value, mask, scaling):
     """chatglm_cpu's attention of one query per sequence (`chatglm_cpu.attend`): query [B, H, D], key and value
     [B, G, T, D], mask None or boolean [B, T]; None where it cannot run (package missing or older than 0.3,
-    float64, tensor subclasses, gradients wanted, compiling, autocast, tracing, torch.func), for the caller to
-    compute it with torch."""
+    float64, tensor subclasses, gradients wanted, compiling, autocast, tracing, torch.func, forward-mode AD), for
+    the caller to compute it with torch."""
     if _takes_torchs_path_only():
         return None
     package = _chatglm_cpu_since((0, 3))
