@@ -256,7 +256,7 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
  * the stack, their float32 copies (16 x 4096 x 4 bytes for the 6B model) in the L2. */
 #define FLOAT_PASS_ROWS 16
 
-/* Weight rows that float_block multiplies together, for calls of at least FLOAT_BLOCK_FROM_ROWS activation rows
+/* Weight rows that float_rows multiplies together, for calls of at least FLOAT_BLOCK_FROM_ROWS activation rows
  * (a single row keeps one sequential weight stream per thread). 27392 x 4096, 2 threads, Zen 3, GFLOP/s at 2 / 4 /
  * 16 / 64 rows against one weight row at a time: bfloat16 41 / 55 / 72 / 73 against 34 / 49 / 67 / 66, float16
  * 45 / 65 / 94 / 94 against 36 / 52 / 72 / 72; 2 and 3 rows at once in between. */
@@ -304,38 +304,25 @@ static inline int64_t claim_rows(Work *work, int64_t *end) {
  * thread, which the hardware prefetchers follow alone: 65024 x 4096 float16, one activation row, 2 threads,
  * Zen 3 EPYC, fraction of torch.sum's bandwidth: 0.97 without software prefetches (0.87 in a later set of
  * rounds), 0.85-0.88 with T1 ones 2-8 KB ahead, 0.79 with NTA ones; torch's own float16 matmul 0.73-0.78,
- * bfloat16 0.63-0.68. */
-static inline __attribute__((always_inline)) void float_row(const Job *job, const uint16_t *row, const int dtype,
-                                                            float *sums) {
-    const int64_t K = job->K;
-    for (int64_t m = 0; m < job->M; m++) {
-        const float *x = job->xf + m * K;
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t k = 0; k < K; k += 32)
-            for (int i = 0; i < 4; i++)
-                acc[i] = _mm256_fmadd_ps(load8(row, dtype, k + 8 * i), _mm256_loadu_ps(x + k + 8 * i), acc[i]);
-        sums[m] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    }
-}
-
-/* FLOAT_BLOCK_ROWS weight rows times every activation row: each activation load serves them all (float_row reads
- * every activation row again from the L2 for each weight row), and each output gets the same four sums, added in
- * the same order, as from float_row: a row's result never depends on how the call was cut. */
-static inline __attribute__((always_inline)) void float_block(const Job *job, const uint16_t *rows, const int dtype,
-                                                              float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS]) {
+ * bfloat16 0.63-0.68. With several activation rows, `count` (1 or FLOAT_BLOCK_ROWS, a constant once inlined)
+ * weight rows share each activation load: one row at a time reads every activation row again from the L2 for each
+ * weight row. Each output gets the same four sums, added in the same order, whatever `count`: a row's result never
+ * depends on how the call was cut. */
+static inline __attribute__((always_inline)) void float_rows(const Job *job, const uint16_t *rows, const int dtype,
+                                                             const int count, float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS]) {
     const int64_t K = job->K;
     for (int64_t m = 0; m < job->M; m++) {
         const float *x = job->xf + m * K;
         __m256 acc[FLOAT_BLOCK_ROWS][4];
-        for (int r = 0; r < FLOAT_BLOCK_ROWS; r++)
+        for (int r = 0; r < count; r++)
             for (int i = 0; i < 4; i++) acc[r][i] = _mm256_setzero_ps();
         for (int64_t k = 0; k < K; k += 32)
             for (int i = 0; i < 4; i++) {
                 const __m256 xv = _mm256_loadu_ps(x + k + 8 * i);
-                for (int r = 0; r < FLOAT_BLOCK_ROWS; r++)
+                for (int r = 0; r < count; r++)
                     acc[r][i] = _mm256_fmadd_ps(load8(rows + r * K, dtype, k + 8 * i), xv, acc[r][i]);
             }
-        for (int r = 0; r < FLOAT_BLOCK_ROWS; r++)
+        for (int r = 0; r < count; r++)
             sums[r][m] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
     }
 }
@@ -360,14 +347,14 @@ static void run_float_chunks(void *argument) {
         if (job->M >= FLOAT_BLOCK_FROM_ROWS)
             for (; n + FLOAT_BLOCK_ROWS <= end; n += FLOAT_BLOCK_ROWS) {
                 const uint16_t *rows = (const uint16_t *)job->weight + n * job->K;
-                if (fp16) float_block(job, rows, DTYPE_FLOAT16, sums);
-                else float_block(job, rows, DTYPE_BFLOAT16, sums);
+                if (fp16) float_rows(job, rows, DTYPE_FLOAT16, FLOAT_BLOCK_ROWS, sums);
+                else float_rows(job, rows, DTYPE_BFLOAT16, FLOAT_BLOCK_ROWS, sums);
                 for (int r = 0; r < FLOAT_BLOCK_ROWS; r++) store_float_sums(job, n + r, sums[r]);
             }
         for (; n < end; n++) {
             const uint16_t *row = (const uint16_t *)job->weight + n * job->K;
-            if (fp16) float_row(job, row, DTYPE_FLOAT16, sums[0]);
-            else float_row(job, row, DTYPE_BFLOAT16, sums[0]);
+            if (fp16) float_rows(job, row, DTYPE_FLOAT16, 1, sums);
+            else float_rows(job, row, DTYPE_BFLOAT16, 1, sums);
             store_float_sums(job, n, sums[0]);
         }
     }
