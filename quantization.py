@@ -690,13 +690,18 @@ def _chatglm_cpu_since(version):
     return package
 
 
+def _in_dual_level():
+    """Inside forward-mode AD's dual level (`torch.autograd.forward_ad.dual_level`), where outputs need tangents."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def _traced_or_transformed():
     """Inside torch.func's transforms (vmap, grad, jvp), whose tensors have no data pointer for a C kernel,
     inside forward-mode AD's dual level (the kernel's output would carry no tangent), or while torch.jit
     traces (a trace would record only the kernel's empty output tensor)."""
     return (
         torch._C._are_functorch_transforms_active()
-        or torch.autograd.forward_ad._current_level >= 0
+        or _in_dual_level()
         or torch._C._is_tracing()
     )
 
@@ -1247,7 +1252,7 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
         needs_grad = self._needs_grad(x)
-        if not needs_grad and self.cpu_kernel == "onnxruntime" and self._onnxruntime_fits(x):
+        if not needs_grad and self.cpu_kernel == "onnxruntime" and self._onnxruntime_fits(x) and not _traced_or_transformed():
             # Before `_weight_for_forward`: the torch int4 layout would rewrite (and so copy) every
             # weight page that onnxruntime then packs its own copy of.
             return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
@@ -1255,6 +1260,10 @@ class QuantizedLinear(nn.Module):
         if quantized_weight is not None:
             return _chatglm_cpu_linear(x, quantized_weight)
         weight = self._weight_for_forward()
+        if _in_dual_level():
+            # The integer kernels have no tangent formula: dequantize and multiply, exactly, in torch's operators.
+            out = _fallback_linear(x.reshape(-1, x.shape[-1]), weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
+            return out.view(*x.shape[:-1], self.out_features)
         if not needs_grad:
             # Inference (generation runs without grad): no autograd node to build for each projection.
             return _quantized_linear_nd(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)

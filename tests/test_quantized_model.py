@@ -536,15 +536,23 @@ def test_tensor_subclass_weights_and_jit_traces_take_torchs_operators(float_fold
         assert torch.equal(traced(other), torch.nn.functional.linear(other, weight))
 
 
-def test_forward_mode_ad_through_the_cpu_kernels_keeps_its_tangents(float_folder, chatglm_cpu_calls):
+@pytest.mark.parametrize("bits", [0, 4, 8])
+def test_forward_mode_ad_through_the_cpu_kernels_keeps_its_tangents(float_folder, bits, chatglm_cpu_calls):
     model = load(float_folder, dtype=torch.bfloat16)
-    head = model.transformer.output_layer
-    x = torch.randn(2, head.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    tangent = torch.randn(2, head.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    model = model.quantize(bits, cpu_kernel="chatglm_cpu") if bits else model
+    module = model.transformer.encoder.layers[0].mlp.dense_h_to_4h
+    x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    tangent = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     with torch.no_grad(), torch.autograd.forward_ad.dual_level():
-        out = torch.autograd.forward_ad.unpack_dual(head(torch.autograd.forward_ad.make_dual(x, tangent)))
-    assert chatglm_cpu_calls == []  # the kernel is no differentiable operator: torch's
-    assert torch.equal(out.tangent, torch.nn.functional.linear(tangent, head.weight))
+        out = torch.autograd.forward_ad.unpack_dual(module(torch.autograd.forward_ad.make_dual(x, tangent)))
+    assert chatglm_cpu_calls == []  # the kernels are no differentiable operators
+    # the layer is linear: its tangent is the layer (without bias) applied to the tangent, by its exact weight
+    if bits:
+        quantization = importlib.import_module(type(module).__module__)
+        weight = quantization.dequantize_weight(module.released_weight(), module.weight_scale.to(tangent.dtype), bits)
+    else:
+        weight = module.weight
+    assert torch.equal(out.tangent, torch.nn.functional.linear(tangent, weight))
 
 
 def test_an_offloaded_model_keeps_no_weights_in_its_kernel_handles(float_folder, chatglm_cpu_calls):
