@@ -63,6 +63,9 @@ typedef struct {
     int isa;
 } Job;
 
+/* Bytes per value of a float32, float16 or bfloat16 buffer. */
+static inline size_t dtype_bytes(int dtype) { return dtype == DTYPE_FLOAT32 ? 4 : 2; }
+
 static inline float load_float(const void *data, int dtype, int64_t i) {
     if (dtype == DTYPE_FLOAT32) return ((const float *)data)[i];
     if (dtype == DTYPE_FLOAT16) return _cvtsh_ss(((const uint16_t *)data)[i]);
@@ -420,7 +423,7 @@ static int cpu_supports(int isa) {
 /* Quantize the activations, then run the job. Returns 0, or -1 when out of memory. */
 static int linear(Job *job, const void *x, int x_dtype) {
     const int64_t M = job->M, K = job->K, groups = K / job->group;
-    const size_t element = x_dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const size_t element = dtype_bytes(x_dtype);
     float *buffer = (float *)malloc(sizeof(float) * (size_t)job->group);
     int8_t *xq = (int8_t *)aligned_alloc(32, (size_t)(M * K + 32) / 32 * 32);
     float *xd = (float *)malloc(sizeof(float) * (size_t)(M * groups));
@@ -518,7 +521,7 @@ static int softmax_in_place(float *scores, const uint8_t *mask, int64_t T) {
 static void run_attention(void *argument) {
     Attention *a = (Attention *)argument;
     const int64_t T = a->T, D = a->D, heads = a->H / a->G;
-    const size_t kv_element = a->kv_dtype == DTYPE_FLOAT32 ? 4 : 2, q_element = a->query_dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const size_t kv_element = dtype_bytes(a->kv_dtype), q_element = dtype_bytes(a->query_dtype);
     /* per head: its scaled query [D], scores [T], output sums [D], whether its softmax is finite; one tile [ATTENTION_TILE, D] */
     float *queries = (float *)malloc(sizeof(float) * (size_t)(heads * (2 * D + T + 1) + ATTENTION_TILE * D));
     if (!queries) return; /* the caller sees next_item short of the end */
@@ -579,7 +582,7 @@ static void run_attention(void *argument) {
  * costs a prompt little beside its arithmetic. Returns 0, or -1 when out of memory. */
 static int float_linear(Job *job, const void *x, int x_dtype) {
     const int64_t M = job->M, K = job->K, rows = M < FLOAT_PASS_ROWS ? M : FLOAT_PASS_ROWS;
-    const size_t element = x_dtype == DTYPE_FLOAT32 ? 4 : 2, out_element = job->out_dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const size_t element = dtype_bytes(x_dtype), out_element = dtype_bytes(job->out_dtype);
     float *xf = (float *)aligned_alloc(32, sizeof(float) * (size_t)(rows * K));
     if (!xf) return -1;
     Job pass = *job;
