@@ -1273,10 +1273,11 @@ class QuantizedLinear(nn.Module):
 class FloatLinear(nn.Linear):
     """`nn.Linear` (same parameters, same state dict) that multiplies on chatglm_cpu's float kernel when
     `cpu_kernel` is "chatglm_cpu" (`set_cpu_kernel`, as for the quantized layers): float16/bfloat16 weights,
-    no gradient wanted (inference, or a frozen layer of a model in training), x in the weight's dtype on the CPU. Decode steps (up to chatglm_cpu.FLOAT_PASS_ROWS rows) read
-    the weight at the memory's bandwidth, where torch's matmul of one row reaches 0.73-0.78 of it in float16
-    and 0.63-0.68 in bfloat16 on a Zen 3 EPYC (AVX2): the 6B vocabulary projection, 533 MB per token, took a
-    fifth of an int4 decode step, and a float model's projections are the whole of its step. Prompts take it
+    no gradient wanted (inference, or a frozen layer of a model in training), x in the weight's dtype on the
+    CPU. Decode steps (up to chatglm_cpu.FLOAT_PASS_ROWS rows) read the weight at the memory's bandwidth,
+    where torch's matmul of one row reaches 0.73-0.78 of it in float16 and 0.63-0.68 in bfloat16 on a Zen 3
+    EPYC (AVX2): the 6B vocabulary projection, 533 MB per token, took a fifth of an int4 decode step, and a
+    float model's projections are the whole of its step. Prompts take it
     where oneDNN has no GEMM in the weight's dtype (`_cpu_has_gemm`: AVX2 CPUs), since torch multiplies
     those matrices in a loop there at a third of its speed. The products are exact and added in float32 in
     another order than torch's; everything else (prompts where oneDNN has a GEMM, training, other devices
