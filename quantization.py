@@ -840,17 +840,32 @@ if _HAS_TRITON:
         )
 
 
-def _triton_linear(x2d, weight, scale, bias, bits):
-    """x2d [M, K] (float16/bfloat16, rows contiguous) times the released-layout weight, + bias."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by phase and GPU generation. Decode (<= 16
+# rows) only reads the weight: narrow column tiles spread it over more SMs; prefill tiles reuse each
+# dequantized weight tile across many rows. Turing's smaller tiles keep its dots in registers: the
+# Ampere ones spill there (tests/test_triton_targets.py compiles every target and checks for spills).
+TRITON_TILES = {
+    ("decode", "ampere"): (16, 32, 128, 4, 4),
+    ("decode", "turing"): (16, 32, 64, 4, 2),
+    ("prefill", "ampere"): (64, 128, 64, 8, 3),
+    ("prefill", "turing"): (32, 64, 32, 4, 2),
+}
+
+
+def triton_tiles(rows, capability):
+    """The TRITON_TILES entry for a call with `rows` activation rows on a GPU of compute `capability`."""
+    return TRITON_TILES["decode" if rows <= 16 else "prefill", "ampere" if capability >= (8, 0) else "turing"]
+
+
+def _triton_linear(x2d, weight, scale, bias, bits, tiles=None):
+    """x2d [M, K] (float16/bfloat16, rows contiguous) times the released-layout weight, + bias.
+
+    `tiles` defaults to the TRITON_TILES entry of x2d's GPU.
+    """
     m, k = x2d.shape
     n = scale.shape[0]
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    if m <= 16:
-        # Decode: reading the weight is the whole cost; narrow column tiles spread it over more SMs.
-        block_m, block_n, block_k, num_warps, num_stages = 16, 32, 128, 4, 4
-    else:
-        # Prefill: wide tiles reuse each dequantized weight tile across 64 rows.
-        block_m, block_n, block_k, num_warps, num_stages = 64, 128, 64, 4, 3
+    block_m, block_n, block_k, num_warps, num_stages = tiles or triton_tiles(m, torch.cuda.get_device_capability(x2d.device))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _dequantize_matmul_kernel[grid](
         x2d,

@@ -22,14 +22,20 @@ QUANTIZATION_PY = Path(__file__).resolve().parent.parent / "quantization.py"
 
 # M 1 and 3 take the decode tiles (16 rows), 17 the prefill tiles (64 rows); N 40, 96 and K 200
 # are not multiples of the 32/128-wide column tiles or of the 64/128-deep K tiles.
+# Each on the tiles of every GPU generation that runs its dtype (bfloat16 dots need Ampere).
+CAPABILITIES = {"ampere": (8, 0), "turing": (7, 5)}
 MATMUL_CASES = {
-    f"int{bits}-{str(dtype).removeprefix('torch.')}-M{m}-N{n}-K{k}": (m, n, k, bits, dtype, True)
+    f"int{bits}-{str(dtype).removeprefix('torch.')}-M{m}-N{n}-K{k}-{generation}": (m, n, k, bits, dtype, True, generation)
     for bits in (4, 8)
     for dtype in (torch.float16, torch.bfloat16)
+    for generation in CAPABILITIES
+    if not (generation == "turing" and dtype == torch.bfloat16)
     for m in (1, 3, 17)
     for n, k in ((40, 64), (96, 200))
 }
-MATMUL_CASES.update({f"int{bits}-float16-M5-N40-K64-no-bias": (5, 40, 64, bits, torch.float16, False) for bits in (4, 8)})
+MATMUL_CASES.update(
+    {f"int{bits}-float16-M5-N40-K64-no-bias": (5, 40, 64, bits, torch.float16, False, "ampere") for bits in (4, 8)}
+)
 EXACT_VALUE_CASES = {f"int{bits}": bits for bits in (4, 8)}
 
 # Relative to the output's largest magnitude: one float16 rounding of the output; for bfloat16 the
@@ -37,12 +43,12 @@ EXACT_VALUE_CASES = {f"int{bits}": bits for bits in (4, 8)}
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def check_matmul(Q, m, n, k, bits, dtype, bias):
+def check_matmul(Q, m, n, k, bits, dtype, bias, generation):
     generator = torch.Generator().manual_seed(0)
     qweight, scale = Q.quantize_weight(torch.randn(n, k, generator=generator).to(dtype), bits)
     x = torch.randn(m, k, generator=generator).to(dtype)
     bias_tensor = torch.randn(n, generator=generator).to(dtype) if bias else None
-    out = Q._triton_linear(x, qweight, scale, bias_tensor, bits)
+    out = Q._triton_linear(x, qweight, scale, bias_tensor, bits, Q.triton_tiles(m, CAPABILITIES[generation]))
     expected = x.float() @ Q.dequantize_weight(qweight, scale.float(), bits).t()
     if bias:
         expected += bias_tensor.float()
@@ -56,7 +62,7 @@ def check_exact_values(Q, bits):
     q = torch.stack([row, row.flip(0)]).to(torch.int8)
     qweight = Q.pack_int4(q) if bits == 4 else q
     x = torch.eye(q.shape[1], dtype=torch.float16)  # out[i, r] = q[r, i] * scale[r]
-    out = Q._triton_linear(x, qweight, torch.ones(2, dtype=torch.float16), None, bits)
+    out = Q._triton_linear(x, qweight, torch.ones(2, dtype=torch.float16), None, bits, Q.triton_tiles(len(x), (8, 0)))
     assert torch.equal(out.t().to(torch.int8), q)
 
 
