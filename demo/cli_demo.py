@@ -16,7 +16,6 @@ is the tool's result, sent back as the `observation` turn.
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -24,26 +23,19 @@ DEMO_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DEMO_DIR.parent))
 
 from tools.model_folder import (  # noqa: E402
-    CONFIG_FILE,
+    BUNDLED_MODEL,
     INTERRUPTED,
-    MODEL_MODULES,
-    TOKENIZER_FILE,
     USAGE_ERROR,
     ModelFolderError,
-    check_weights,
-    first_line,
+    OneLineErrorParser,
+    add_loading_arguments,
+    load_chat_model,
+    positive_int,
+    probability,
 )
 
-BUNDLED_MODEL = DEMO_DIR / "tiny-chatglm2"
 CLEAR_COMMANDS = ("clear",)
 STOP_COMMANDS = ("stop", "exit", "quit")
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-CPU_KERNEL_HELP = (
-    "the quantized layers' CPU kernel: auto (default: chatglm_cpu where it is installed, else torch), "
-    "torch (exact weight-only), chatglm_cpu (pip install ./cpu_kernels: int8 activations, 1.5-2.6x faster "
-    "int4 decoding) or onnxruntime; also for a quantized checkpoint as stored"
-)
 BANNER = (
     "ChatGLM2 terminal chat. Type a message and press Enter.\n"
     "Commands: 'clear' forgets the conversation, 'stop' quits. "
@@ -56,19 +48,7 @@ BUNDLED_NOTE = (
 
 
 class UsageError(Exception):
-    """A problem with the arguments or the model folder, reported as one line without a traceback."""
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    """A problem with the arguments (--system, --tools), reported as one line without a traceback."""
 
 
 def positive_float(text):
@@ -78,36 +58,14 @@ def positive_float(text):
     return value
 
 
-def probability(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def device_name(text):
-    if not DEVICE_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
-    return text
-
-
 def build_parser():
     parser = OneLineErrorParser(
         prog="cli_demo.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model-path",
-        type=Path,
-        default=BUNDLED_MODEL,
-        help="model folder with this package's code files, config, tokenizer.model and weights (default: the bundled demo model)",
-    )
+    add_loading_arguments(parser)
     parser.add_argument("--query", action="append", metavar="TEXT", help="answer TEXT and exit; repeat for a multi-turn conversation")
-    parser.add_argument("--quantize", type=int, choices=(0, 4, 8), default=0, help="quantize the weights to 4 or 8 bits after loading (0: no)")
-    parser.add_argument("--cpu-kernel", help=CPU_KERNEL_HELP)
-    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on cpu, bfloat16 (or float16) on cuda, float16 on mps")
     parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="longest answer, in tokens (default: 512)")
     parser.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (default: 0.8)")
     parser.add_argument("--top-p", type=probability, default=0.8, help="nucleus sampling threshold (default: 0.8)")
@@ -138,81 +96,6 @@ def first_history(args, tokenizer):
 
 def is_tool_call(response):
     return isinstance(response, dict) and "parameters" in response
-
-
-def check_model_folder(folder):
-    """Raise UsageError naming what is missing, before transformers fails with a long traceback."""
-    if not folder.exists():
-        raise UsageError(f"--model-path {folder}: no such folder")
-    if not folder.is_dir():
-        raise UsageError(f"--model-path {folder}: not a folder")
-    if not (folder / CONFIG_FILE).is_file():
-        raise UsageError(f"{folder / CONFIG_FILE} is missing: not a model folder")
-    if not (folder / TOKENIZER_FILE).is_file():
-        raise UsageError(f"{folder / TOKENIZER_FILE} is missing: the tokenizer needs it")
-    for name in MODEL_MODULES:
-        code = folder / name
-        if not code.is_file():
-            raise UsageError(f"{code} is missing: make the folder with tools/upgrade_checkpoint.py")
-        text = code.read_text(encoding="utf-8", errors="replace").strip()
-        if text.endswith(".py") and "\n" not in text:
-            # git writes a symlink it could not create as a one-line file holding the target path.
-            raise UsageError(
-                f"{code} is a placeholder for a symlink to {text}: clone with symlinks enabled "
-                "(on Windows: git clone -c core.symlinks=true)"
-            )
-    try:
-        check_weights(folder)  # a truncated or corrupt file is named here, not in a long traceback
-    except ModelFolderError as error:
-        raise UsageError(str(error)) from None
-
-
-def pick_device(name):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this machine (or this torch build) has no CUDA device")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: Apple's MPS backend is not available here")
-    return name
-
-
-def pick_dtype(name, device):
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "mps":
-        return torch.float16
-    # Half precision on CPUs is slow or unsupported in places; float32 is the safe choice.
-    return torch.float32
-
-
-def load(args):
-    check_model_folder(args.model_path)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    # Imported here so that --help and argument errors answer at once.
-    from transformers import AutoModel, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=True)
-        model = AutoModel.from_pretrained(args.model_path, trust_remote_code=True, dtype=dtype)
-        if args.quantize or args.cpu_kernel:
-            # Layer by layer onto the device: the float model never has to fit there whole. The
-            # model checks the kernel's name (a bad one is a ValueError naming the choices).
-            model = model.quantize(args.quantize, device=device, cpu_kernel=args.cpu_kernel)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load {args.model_path}: {first_line(error)}") from None
-    return tokenizer, model.to(device).eval()
 
 
 def generation_options(args):
@@ -298,9 +181,9 @@ def chat_loop(model, tokenizer, options, bundled, opening):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        tokenizer, model = load(args)
+        tokenizer, model = load_chat_model(args)
         opening = first_history(args, tokenizer)
-    except UsageError as error:
+    except (UsageError, ModelFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:  # loading 12 GB takes a while; giving up on it is not an error

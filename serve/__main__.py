@@ -13,11 +13,8 @@ import ipaddress
 import logging
 import os
 import sys
-from pathlib import Path
 
-from demo.cli_demo import BUNDLED_MODEL, CPU_KERNEL_HELP, DTYPES, OneLineErrorParser, UsageError, device_name, load, positive_int, probability
-
-USAGE_ERROR = 2
+from tools.model_folder import USAGE_ERROR, ModelFolderError, OneLineErrorParser, add_loading_arguments, load_chat_model, positive_int, probability
 
 
 def non_negative_float(text):
@@ -29,14 +26,17 @@ def non_negative_float(text):
 
 def build_parser():
     parser = OneLineErrorParser(prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", type=Path, default=BUNDLED_MODEL, help="model folder (default: the bundled demo model)")
+    add_loading_arguments(parser)
     parser.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--quantize", type=int, choices=(0, 4, 8), default=0, help="quantize the weights to 4 or 8 bits after loading (0: no)")
-    parser.add_argument("--cpu-kernel", help=CPU_KERNEL_HELP)
-    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on cpu, bfloat16 (or float16) on cuda, float16 on mps")
+    parser.add_argument(
+        "--allowed-hosts",
+        type=lambda text: [name for name in text.split(",") if name.strip()],
+        default=[],
+        help="comma-separated Host names to answer besides the loopback ones (default: bound to loopback, only "
+        "127.0.0.1, localhost, [::1]: no DNS rebinding; bound elsewhere, any); '*' answers any Host",
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("SERVE_API_KEY"),
@@ -59,11 +59,25 @@ def chat_postprocess(tokenizer):
     return lambda text: tokenizer.process_chat_response(text, "", [])[0]
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def allowed_hosts(bind_host, extra=()):
+    """The Host names a server bound to `bind_host` answers: bound to loopback, only loopback names
+    (a page whose name rebinds to 127.0.0.1 must not reach the model) plus `extra`; `*` in `extra`,
+    or a non-loopback bind without `extra`, accepts any (None)."""
+    extra = {name.strip().lower().strip("[]") for name in extra if name.strip()}
+    if "*" in extra or (not extra and not is_loopback(bind_host)):
+        return None
+    # The address bound is a name clients may use too (http://192.168.1.5:8000/).
+    return frozenset(extra | LOOPBACK_HOSTS | {bind_host.lower().strip("[]")})
+
+
 def is_loopback(host):
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        return host == "localhost"
+        return host.lower() == "localhost"
 
 
 def main(argv=None):
@@ -77,8 +91,8 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
     try:
-        tokenizer, model = load(args)
-    except UsageError as error:
+        tokenizer, model = load_chat_model(args)
+    except ModelFolderError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
@@ -104,6 +118,7 @@ def main(argv=None):
         top_p=args.top_p,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
+        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
     )
     app = create_app(engine, tokenizer, settings, chat_postprocess=chat_postprocess(tokenizer))
     log.info("serving %s (context %d tokens) on http://%s:%d", settings.model_name, settings.context_length, args.host, args.port)

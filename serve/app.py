@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import anyio.to_thread
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Busy, Job, Row
+from .logprobs import CompletionChoices, chat_logprobs, requested_logprobs, token_texts
 from .protocol import ChatRequest, CompletionRequest, EmbeddingRequest, describe_validation_errors, unsupported_fields
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -38,6 +40,16 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_s: int = 1
     disconnect_poll_s: float = 0.25
+    # Host header names accepted (lower case, no port); None accepts any (serve/__main__.py's `allowed_hosts`).
+    allowed_hosts: Optional[frozenset] = None
+
+
+def host_name(header):
+    """The name in a Host header without its port: "[::1]:8000" -> "::1", "Example:80" -> "example"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class APIError(Exception):
@@ -105,6 +117,18 @@ class Gate:
             )
 
     def _refusal(self, scope):
+        allowed = self.settings.allowed_hosts
+        if allowed is not None:
+            host = dict(scope.get("headers") or []).get(b"host")
+            if host is not None and host_name(host.decode("latin-1")) not in allowed:
+                shown = host.decode("latin-1")[:100]
+                return APIError(
+                    403,
+                    f"Host {shown!r} is not served here (it may be a DNS-rebinding page); allowed: "
+                    f"{', '.join(sorted(allowed))} (--allowed-hosts adds names)",
+                    code="host_not_allowed",
+                    kind="permission_error",
+                )
         key = self.settings.api_key
         if key is None or not scope["path"].startswith("/v1/"):
             return None
@@ -151,6 +175,7 @@ class Gate:
 def create_app(engine, tokenizer, settings, chat_postprocess=None):
     """The application serving `engine`'s model under `settings.model_name`."""
     app = FastAPI(title="ChatGLM OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
+    text_of = token_texts(tokenizer)  # a token's text in log probabilities
 
     @app.exception_handler(APIError)
     async def api_error(request, error):
@@ -180,8 +205,10 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         if refused:
             raise APIError(400, f"{refused[0]}: {refused[1]}", param=refused[0])
 
-    def encode(text, param):
-        return check_length(tokenizer(text)["input_ids"], param)
+    async def encode(text, param):
+        # Tokenizing megabytes takes seconds: off the event loop, so other requests keep flowing.
+        ids = await anyio.to_thread.run_sync(lambda: tokenizer(text)["input_ids"])
+        return check_length(ids, param)
 
     def check_length(ids, param):
         if len(ids) >= settings.context_length:
@@ -225,11 +252,15 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         temperature = settings.temperature if request.temperature is None else request.temperature
         top_p = settings.top_p if request.top_p is None else request.top_p
         seed = engine.new_seed() if request.seed is None else request.seed % 2**63
+        try:
+            logprobs = requested_logprobs(request)
+        except ValueError as error:
+            raise APIError(400, str(error), param="top_logprobs") from None
         rows = []
         for ids in prompts:
             new_tokens = new_tokens_for(ids, max_tokens, param)
             for choice in range(request.n):
-                rows.append(Row(ids, new_tokens, temperature, top_p, (seed + choice) % 2**63, tuple(stops), min(request.min_tokens, new_tokens)))
+                rows.append(Row(ids, new_tokens, temperature, top_p, (seed + choice) % 2**63, tuple(stops), min(request.min_tokens, new_tokens), **logprobs))
         return rows
 
     def submit(rows, kind="generate", postprocess=None):
@@ -297,9 +328,9 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
                 while True:
                     event = await job.events.get()
                     if event[0] == "delta":
-                        yield sse(chunk(event[1], text=event[2]))
+                        yield sse(chunk(event[1], text=event[2], logprobs=event[3]))
                     elif event[0] == "finish":
-                        yield sse(chunk(event[1], finish_reason=event[2]))
+                        yield sse(chunk(event[1], finish_reason=event[2], logprobs=event[4]))
                     elif event[0] == "error":
                         yield sse(error_body(f"{event[1]} (request id {request.state.request_id})", "server_error"))
                         return
@@ -371,8 +402,11 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         check_supported(body)
         messages = chat_messages(body)
         try:
-            # The tokenizer renders and encodes the chat (prefix tokens included, as `chat` does).
-            encoding = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            # The tokenizer renders and encodes the chat (prefix tokens included, as `chat` does), off
+            # the event loop like `encode`.
+            encoding = await anyio.to_thread.run_sync(
+                lambda: tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            )
         except (ValueError, TypeError, jinja2.TemplateError) as error:
             raise APIError(400, f"messages: {error}", param="messages") from None
         prompt_ids = check_length(list(encoding["input_ids"]), "messages")
@@ -385,11 +419,12 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(index, text=None, finish_reason=None, role=None):
+            def chunk(index, text=None, finish_reason=None, role=None, logprobs=()):
                 payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": settings.model_name, "choices": []}
                 if index is not None:
                     delta = {"role": role, "content": ""} if role else ({"content": text} if text is not None else {})
-                    payload["choices"] = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+                    shown = chat_logprobs(text_of, logprobs) if logprobs else None
+                    payload["choices"] = [{"index": index, "delta": delta, "logprobs": shown, "finish_reason": finish_reason}]
                 if include_usage:
                     payload["usage"] = None
                 return payload
@@ -400,7 +435,12 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         if texts is None:
             return JSONResponse(error_body("the client closed the connection"), 499)
         choices = [
-            {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": row.finish_reason}
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None if row.logprobs is None else chat_logprobs(text_of, row.token_logprobs),
+                "finish_reason": row.finish_reason,
+            }
             for index, (row, text) in enumerate(zip(job.rows, texts))
         ]
         return {
@@ -419,17 +459,19 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
-        encoded = [encode(prompt, "prompt" if len(prompts) == 1 else f"prompt[{index}]") for index, prompt in enumerate(prompts)]
+        encoded = [await encode(prompt, "prompt" if len(prompts) == 1 else f"prompt[{index}]") for index, prompt in enumerate(prompts)]
         job = submit(rows_for(body, encoded, body.max_tokens, "max_tokens"))
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(ids) for ids in encoded)
+        shown = CompletionChoices(text_of, job.rows, prompts, body.n, body.echo)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(index, text=None, finish_reason=None):
+            def chunk(index, text=None, finish_reason=None, logprobs=()):
                 payload = {"id": completion_id, "object": "text_completion", "created": created, "model": settings.model_name, "choices": []}
                 if index is not None:
-                    payload["choices"] = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+                    text, logprobs = shown.streamed(index, text, logprobs)
+                    payload["choices"] = [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]
                 if include_usage:
                     payload["usage"] = None
                 return payload
@@ -438,15 +480,16 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         texts = await gather(job, request)
         if texts is None:
             return JSONResponse(error_body("the client closed the connection"), 499)
+        choices = []
+        for index, (row, text) in enumerate(zip(job.rows, texts)):
+            text, logprobs = shown.whole(index, text)
+            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": row.finish_reason})
         return {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
             "model": settings.model_name,
-            "choices": [
-                {"index": index, "text": text, "logprobs": None, "finish_reason": row.finish_reason}
-                for index, (row, text) in enumerate(zip(job.rows, texts))
-            ],
+            "choices": choices,
             "usage": usage_of(job, prompt_tokens, request),
         }
 
@@ -457,7 +500,7 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         inputs = [body.input] if isinstance(body.input, str) else body.input
         if not inputs or len(inputs) > engine.max_batch_size:
             raise APIError(400, f"input: give 1 to {engine.max_batch_size} strings (--max-batch-size), got {len(inputs)}", param="input")
-        encoded = [encode(text, "input" if len(inputs) == 1 else f"input[{index}]") for index, text in enumerate(inputs)]
+        encoded = [await encode(text, "input" if len(inputs) == 1 else f"input[{index}]") for index, text in enumerate(inputs)]
         job = submit([Row(ids, 0, 0.0, 1.0, 0) for ids in encoded], kind="embed")
         if await gather(job, request) is None:
             return JSONResponse(error_body("the client closed the connection"), 499)

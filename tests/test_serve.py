@@ -4,13 +4,14 @@ parameters, embeddings, and errors that name the problem while the server keeps 
 import concurrent.futures
 import http.client
 import json
+import threading
 import time
 
 import openai
 import pytest
 import torch
 
-from serve.process import ServerProcess
+from serve.process import ServerProcess, free_port
 from test_cli_demo import trained_answer
 from tiny_checkpoint import REPO_ROOT
 
@@ -204,7 +205,7 @@ def test_embeddings_are_the_normalized_mean_of_the_final_hidden_states(client, t
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 5}]}).encode(), 400, "messages[0].content"),
         (json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "colour": 1}).encode(), 400, "colour"),
-        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}).encode(), 400, "logprobs"),
+        (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}).encode(), 400, "top_logprobs"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1}).encode(), 400, "presence_penalty"),
         (json.dumps({"model": MODEL, "messages": [{"role": "assistant", "content": "hi"}]}).encode(), 400, "messages"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(), 400, "tools"),
@@ -216,7 +217,7 @@ def test_embeddings_are_the_normalized_mean_of_the_final_hidden_states(client, t
     ],
     ids=[
         "bad-json", "not-an-object", "unknown-model", "negative-max-tokens", "wrong-type", "wrong-content-type",
-        "no-messages", "unknown-field", "unsupported-logprobs", "unsupported-penalty", "bad-role-order", "tools-on-chatglm2",
+        "no-messages", "unknown-field", "too-many-top-logprobs", "unsupported-penalty", "bad-role-order", "tools-on-chatglm2",
         "n-over-batch", "empty-stop", "max-tokens-over-context", "image-part", "two-length-limits",
     ],
 )  # fmt: skip
@@ -259,6 +260,43 @@ def test_an_oversized_body_is_refused_with_413(server, client):
     still_serving(client)
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/", "/health"])
+def test_a_dns_rebinding_host_is_refused_and_loopback_names_are_served(server, path):
+    # A page at evil.example whose name rebinds to 127.0.0.1 sends its own name as the Host.
+    status, _, answer = raw_request(server, "GET", path, headers={"Host": f"evil.example:{server.port}"})
+    assert status == 403 and "'evil.example:" in answer["error"]["message"], answer
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", f"[::1]:{server.port}", "LOCALHOST"):
+        status, _, answer = raw_request(server, "GET", path, headers={"Host": host})
+        assert status == 200, (host, answer)
+
+
+def test_a_chat_from_a_rebound_host_never_reaches_the_model(server, client):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "你好"}]}).encode()
+    status, _, answer = raw_request(server, "POST", "/v1/chat/completions", body, {"Host": "evil.example"})
+    assert status == 403 and "evil.example" in answer["error"]["message"]
+    still_serving(client)
+
+
+def test_allowed_hosts_widen_the_loopback_names_or_allow_any():
+    from serve.__main__ import LOOPBACK_HOSTS, allowed_hosts
+
+    assert allowed_hosts("127.0.0.1") == LOOPBACK_HOSTS
+    assert allowed_hosts("::1", ["Chat.Example", " [fe80::1] "]) == LOOPBACK_HOSTS | {"chat.example", "fe80::1"}
+    assert allowed_hosts("127.0.0.1", ["*"]) is None
+    # Bound to another address, the operator chose to be reachable: any Host, unless names are given.
+    assert allowed_hosts("0.0.0.0") is None
+    assert allowed_hosts("192.168.1.5", ["chat.example"]) == LOOPBACK_HOSTS | {"chat.example", "192.168.1.5"}
+
+
+def test_the_server_does_not_import_the_demo():
+    import subprocess
+    import sys
+
+    code = "import sys, serve.__main__, serve.app; print(sorted(name for name in sys.modules if name.split('.')[0] == 'demo'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_unknown_endpoint_and_method_get_json_errors(server):
     status, _, answer = raw_request(server, "GET", "/v1/nothing")
     assert status == 404 and "/v1/nothing" in answer["error"]["message"]
@@ -292,6 +330,64 @@ def test_a_client_that_leaves_frees_its_row(server, client, stream):
     still_serving(client)
 
 
+class GatedTokenizer:
+    """The demo tokenizer, except that tokenizing a text longer than `size` characters waits until
+    `release` is set (or 30 s pass), as tokenizing a prompt of megabytes takes seconds."""
+
+    def __init__(self, tokenizer, size):
+        self.tokenizer, self.size = tokenizer, size
+        self.big_started, self.release = threading.Event(), threading.Event()
+        self.released_in_time = None
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, text, *args, **kwargs):
+        if isinstance(text, str) and len(text) > self.size:
+            self.big_started.set()
+            self.released_in_time = self.release.wait(timeout=30)
+        return self.tokenizer(text, *args, **kwargs)
+
+
+def test_a_huge_prompt_being_tokenized_does_not_hold_up_a_small_request(tokenizer):
+    import uvicorn
+    from transformers import AutoModel
+
+    from serve.app import Settings, create_app
+    from serve.engine import Engine
+
+    model = AutoModel.from_pretrained(DEMO_MODEL, trust_remote_code=True).eval()
+    gated = GatedTokenizer(tokenizer, size=100_000)
+    engine = Engine(model, tokenizer)
+    settings = Settings(model_name=MODEL, context_length=model.config.seq_length, max_body_bytes=8 * 1024 * 1024)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, gated, settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        local = type("Local", (), {"port": port})
+        huge = json.dumps({"model": MODEL, "prompt": "你好 " * 500_000, "max_tokens": 5}, ensure_ascii=False).encode()  # 3.5 MB
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            big = pool.submit(raw_request, local, "POST", "/v1/completions", huge)
+            assert gated.big_started.wait(60), big.result() if big.done() else "the huge prompt never reached the tokenizer"
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+            small = client.completions.create(model=MODEL, prompt=tokenizer.build_prompt("你好"), temperature=0)
+            gated.release.set()
+            status, _, answer = big.result()
+        # The small answer arrived while the huge prompt was still being tokenized (not after the 30 s).
+        assert gated.released_in_time is True
+        assert small.choices[0].text.strip() == trained_answer("你好")
+        assert status == 400 and "context" in answer["error"]["message"]
+    finally:
+        gated.release.set()
+        server.should_exit = True
+        thread.join(30)
+        engine.close()
+
+
 def test_requests_that_arrive_together_are_decoded_in_one_batch(server, client):
     queries = ["你好", "Who are you?", "Hello", "What can you do?"]
     before = server.health()["batches"]
@@ -309,7 +405,12 @@ def test_requests_that_arrive_together_are_decoded_in_one_batch(server, client):
 def test_a_full_queue_answers_429_with_retry_after_and_an_api_key_is_enforced():
     # One row per batch, one waiting request, and a long batch window: requests sent together overflow.
     arguments = ("--threads", "1", "--max-batch-size", "1", "--max-waiting", "1", "--batch-wait-ms", "500", "--api-key", "sesame")
-    with ServerProcess(*arguments) as busy:
+    with ServerProcess(*arguments, "--allowed-hosts", "chat.example") as busy:
+        # --allowed-hosts adds names; others are still refused, before the key is looked at.
+        status, _, _ = raw_request(busy, "GET", "/health", headers={"Host": "chat.example:8000"})
+        assert status == 200
+        status, _, answer = raw_request(busy, "GET", "/v1/models", headers={"Host": "evil.example"})
+        assert status == 403 and "evil.example" in answer["error"]["message"]
         status, _, answer = raw_request(busy, "GET", "/v1/models")
         assert status == 401 and "Authorization: Bearer" in answer["error"]["message"]
         status, _, _ = raw_request(busy, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})

@@ -10,10 +10,14 @@ import it: transformers copies them flat into its module cache, without this fol
 - `check_destination` / `staged_folder`: a tool's output folder is never its source (symlinks
   resolved) and appears only complete, renamed into place from a temporary folder beside it.
 - `ModelFolderError`, `exit_status` and the statuses it returns: errors as one line naming the file.
+- `add_loading_arguments` / `load_chat_model`: the options and the loading (checks, device, dtype,
+  quantization) that demo/cli_demo.py and `python -m serve` share.
 """
 
+import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -248,3 +252,128 @@ def _swap(destination, staging):
         shutil.rmtree(trash, ignore_errors=True)
         raise
     shutil.rmtree(trash)
+
+
+# --- Loading a folder to chat with it: demo/cli_demo.py and `python -m serve` -------------------
+
+BUNDLED_MODEL = REPO_ROOT / "demo" / "tiny-chatglm2"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+CPU_KERNEL_HELP = (
+    "the quantized layers' CPU kernel: auto (default: chatglm_cpu where it is installed, else torch), "
+    "torch (exact weight-only), chatglm_cpu (pip install ./cpu_kernels: int8 activations, 1.5-2.6x faster "
+    "int4 decoding) or onnxruntime; also for a quantized checkpoint as stored"
+)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def probability(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def device_name(text):
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def add_loading_arguments(parser):
+    """--model-path, --quantize, --cpu-kernel, --device, --dtype: what `load_chat_model` reads."""
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        default=BUNDLED_MODEL,
+        help="model folder with this package's code files, config, tokenizer.model and weights (default: the bundled demo model)",
+    )
+    parser.add_argument("--quantize", type=int, choices=(0, 4, 8), default=0, help="quantize the weights to 4 or 8 bits after loading (0: no)")
+    parser.add_argument("--cpu-kernel", help=CPU_KERNEL_HELP)
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on cpu, bfloat16 (or float16) on cuda, float16 on mps")
+
+
+def check_model_folder(folder):
+    """Raise ModelFolderError naming what is missing, before transformers fails with a long traceback."""
+    if not folder.exists():
+        raise ModelFolderError(f"--model-path {folder}: no such folder")
+    if not folder.is_dir():
+        raise ModelFolderError(f"--model-path {folder}: not a folder")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelFolderError(f"{folder / CONFIG_FILE} is missing: not a model folder")
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise ModelFolderError(f"{folder / TOKENIZER_FILE} is missing: the tokenizer needs it")
+    for name in MODEL_MODULES:
+        code = folder / name
+        if not code.is_file():
+            raise ModelFolderError(f"{code} is missing: make the folder with tools/upgrade_checkpoint.py")
+        text = code.read_text(encoding="utf-8", errors="replace").strip()
+        if text.endswith(".py") and "\n" not in text:
+            # git writes a symlink it could not create as a one-line file holding the target path.
+            raise ModelFolderError(
+                f"{code} is a placeholder for a symlink to {text}: clone with symlinks enabled "
+                "(on Windows: git clone -c core.symlinks=true)"
+            )
+    check_weights(folder)  # a truncated or corrupt file is named here, not in a long traceback
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelFolderError(f"--device {name}: this machine (or this torch build) has no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ModelFolderError("--device mps: Apple's MPS backend is not available here")
+    return name
+
+
+def pick_dtype(name, device):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    # Half precision on CPUs is slow or unsupported in places; float32 is the safe choice.
+    return torch.float32
+
+
+def load_chat_model(args):
+    """(tokenizer, model in eval mode on its device) for the options of `add_loading_arguments`;
+    ModelFolderError names what is wrong with the folder or the options."""
+    check_model_folder(args.model_path)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    # Imported here so that --help and argument errors answer at once.
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=True)
+        model = AutoModel.from_pretrained(args.model_path, trust_remote_code=True, dtype=dtype)
+        if args.quantize or args.cpu_kernel:
+            # Layer by layer onto the device: the float model never has to fit there whole. The
+            # model checks the kernel's name (a bad one is a ValueError naming the choices).
+            model = model.quantize(args.quantize, device=device, cpu_kernel=args.cpu_kernel)
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(f"cannot load {args.model_path}: {first_line(error)}") from None
+    return tokenizer, model.to(device).eval()
