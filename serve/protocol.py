@@ -59,7 +59,7 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
@@ -77,7 +77,7 @@ class CompletionRequest(Sampling):
     prompt: Union[str, list[str]]
     echo: bool = False
     best_of: Optional[int] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
     suffix: Optional[str] = None
 
 
@@ -94,14 +94,11 @@ _UNSUPPORTED = {
     "frequency_penalty": (lambda v: v not in (None, 0), "penalties are not implemented; leave it unset or 0"),
     "presence_penalty": (lambda v: v not in (None, 0), "penalties are not implemented; leave it unset or 0"),
     "logit_bias": (lambda v: bool(v), "logit_bias is not implemented"),
-    "logprobs": (lambda v: v not in (None, False), "log probabilities are not returned by this server"),
-    "top_logprobs": (lambda v: v is not None, "log probabilities are not returned by this server"),
     "response_format": (
         lambda v: v is not None and v.get("type") != "text",
         "only {\"type\": \"text\"} is supported (no JSON mode)",
     ),
     "modalities": (lambda v: v not in (None, ["text"]), "only text output is supported"),
-    "echo": (lambda v: v, "echo is not supported"),
     "best_of": (lambda v: v not in (None, 1), "best_of is not supported; use n"),
     "suffix": (lambda v: v is not None, "suffix (insertion) is not supported"),
     "dimensions": (lambda v: v is not None, "the vector size is the model's hidden size; leave it unset"),
