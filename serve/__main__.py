@@ -44,7 +44,8 @@ def build_parser():
     )
     parser.add_argument("--max-batch-size", type=positive_int, default=16, help="sequences decoded together in one batch (default: 16)")
     parser.add_argument("--max-waiting", type=positive_int, default=64, help="requests that may wait for a batch; more get 429 (default: 64)")
-    parser.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0, help="how long the first waiting request waits for others to join its batch (default: 10)")
+    parser.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0, help="how long a request that finds the server idle waits for others to start with it (default: 10)")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=256, help="prompt tokens read per step while other rows decode: a newcomer adds at most this to their time per token (default: 256)")
     parser.add_argument("--max-tokens-default", type=positive_int, default=512, help="answer length when a request gives no max_tokens (default: 512)")
     parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="temperature when a request gives none (default: 0.8, as model.chat)")
     parser.add_argument("--top-p", type=probability, default=0.8, help="top_p when a request gives none (default: 0.8, as model.chat)")
@@ -109,6 +110,7 @@ def main(argv=None):
         max_batch_size=args.max_batch_size,
         max_waiting=args.max_waiting,
         batch_wait=args.batch_wait_ms / 1000,
+        prefill_chunk=args.prefill_chunk,
     )
     settings = Settings(
         model_name=args.served_model_name or args.model_path.resolve().name,

@@ -22,9 +22,11 @@ def free_port():
 
 class ServerProcess:
     """`with ServerProcess("--max-batch-size", "8") as server: server.url ...`; the server's stderr
-    (its log) is kept in `server.log` once it has stopped."""
+    (its log) is kept in `server.log` once it has stopped. `root`: the checkout whose `serve` runs
+    (another one gives a baseline to compare with)."""
 
-    def __init__(self, *args, start_timeout=300):
+    def __init__(self, *args, start_timeout=300, root=REPO_ROOT):
+        self.root = Path(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "serve", "--host", "127.0.0.1", "--port", str(self.port), *map(str, args)]
@@ -39,7 +41,7 @@ class ServerProcess:
     def __enter__(self):
         # Only the arguments decide the server's key, not a SERVE_API_KEY left in the environment.
         environment = {name: value for name, value in os.environ.items() if name != "SERVE_API_KEY"}
-        self.process = subprocess.Popen(self.args, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(self.args, cwd=self.root, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._log_lines = []
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
