@@ -210,6 +210,11 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         ids = await anyio.to_thread.run_sync(lambda: tokenizer(text)["input_ids"])
         return check_length(ids, param)
 
+    def token_ids(ids, param):
+        if not ids or not all(0 <= token < len(tokenizer) for token in ids):
+            raise APIError(400, f"{param}: token ids must be a non-empty list of ids from 0 to {len(tokenizer) - 1}", param=param)
+        return list(ids)
+
     def check_length(ids, param):
         if len(ids) >= settings.context_length:
             raise APIError(
@@ -456,14 +461,20 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         check_supported(body)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        # A prompt is a string or token ids (as harnesses send them: used as given, no prefix added).
+        single = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        prompts = [body.prompt] if single else body.prompt
         if not prompts:
             raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
-        encoded = [await encode(prompt, "prompt" if len(prompts) == 1 else f"prompt[{index}]") for index, prompt in enumerate(prompts)]
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            name = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+            encoded.append(await encode(prompt, name) if isinstance(prompt, str) else check_length(token_ids(prompt, name), name))
         job = submit(rows_for(body, encoded, body.max_tokens, "max_tokens"))
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(ids) for ids in encoded)
-        shown = CompletionChoices(text_of, job.rows, prompts, body.n, body.echo)
+        prompt_texts = [prompt if isinstance(prompt, str) else tokenizer.decode(prompt) for prompt in prompts]
+        shown = CompletionChoices(text_of, job.rows, prompt_texts, body.n, body.echo)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

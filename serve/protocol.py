@@ -74,7 +74,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
     best_of: Optional[int] = None
     logprobs: Optional[int] = Field(None, ge=0, le=20)

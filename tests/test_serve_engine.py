@@ -232,6 +232,12 @@ def test_completion_echo_scores_the_prompt_as_a_harness_does(client, model, toke
     assert "".join(chunk.choices[0].text for chunk in streamed) == choice.text
     values = [value for chunk in streamed if chunk.choices[0].logprobs for value in chunk.choices[0].logprobs.token_logprobs]
     assert values == logprobs.token_logprobs
+    # lm-eval sends token ids by default: the same ids score the same, the echo is their text.
+    by_ids = client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0).choices[0]
+    assert by_ids.logprobs.token_logprobs == logprobs.token_logprobs
+    assert by_ids.text == tokenizer.decode(ids) + choice.text[len(prompt) :]  # the ids' text: their prefix tokens too
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model=MODEL, prompt=[ids, [len(tokenizer)]], max_tokens=1)
     # Without echo: the answer alone, its offsets after the prompt.
     answer_only = client.completions.create(model=MODEL, prompt=context, logprobs=2, max_tokens=3, temperature=0).choices[0]
     assert len(answer_only.logprobs.tokens) == 3 and answer_only.logprobs.text_offset[0] == len(context)
