@@ -35,6 +35,7 @@ from .quantization import (
     QuantizedLinear,
     chatglm_cpu_attention,
     check_stored_weight,
+    prefault_mapped_weights,
     quantize_model,
     quantize_output_layer,
     quantized_projection,
@@ -619,6 +620,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         # transformers 5.x re-creates loaded parameters as trainable; P-Tuning v2 needs the base frozen.
         if model.config.pre_seq_len is not None:
             model.base_model.freeze_all_but_prefix()
+        # Weights loaded as stored stay memory-mapped: their pages are mapped now, on a thread, not by page
+        # faults in the first forward's kernels.
+        prefault_mapped_weights(model)
         return loaded
 
     def quantize(self, bits, empty_init=False, device=None, output_layer_bits=0, cpu_kernel=None):
@@ -1024,7 +1028,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         )
         outputs = self.generate(**arguments, num_beams=num_beams)
         reply = self._reply_ids(outputs[0], arguments["input_ids"].shape[1], arguments["eos_token_id"])
-        return tokenizer.process_chat_response(tokenizer.decode(reply), query, history, role=role)
+        return tokenizer.process_chat_response(tokenizer.decode_reply(reply), query, history, role=role)
 
     @torch.inference_mode()
     def stream_chat(
@@ -1046,7 +1050,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
         With `past_key_values` from the previous turn only the new round is fed, as the same ids the whole
         prompt would have there, and positions continue after the cached tokens. Partial outputs ending
-        in an incomplete character are skipped. Takes the same `generate` keywords and `role` as `chat`.
+        in an incomplete character are skipped, and so are an empty first text and a text equal to the
+        last one yielded (the stop token adds no text). Takes the same `generate` keywords and `role` as `chat`.
         """
         if return_past_key_values and past_key_values is None:
             past_key_values = DynamicCache()
@@ -1055,12 +1060,17 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             logits_processor, kwargs,
         )
         prompt_length = arguments["input_ids"].shape[1]
+        last_text, last_yielded = "", ("", None)
         for sequence in self.stream_generate(return_past_key_values=return_past_key_values, **arguments):
             output_ids, cache = sequence if return_past_key_values else (sequence, None)
-            response = tokenizer.decode(self._reply_ids(output_ids[0], prompt_length, arguments["eos_token_id"]))
-            if response and response[-1] == "\ufffd":
+            text = tokenizer.decode_reply(self._reply_ids(output_ids[0], prompt_length, arguments["eos_token_id"]))
+            if text == last_text or text.endswith("\ufffd"):
                 continue
-            response, new_history = tokenizer.process_chat_response(response, query, history, role=role)
+            last_text = text
+            response, new_history = tokenizer.process_chat_response(text, query, history, role=role)
+            if (response, new_history) == last_yielded or (response == "" and last_yielded[1] is None):
+                continue
+            last_yielded = (response, new_history)
             yield (response, new_history, cache) if return_past_key_values else (response, new_history)
 
     @torch.inference_mode()

@@ -2,7 +2,8 @@
 
 The ids it produces are the ones the released weights were trained on: text is encoded by
 SentencePiece alone, and `[gMASK] sop` goes in front of every encoded text. Padding is on the
-left only, and every encoding carries the `position_ids` the model's rotary embedding reads.
+left unless asked otherwise, and every encoding carries the `position_ids` the model's rotary
+embedding reads.
 ChatGLM3 uses the same `tokenizer.model` with four role tokens after the five GLM ones, and its own
 chat format (`chat_format="chatglm3"`).
 """
@@ -165,16 +166,40 @@ CHATGLM3_CHAT_TEMPLATE = (
 )
 
 
-def _chat_format_of_folder(folder):
-    """"chatglm3" when the folder's config.json names a ChatGLM3 release (its `_name_or_path`, e.g.
-    "THUDM/chatglm3-6b"), else "chatglm2": the two releases ship the same tokenizer.model."""
+def _json_object(path):
+    """The JSON object in `path`, or {} when the file is missing, unreadable or holds no object."""
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-            name = json.load(handle).get("_name_or_path", "")
-    except (OSError, ValueError, AttributeError):
-        return "chatglm2"
-    name = re.split(r"[\\/]", str(name).rstrip("/\\"))[-1]
-    return "chatglm3" if name.lower().startswith("chatglm3") else "chatglm2"
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def chat_format_of_folder(folder):
+    """The chat format of a model folder, read from its config and tokenizer files, never its code:
+    the `chat_format` that tokenizer_config.json or config.json states (a folder this package wrote),
+    else "chatglm3" when config.json's `_name_or_path` names a ChatGLM3 release ("THUDM/chatglm3-6b")
+    or tokenizer_config.json adds ChatGLM3's role tokens or has a chat template that writes them (the
+    release's), else "chatglm2". The two releases ship the same tokenizer.model, so the vocabulary
+    cannot tell them apart."""
+    config = _json_object(os.path.join(folder, "config.json"))
+    tokenizer_config = _json_object(os.path.join(folder, "tokenizer_config.json"))
+    for stated in (tokenizer_config.get("chat_format"), config.get("chat_format")):
+        if stated in CHAT_FORMATS:
+            return stated
+    name = re.split(r"[\\/]", str(config.get("_name_or_path") or "").rstrip("/\\"))[-1]
+    if name.lower().startswith("chatglm3"):
+        return "chatglm3"
+    added = tokenizer_config.get("added_tokens_decoder")
+    added = [token.get("content") for token in added.values() if isinstance(token, dict)] if isinstance(added, dict) else []
+    extra = tokenizer_config.get("additional_special_tokens")
+    added += extra if isinstance(extra, list) else []
+    template = tokenizer_config.get("chat_template")
+    template = template if isinstance(template, str) else ""
+    if any(token in CHATGLM3_ROLE_TOKENS for token in added) or any(token in template for token in CHATGLM3_ROLE_TOKENS):
+        return "chatglm3"
+    return "chatglm2"
 
 
 def _tool_schemas(tools):
@@ -228,16 +253,8 @@ def _load_sentencepiece(vocab_file, loading_from):
     return model
 
 
-def _require_left(padding_side):
-    if padding_side != "left":
-        raise ValueError(
-            "ChatGLMTokenizer pads on the left only: position_ids count the real tokens from the left "
-            f"edge and the model generates after the last one. Got padding_side={padding_side!r}."
-        )
-
-
 def _position_ids(attention_mask, length):
-    """0, 1, 2, ... over the real tokens; 0 at padding."""
+    """0, 1, 2, ... over the real tokens; 0 at padding (either side)."""
     if attention_mask is None:
         return list(range(length))
     positions, seen = [], 0
@@ -245,6 +262,59 @@ def _position_ids(attention_mask, length):
         positions.append(seen if is_real else 0)
         seen += 1 if is_real else 0
     return positions
+
+
+class SPTokenizer:
+    """`tokenizer.tokenizer`: the SentencePiece layer under the published ChatGLM tokenizers, with the
+    attributes tools read from it (llama.cpp's convert_hf_to_gguf.py reads `sp_model`). A view of the
+    ChatGLMTokenizer that owns it: every answer comes from that tokenizer's own methods."""
+
+    def __init__(self, owner):
+        self._owner = owner
+
+    @property
+    def sp_model(self):
+        return self._owner.sp_model
+
+    @property
+    def n_words(self):
+        """Pieces plus the GLM (and ChatGLM3 role) special tokens."""
+        return self._owner.vocab_size
+
+    @property
+    def bos_id(self):
+        return self.sp_model.bos_id()
+
+    @property
+    def eos_id(self):
+        return self.sp_model.eos_id()
+
+    @property
+    def pad_id(self):
+        return self.sp_model.unk_id()
+
+    @property
+    def special_tokens(self):
+        return self._owner.special_token_ids
+
+    def tokenize(self, s):
+        """SentencePiece's pieces of `s`; special token names in it stay text."""
+        return self._owner._tokenize(s, special=False)
+
+    def encode(self, s, bos=False, eos=False):
+        """SentencePiece's ids of `s`, with `<s>` in front and `</s>` after when asked."""
+        ids = self._owner._text_ids(s)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        """Text of `ids`, special tokens written as their names."""
+        return self._owner.decode(ids, skip_special_tokens=False)
+
+    def convert_token_to_id(self, token):
+        return self._owner._convert_token_to_id(token)
+
+    def convert_id_to_token(self, index):
+        return self._owner._convert_id_to_token(index)
 
 
 class ChatGLMTokenizer(PreTrainedTokenizer):
@@ -275,16 +345,20 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     keeps tokenize-then-convert equal to SentencePiece. `get_command(name)` always gives the special
     token's id.
 
-    Decoding drops the five GLM special tokens, `<s>`, `</s>` and pad, with or without
-    `skip_special_tokens`, so the reply the model ends with `</s>` decodes to its text. ChatGLM3's
-    role tokens decode to their names (a reply can hold several `<|assistant|>` segments), and are
-    dropped with `skip_special_tokens=True`. Ids that
-    are no token of this tokenizer (negative, such as -100 labels, or `>= len(tokenizer)`, such as
-    the model's padded rows 64794..65023) decode to nothing; `convert_ids_to_tokens` gives the unk
-    token for them.
+    Decoding follows transformers: `decode(ids)` (`skip_special_tokens=False`) writes special tokens
+    as their names (`<unk>` for pad, `<s>`, `</s>`, `[gMASK]`, `sop`, ChatGLM3's `<|user|>`, ...),
+    `skip_special_tokens=True` drops them. `decode_reply` is what chat and the server read: the GLM
+    special tokens, `<s>`, `</s>` and pad dropped, ChatGLM3's role tokens kept as their names (a reply
+    can hold several `<|assistant|>` segments). Ids that are no token of this tokenizer (negative, such
+    as -100 labels, or `>= len(tokenizer)`, such as the model's padded rows 64798..65023) decode to
+    nothing, and convert to the token `""`, as in the published code.
 
-    Padding is on the left only: asking for right padding (the `padding_side` argument, the
-    attribute, or a call's `padding_side=`) raises ValueError.
+    `tokenizer.tokenizer` is the published `SPTokenizer` surface (`sp_model`, `n_words`, `special_tokens`,
+    `encode`, ...), which tools such as llama.cpp's GGUF converter read.
+
+    Padding is on the left by default, where generation needs it; `padding_side="right"` (at load,
+    as the attribute, or per call) pads on the right, for training. `position_ids` count the real
+    tokens from 0 either way.
     """
 
     vocab_files_names = {"vocab_file": VOCAB_FILE_NAME}
@@ -308,7 +382,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.do_lower_case = do_lower_case
         self.encode_special_tokens = encode_special_tokens
         if chat_format is None:
-            chat_format = _chat_format_of_folder(os.path.dirname(vocab_file))
+            chat_format = chat_format_of_folder(os.path.dirname(vocab_file))
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"ChatGLMTokenizer: chat_format must be 'chatglm2' or 'chatglm3', got {chat_format!r}")
         self.chat_format = chat_format
@@ -346,12 +420,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             raise
 
     @property
-    def padding_side(self):
-        return "left"
-
-    @padding_side.setter
-    def padding_side(self, value):
-        _require_left(value)
+    def tokenizer(self):
+        """The published `SPTokenizer` surface, see SPTokenizer."""
+        return SPTokenizer(self)
 
     @property
     def num_pieces(self):
@@ -480,52 +551,62 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return self.special_token_ids.get(token, piece_id)
 
     def _convert_id_to_token(self, index):
+        # Ids that are no token (the model's padded rows, -100 labels) are "", as the published
+        # code has them: llama.cpp's converter marks "" unused, any other text as a token of its own.
         if 0 <= index < self.num_pieces:
             return self.sp_model.id_to_piece(index)
         if self.num_pieces <= index < self.vocab_size:
             return self.special_token_names[index - self.num_pieces]
-        return self.unk_token
+        return ""
 
-    def _ids_dropped_in_decoding(self):
-        return {
-            self.sp_model.unk_id(),
-            self.sp_model.bos_id(),
-            self.sp_model.eos_id(),
-            *self.special_token_ids.values(),
-        } - self.role_token_ids
+    def _text_ids(self, text):
+        """SentencePiece's ids of `text`, special token names in it left as text."""
+        return self.convert_tokens_to_ids(self._tokenize(text, special=False))
 
-    def _text_of_ids(self, ids, skip_special_tokens=False):
+    def _special_ids(self):
+        """Ids that are special tokens: pad/unk, `<s>`, `</s>`, the GLM ones and ChatGLM3's roles."""
+        pieces = {self.sp_model.unk_id(), self.sp_model.bos_id(), self.sp_model.eos_id()}
+        return pieces | set(self.special_token_ids.values())
+
+    def _text_of_ids(self, ids, shown, skip_added_special=False):
         """Text of `ids`: runs of pieces go through SentencePiece (which joins byte-fallback pieces
-        into characters), added tokens are copied, special and unknown ids are dropped."""
-        dropped = self._ids_dropped_in_decoding()
-        roles = self.role_token_ids
+        into characters), special ids in `shown` are written as their names and the other special
+        ids dropped, added tokens are copied (special ones not with `skip_added_special`), ids that
+        are no token are dropped."""
+        special, roles = self._special_ids(), self.role_token_ids
         parts, run = [], []
         for index in ids:
-            if index in dropped:
-                continue
-            if 0 <= index < self.num_pieces:
-                run.append(index)
-            elif index in roles:
-                # Each turn's text starts a new SentencePiece text, as it was encoded.
+            if index in shown or index in roles:
+                # The text after a special token or a turn starts a new SentencePiece text, as it was encoded.
                 parts.append(self.sp_model.decode(run))
                 run = []
-                if not skip_special_tokens:
+                if index in shown:
                     parts.append(self._convert_id_to_token(index))
+            elif index in special:
+                continue
+            elif 0 <= index < self.num_pieces:
+                run.append(index)
             elif index in self._added_tokens_decoder:
                 token = self._added_tokens_decoder[index]
                 parts.append(self.sp_model.decode(run))
                 run = []
-                if not (skip_special_tokens and token.special):
+                if not (skip_added_special and token.special):
                     parts.append(token.content)
         parts.append(self.sp_model.decode(run))
         return "".join(parts)
 
+    def decode_reply(self, token_ids):
+        """Text of generated ids as chat, stream_chat and the server read it: pad, `<s>`, `</s>` and the
+        GLM special tokens dropped, ChatGLM3's role tokens kept (`process_chat_response` splits there)."""
+        return self._text_of_ids([int(index) for index in token_ids], shown=self.role_token_ids)
+
     def convert_tokens_to_string(self, tokens):
-        return self._text_of_ids(self.convert_tokens_to_ids(tokens))
+        return self._text_of_ids(self.convert_tokens_to_ids(tokens), shown=self._special_ids())
 
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
         ids = [token_ids] if isinstance(token_ids, int) else [int(index) for index in token_ids]
-        text = self._text_of_ids(ids, skip_special_tokens=skip_special_tokens)
+        shown = set() if skip_special_tokens else self._special_ids()
+        text = self._text_of_ids(ids, shown, skip_added_special=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
@@ -540,8 +621,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if already_has_special_tokens:
             if token_ids_1 is not None:
                 raise ValueError("token_ids_1 must be None when the ids already hold their special tokens")
-            dropped = self._ids_dropped_in_decoding() | self.role_token_ids
-            return [1 if index in dropped else 0 for index in token_ids_0]
+            special = self._special_ids()
+            return [1 if index in special else 0 for index in token_ids_0]
         mask = [1, 1] + [0] * len(token_ids_0)
         if token_ids_1 is not None:
             mask += [0] * len(token_ids_1) + [1]
@@ -560,13 +641,14 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         padding_side=None,
         return_attention_mask=None,
     ):
-        """Pad one encoding on the left and give it `position_ids`.
+        """Pad one encoding (on `padding_side`, else the tokenizer's) and give it `position_ids`.
 
         Positions not passed in are counted from the attention mask, so an encoding that is
         already padded still numbers its real tokens from 0.
         """
-        if padding_side is not None:
-            _require_left(padding_side)
+        padding_side = padding_side or self.padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"ChatGLMTokenizer: padding_side must be 'left' or 'right', got {padding_side!r}")
         main_input = self.model_input_names[0]
         length = len(encoded_inputs[main_input])
         if return_attention_mask is None:
@@ -593,7 +675,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         missing = max_length - length
         for key, pad_value in pad_values.items():
             if key in encoded_inputs:
-                encoded_inputs[key] = [pad_value] * missing + list(encoded_inputs[key])
+                padding = [pad_value] * missing
+                values = list(encoded_inputs[key])
+                encoded_inputs[key] = padding + values if padding_side == "left" else values + padding
         return encoded_inputs
 
     @staticmethod
@@ -712,8 +796,15 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             content = content + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
         ids = [self.get_command(f"<|{role}|>")]
         for text in (metadata + "\n", content):
-            ids += self.convert_tokens_to_ids(self._tokenize(text, special=False))
+            ids += self._text_ids(text)
         return ids
+
+    def build_single_message(self, role, metadata, message):
+        """Ids of one ChatGLM3 message as the published tokenizer built them: `<|role|>`, then the ids of
+        `f"{metadata}\n"`, then the ids of `message`."""
+        if self.chat_format != "chatglm3":
+            raise ValueError("build_single_message is ChatGLM3's; this tokenizer has chat_format='chatglm2'")
+        return self._chatglm3_message_ids({"role": role, "metadata": metadata, "content": message}, "the message")
 
     def _chatglm3_conversation_ids(self, messages):
         ids = self.get_prefix_tokens()

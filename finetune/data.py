@@ -206,8 +206,8 @@ def describe_example(tokenizer, example, index):
     lines = [
         f"example {index} (record {example.record}, answer {example.turn}): {len(example.input_ids)} tokens, "
         f"{scored} scored",
-        f"  prompt (labels -100): {tokenizer.decode(example.input_ids[:prompt_end])!r}",
-        f"  answer (scored)     : {tokenizer.decode(example.input_ids[prompt_end:])!r}"
+        f"  prompt (labels -100): {tokenizer.decode(example.input_ids[:prompt_end], skip_special_tokens=True)!r}",
+        f"  answer (scored)     : {tokenizer.decode(example.input_ids[prompt_end:], skip_special_tokens=True)!r}"
         + (" + eos" if example.input_ids[-1] == tokenizer.eos_token_id else " (truncated, no eos)"),
         "  pos     id  label  token",
     ]

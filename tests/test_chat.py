@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoModel, AutoTokenizer, LogitsProcessor, TextIteratorStreamer
 
 from tiny_checkpoint import random_model
 
@@ -38,7 +38,7 @@ HISTORY = [("你好", "你好，我是助手。"), ("What is 2+2?", "4")]
 def greedy_response(model, tokenizer, input_ids, max_new_tokens, **kwargs):
     output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
     new_tokens = output[0, input_ids.shape[1] :].tolist()
-    return new_tokens, tokenizer.decode(new_tokens)
+    return new_tokens, tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
 def assert_stream_final(streamed, complete):
@@ -89,6 +89,40 @@ def test_stream_chat_grows_to_the_chat_response(model, tokenizer):
     assert len(partials) > 1 and all(later.startswith(earlier) for earlier, later in zip(partials, partials[1:]))
     assert_stream_final(partials[-1], expected)
     assert all(not text.endswith("\ufffd") for text in partials)
+
+
+class ForcedReply(LogitsProcessor):
+    """Makes the model answer `ids`, one per step."""
+
+    def __init__(self, ids):
+        self.ids, self.prompt_length = list(ids), None
+
+    def __call__(self, input_ids, scores):
+        self.prompt_length = self.prompt_length or input_ids.shape[1]
+        forced = torch.full_like(scores, -1e4)
+        forced[:, self.ids[min(input_ids.shape[1] - self.prompt_length, len(self.ids) - 1)]] = 0
+        return forced
+
+
+def test_stream_chat_yields_each_new_text_once_and_never_an_empty_first_one(model, tokenizer):
+    """As the published loop: a first token that decodes to nothing (the word-start piece alone) yields
+    nothing, and the stop token, which adds no text, does not yield the final text again."""
+    space = tokenizer.convert_tokens_to_ids("\u2581")
+    assert space != tokenizer.unk_token_id and tokenizer.decode([space]) == ""
+    words = tokenizer.encode("good day", add_special_tokens=False)
+    reply = [space] + words + [tokenizer.eos_token_id]
+    partials = [
+        response
+        for response, _ in model.stream_chat(tokenizer, "hi", do_sample=False, logits_processor=[ForcedReply(reply)])
+    ]
+    response, _ = model.chat(tokenizer, "hi", do_sample=False, logits_processor=[ForcedReply(reply)])
+    assert response == "good day"
+    expected = []
+    for end in range(2, len(reply)):
+        text = tokenizer.decode(reply[:end], skip_special_tokens=True).strip()
+        if text != (expected[-1] if expected else ""):
+            expected.append(text)
+    assert partials == expected and expected[0] != "" and expected[-1] == response
 
 
 def test_stream_chat_continues_from_the_returned_cache(model, tokenizer):

@@ -285,7 +285,56 @@ def test_encode_special_tokens_matches_role_names_and_only_the_prefix_sop(glm3_t
 def test_decoding_shows_role_tokens_unless_skipping_special_tokens(glm3):
     ids = sp_ids(glm3, "tool") + [glm3.get_command("<|assistant|>")] + sp_ids(glm3, "\nok")
     assert glm3.decode(ids) == "tool<|assistant|>\nok"
-    assert glm3.decode(ids, skip_special_tokens=True) == "tool\nok"
+    assert glm3.decode(ids + [glm3.eos_token_id]) == "tool<|assistant|>\nok</s>"
+    assert glm3.decode(ids + [glm3.eos_token_id], skip_special_tokens=True) == "tool\nok"
+    # What chat reads: the role tokens that split the reply's segments, without the stop token.
+    assert glm3.decode_reply(ids + [glm3.eos_token_id]) == "tool<|assistant|>\nok"
+    prompt = glm3.build_chat_input("你好")["input_ids"][0].tolist()
+    # The query is encoded apart from its "\n" line, so its dummy-prefix space shows (as the template writes it).
+    assert glm3.decode(prompt) == "[gMASK]sop<|user|>\n 你好<|assistant|>"
+
+
+def test_published_sptokenizer_surface_at_the_released_ids(published):
+    """`tokenizer.tokenizer` as the published SPTokenizer offered it; llama.cpp's GGUF converter reads it."""
+    sp_layer = published.tokenizer
+    assert sp_layer.sp_model.vocab_size() == 64789
+    assert (sp_layer.n_words, sp_layer.bos_id, sp_layer.eos_id, sp_layer.pad_id) == (64798, 1, 2, 0)
+    names = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+    assert sp_layer.special_tokens == dict(zip(names, range(64789, 64798)))
+    assert sp_layer.encode("get_current_weather\n") == PUBLISHED_METADATA_IDS
+    assert sp_layer.encode("get_current_weather\n", bos=True, eos=True) == [1] + PUBLISHED_METADATA_IDS + [2]
+    assert sp_layer.encode("<|user|>") != [64795]  # text stays text
+    assert sp_layer.tokenize("get_current_weather") == [PUBLISHED_PIECES[i] for i in PUBLISHED_METADATA_IDS[:-1]]
+    assert sp_layer.convert_token_to_id("<|user|>") == 64795
+    assert sp_layer.convert_id_to_token(64795) == "<|user|>"
+    assert sp_layer.convert_id_to_token(809) == "\u2581You"
+    assert sp_layer.decode([64795] + PUBLISHED_METADATA_IDS) == "<|user|>get_current_weather\n"
+    assert published.get_command("<|assistant|>") == 64796
+
+
+def test_build_single_message_gives_the_published_message_ids(published, glm3_tokenizer_dir, tokenizer_dir):
+    assert published.build_single_message("system", "", SYSTEM) == PUBLISHED_IDS[2:11]
+    assert published.build_single_message("user", "", "你好") == PUBLISHED_IDS[11:16]
+    call = published.build_single_message("assistant", "get_current_weather", "你好")
+    assert call == [64796] + PUBLISHED_METADATA_IDS + PUBLISHED_IDS[14:16]
+    with pytest.raises(ValueError, match="robot"):
+        published.build_single_message("robot", "", "hi")
+    glm2 = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=True)
+    with pytest.raises(ValueError, match="ChatGLM3"):
+        glm2.build_single_message("user", "", "hi")
+
+
+def test_padded_ids_convert_as_published_so_a_gguf_vocabulary_has_distinct_tokens(published):
+    """llama.cpp's converter walks ids 0..padded_vocab_size-1 through `_convert_id_to_token`: the special
+    names become control tokens, "" becomes an unused `[PADn]`, any other text a token of its own, and
+    llama.cpp refuses a vocabulary in which two ids share a text."""
+    padded_vocab_size = 65024
+    assert max(published.get_vocab().values()) < padded_vocab_size
+    tokens = [published._convert_id_to_token(index) for index in range(padded_vocab_size)]
+    assert tokens[64789:64798] == list(published.tokenizer.special_tokens)
+    assert tokens[64798:] == [""] * (padded_vocab_size - 64798)
+    assert "" not in tokens[:64798]
+    assert len(set(tokens[:64798])) == 64798
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,7 @@ def test_tokenizer_is_the_demo_models_own(tokenizer, model):
     assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
     encoded = tokenizer(tokenizer.build_prompt("你好"))
     assert encoded["input_ids"][:2] == [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
-    assert tokenizer.decode(encoded["input_ids"]) == "[Round 1]\n\n问：你好\n\n答："
+    assert tokenizer.decode(encoded["input_ids"], skip_special_tokens=True) == "[Round 1]\n\n问：你好\n\n答："
 
 
 @pytest.mark.parametrize("query", SINGLE_TURN_QUERIES)
@@ -255,4 +255,4 @@ def test_training_script_runs_quickly(tmp_path):
     response, _ = model.chat(tokenizer, "你好", do_sample=False, max_new_tokens=4)
     prompt = tokenizer.build_chat_input("你好")["input_ids"]
     generated = model.generate(prompt, do_sample=False, max_new_tokens=4)[0, prompt.shape[1] :]
-    assert response == tokenizer.decode(generated.tolist()).strip()
+    assert response == tokenizer.decode(generated.tolist(), skip_special_tokens=True).strip()

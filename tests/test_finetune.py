@@ -71,7 +71,7 @@ def test_each_answer_is_scored_after_the_prompt_chat_would_feed(tokenizer, tmp_p
         target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
         assert example.input_ids == prompt + target
         assert example.labels == [-100] * len(prompt) + target
-        assert tokenizer.decode([t for t in example.labels if t != -100]) == answer
+        assert tokenizer.decode([t for t in example.labels if t != -100], skip_special_tokens=True) == answer
 
 
 def test_content_summary_pairs_are_one_turn_chats(tokenizer, tmp_path):
@@ -93,7 +93,7 @@ def test_a_system_message_goes_through_the_tokenizers_template(tokenizer, tmp_pa
         add_generation_prompt=True, tokenize=True, return_dict=False,
     )
     assert example.input_ids[: len(prompt)] == list(prompt)
-    assert tokenizer.decode(example.input_ids[: len(prompt)]).startswith("你是一个助手。")
+    assert tokenizer.decode(example.input_ids[: len(prompt)], skip_special_tokens=True).startswith("你是一个助手。")
 
 
 def test_over_long_examples_are_truncated_and_reported_by_file_and_line(tokenizer, tmp_path):

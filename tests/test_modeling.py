@@ -122,6 +122,43 @@ def test_outputs_at_real_positions_do_not_depend_on_padding(model):
     torch.testing.assert_close(padded[:, 4:], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("given_positions", [False, True], ids=["positions-from-mask", "tokenizer-positions"])
+def test_right_padding_keeps_the_real_tokens_logits_and_loss(model, given_positions):
+    """Right padding, as training tools ask for it: the real tokens keep positions 0..n-1 (from the mask
+    when no position_ids are given, as with LLaMA-Factory's collator), so their logits and the loss over
+    them are those of the unpadded rows."""
+    rows = [prompt_ids(length=7, seed=2)[0], prompt_ids(length=4, seed=3)[0]]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    labels = torch.full((2, 7), -100)
+    positions = torch.zeros(2, 7, dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        ids[row, : len(tokens)], mask[row, : len(tokens)], labels[row, : len(tokens)] = tokens, 1, tokens
+        positions[row, : len(tokens)] = torch.arange(len(tokens))
+    extra = {"position_ids": positions} if given_positions else {}
+    padded = model(ids, attention_mask=mask, labels=labels, **extra)
+    losses, counts = [], []
+    for row, tokens in enumerate(rows):
+        alone = model(tokens[None], labels=tokens[None])
+        torch.testing.assert_close(padded.logits[row, : len(tokens)], alone.logits[0], rtol=1e-5, atol=1e-5)
+        losses.append(alone.loss * (len(tokens) - 1))
+        counts.append(len(tokens) - 1)
+    torch.testing.assert_close(padded.loss, sum(losses) / sum(counts), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_right_padding_warns_as_transformers_does_for_decoder_only_models(model):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    ids = torch.cat((prompt_ids(batch=2, length=4), torch.zeros(2, 2, dtype=torch.long)), dim=1)
+    ids[0, 4:] = prompt_ids(length=2, seed=4)
+    mask = (ids != 0).long()
+    mask[0] = 1
+    with CaptureLogger(transformers_logging.get_logger("transformers.generation.utils")) as captured:
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    assert "right-padding was detected" in captured.out
+
+
 def test_cached_incremental_decoding_equals_full_forward(model):
     ids = prompt_ids(length=12)
     full = model(ids).logits

@@ -233,42 +233,116 @@ def test_pad_left_pads_features_and_keeps_or_computes_position_ids(tokenizer, sp
     assert repadded["position_ids"] == [[0] * 4 + list(range(len(row)))]
 
 
-def test_right_padding_is_refused_however_it_is_asked_for(tokenizer_dir):
+def expected_right_padded(rows, length):
+    return {
+        "input_ids": [row + [0] * (length - len(row)) for row in rows],
+        "attention_mask": [[1] * len(row) + [0] * (length - len(row)) for row in rows],
+        "position_ids": [list(range(len(row))) + [0] * (length - len(row)) for row in rows],
+    }
+
+
+def test_right_padding_pads_right_however_it_is_asked_for(tokenizer_dir, sp, prefix):
+    """LLaMA-Factory loads tokenizers with padding_side="right" for training; the positions of the
+    real tokens stay 0..n-1 on either side."""
+    texts = TEXTS[:2]
+    rows = [prefix + sp.encode(text) for text in texts]
+    right = expected_right_padded(rows, max(map(len, rows)))
+    loaded_right = load(tokenizer_dir, padding_side="right")
+    assert loaded_right.padding_side == "right"
+    assert dict(loaded_right(texts, padding=True)) == right
+    assert dict(loaded_right.pad([loaded_right(text) for text in texts])) == right
+
     tokenizer = load(tokenizer_dir)
-    with pytest.raises(ValueError, match="pads on the left only"):
-        load(tokenizer_dir, padding_side="right")
-    with pytest.raises(ValueError, match="pads on the left only"):
-        tokenizer.padding_side = "right"
-    with pytest.raises(ValueError, match="pads on the left only"):
-        tokenizer(TEXTS[:2], padding=True, padding_side="right")
-    with pytest.raises(ValueError, match="pads on the left only"):
-        tokenizer.pad([tokenizer(text) for text in TEXTS[:2]], padding_side="right")
-    assert tokenizer.padding_side == "left"
-    tokenizer.padding_side = "left"
+    assert dict(tokenizer(texts, padding=True, padding_side="right")) == right
+    assert dict(tokenizer.pad([tokenizer(text) for text in texts], padding_side="right")) == right
+    assert dict(tokenizer(texts, padding=True)) == expected_left_padded(rows, max(map(len, rows)))
+    tokenizer.padding_side = "right"
+    assert dict(tokenizer(texts, padding=True)) == right
+    assert dict(loaded_right(texts, padding=True, padding_side="left")) == expected_left_padded(rows, max(map(len, rows)))
+    with pytest.raises(ValueError, match="padding_side"):
+        tokenizer(texts, padding=True, padding_side="middle")
+
+
+def test_right_padding_works_with_the_base_classes_pad_as_llama_factory_installs_it(tokenizer_dir, sp, prefix):
+    """LLaMA-Factory replaces `_pad` with PreTrainedTokenizerBase's: no position_ids then (the model
+    counts them from the mask), ids and mask padded on the right."""
+    from types import MethodType
+
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    tokenizer = load(tokenizer_dir, padding_side="right")
+    tokenizer._pad = MethodType(PreTrainedTokenizerBase._pad, tokenizer)
+    rows = [prefix + sp.encode(text) for text in TEXTS[:2]]
+    features = [{"input_ids": row, "attention_mask": [1] * len(row)} for row in rows]
+    batch = tokenizer.pad(features, return_tensors="pt")
+    expected = expected_right_padded(rows, max(map(len, rows)))
+    assert batch["input_ids"].tolist() == expected["input_ids"]
+    assert batch["attention_mask"].tolist() == expected["attention_mask"]
 
 
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def test_decode_drops_special_tokens_bos_eos_and_pad(tokenizer, sp, prefix):
+def test_decode_skipping_special_tokens_drops_them_bos_eos_and_pad(tokenizer, sp, prefix):
     for text in TEXTS:
         ids = sp.encode(text)
-        assert tokenizer.decode(prefix + ids) == text
-        assert tokenizer.decode([0, 0] + prefix + [1] + ids + [2]) == text
-        assert tokenizer.decode(torch.tensor(prefix + ids)) == text
+        assert tokenizer.decode(prefix + ids, skip_special_tokens=True) == text
+        assert tokenizer.decode([0, 0] + prefix + [1] + ids + [2], skip_special_tokens=True) == text
+        assert tokenizer.decode(torch.tensor(prefix + ids), skip_special_tokens=True) == text
+        assert tokenizer.decode_reply([0, 0] + prefix + [1] + ids + [2]) == text
     padded = tokenizer(TEXTS, padding=True, return_tensors="pt")["input_ids"]
-    assert tokenizer.batch_decode(padded) == TEXTS
+    assert tokenizer.batch_decode(padded, skip_special_tokens=True) == TEXTS
     every_special = list(range(sp.get_piece_size(), sp.get_piece_size() + 5))
-    assert tokenizer.decode(every_special + [0, 1, 2]) == ""
+    assert tokenizer.decode(every_special + [0, 1, 2], skip_special_tokens=True) == ""
+    assert tokenizer.decode_reply(every_special + [0, 1, 2]) == ""
+
+
+def test_decode_keeps_special_tokens_text_unless_told_to_skip_them(tokenizer, sp, prefix):
+    """transformers' convention, which lm-eval relies on: it adds decode([eos], skip_special_tokens=False)
+    to its stop strings, and an empty text there cut every answer after its first token."""
+    assert tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) == "</s>"
+    assert tokenizer.decode([tokenizer.eos_token_id]) == "</s>"
+    ids = sp.encode("你好")
+    assert tokenizer.decode([0] + prefix + ids + [2]) == "<unk>[gMASK]sop你好</s>"
+    every_special = list(range(sp.get_piece_size(), sp.get_piece_size() + 5))
+    assert tokenizer.decode(every_special + [1]) == "[MASK][gMASK][sMASK]sopeop<s>"
+    assert tokenizer.convert_tokens_to_string(["[gMASK]", "sop"] + sp.encode("你好", out_type=str)) == "[gMASK]sop你好"
+    padded = tokenizer(TEXTS[:2], padding=True)["input_ids"]
+    assert tokenizer.batch_decode(padded) == [
+        "<unk>" * (len(padded[0]) - 2 - len(sp.encode(text))) + "[gMASK]sop" + text for text in TEXTS[:2]
+    ]
 
 
 def test_ids_outside_the_vocabulary_decode_to_nothing(tokenizer, sp):
     outside = [64900, tokenizer.vocab_size, tokenizer.vocab_size + 100, -100]
     assert tokenizer.decode(outside) == ""
+    assert tokenizer.decode(outside, skip_special_tokens=True) == ""
     text_ids = sp.encode("你好") + sp.encode("再见")
     assert tokenizer.decode(text_ids[:2] + outside + text_ids[2:]) == sp.decode(text_ids)
     assert tokenizer.batch_decode([[-100, -100] + sp.encode("你好")]) == ["你好"]
-    assert tokenizer.convert_ids_to_tokens(64900) == "<unk>"
+    # As the published tokenizer converts them: "" (llama.cpp's converter marks those ids unused).
+    assert tokenizer.convert_ids_to_tokens(outside) == [""] * len(outside)
+
+
+def test_published_sptokenizer_surface(tokenizer, sp, prefix):
+    """`tokenizer.tokenizer`, the published SPTokenizer's attributes, on ChatGLM2's five special tokens."""
+    sp_layer = tokenizer.tokenizer
+    assert sp_layer.sp_model.serialized_model_proto() == sp.serialized_model_proto()
+    assert sp_layer.n_words == sp.get_piece_size() + 5 == tokenizer.vocab_size
+    assert (sp_layer.bos_id, sp_layer.eos_id, sp_layer.pad_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    assert sp_layer.special_tokens == {name: sp.get_piece_size() + i for i, name in enumerate(SPECIAL_NAMES)}
+    for text in TEXTS:
+        assert sp_layer.encode(text) == sp.encode(text)
+        assert sp_layer.encode(text, bos=True, eos=True) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+        assert sp_layer.tokenize(text) == sp.encode(text, out_type=str)
+        assert sp_layer.decode(sp.encode(text)) == text
+    assert sp_layer.encode("[gMASK]") == sp.encode("[gMASK]")
+    assert sp_layer.decode(prefix + sp.encode("你好")) == "[gMASK]sop你好"
+    assert sp_layer.convert_token_to_id("[gMASK]") == prefix[0] == tokenizer.get_command("[gMASK]")
+    assert sp_layer.convert_id_to_token(prefix[1]) == "sop"
+    assert sp_layer.convert_id_to_token(sp.get_piece_size() + 5) == ""
+    piece = sp.id_to_piece(100)
+    assert (sp_layer.convert_token_to_id(piece), sp_layer.convert_id_to_token(100)) == (100, piece)
 
 
 def test_decoding_keeps_spaces_before_punctuation(tokenizer, sp):
@@ -470,7 +544,7 @@ def test_pickled_and_copied_tokenizers_work_without_their_files(tmp_path, tokeni
     shutil.rmtree(folder)
     for clone in (pickle.loads(payload), copy.deepcopy(tokenizer)):
         assert dict(clone(TEXTS, padding=True)) == expected
-        assert clone.batch_decode(expected["input_ids"]) == TEXTS
+        assert clone.batch_decode(expected["input_ids"], skip_special_tokens=True) == TEXTS
 
 
 def test_missing_tokenizer_model_error_names_the_file_and_folder(tmp_path, tokenizer_dir):
@@ -515,7 +589,7 @@ def test_importing_and_constructing_writes_no_files_and_touches_no_environment(t
     finally:
         sys.dont_write_bytecode = writes_bytecode
     tokenizer = module.ChatGLMTokenizer(vocab_file=str(folder / "tokenizer.model"))
-    assert tokenizer.decode(tokenizer("你好")["input_ids"]) == "你好"
+    assert tokenizer.decode(tokenizer("你好")["input_ids"], skip_special_tokens=True) == "你好"
     assert sorted(os.listdir(folder)) == before
     assert dict(os.environ) == environment
 
@@ -535,7 +609,8 @@ def test_text_that_is_exactly_a_special_string_stays_text(tokenizer, sp, text):
     """transformers alone turns a text equal to `</s>` or `<unk>` into that control id, which then
     vanishes on decode; the released tokenizer left all text to SentencePiece."""
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
-    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == "[gMASK]sop" + text
 
 
 def test_saved_and_reloaded_tokenizer_encodes_special_strings_identically(tmp_path, tokenizer):
