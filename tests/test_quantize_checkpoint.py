@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 from tiny_checkpoint import REPO_ROOT, random_model, write_released_shards
 from tools import quantize_checkpoint
@@ -63,6 +63,35 @@ def test_converted_checkpoint_equals_quantizing_the_loaded_model(released_fp16, 
     expected = AutoModel.from_pretrained(released_fp16, trust_remote_code=True, dtype="auto").quantize(bits)
     for key, tensor in expected.state_dict().items():
         assert torch.equal(converted.state_dict()[key], tensor), key
+
+
+def test_quantized_folder_keeps_the_chat_format_stop_ids_and_rotary_fields(released_fp16, tmp_path):
+    """A ChatGLM3-32k folder upgraded by this package stays ChatGLM3 when quantized (chat format,
+    template, stop ids), and its config says what rope_ratio scales, so a renamed copy keeps it too."""
+    from tools import upgrade_checkpoint
+
+    release = tmp_path / "release"
+    shutil.copytree(released_fp16, release)
+    config = json.loads((release / "config.json").read_text())
+    config.update(_name_or_path="THUDM/chatglm3-6b-32k", rope_ratio=50)
+    (release / "config.json").write_text(json.dumps(config))
+    source = tmp_path / "upgraded"
+    assert upgrade_checkpoint.main([str(release), str(source)]) == 0
+
+    destination = tmp_path / "int8"
+    assert quantize_checkpoint.main(["--bits", "8", str(source), str(destination)]) == 0
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert json.loads((destination / name).read_text()) == json.loads((source / name).read_text()), name
+    written = json.loads((destination / "config.json").read_text())
+    source_config = json.loads((source / "config.json").read_text())
+    assert written == {**source_config, "quantization_bit": 8, "rope_ratio_applies_to": "base"}
+
+    (destination / "config.json").write_text(json.dumps({**written, "_name_or_path": "my-assistant"}))
+    tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=True)
+    assert tokenizer.chat_format == "chatglm3" and tokenizer.chat_stop_ids == [2, 2006, 2008]
+    model = AutoModel.from_pretrained(destination, trust_remote_code=True)
+    assert model.generation_config.eos_token_id == [2, 2006, 2008]
+    assert (model.config.rope_ratio, model.config.rope_ratio_applies_to) == (50, "base")
 
 
 def assert_refused(result, *fragments):

@@ -82,7 +82,7 @@ def test_sharded_release_runs_this_package_code_on_linked_weights(sharded_releas
         torch.testing.assert_close(loaded.eval()(input_ids()).logits, original(input_ids()).logits, rtol=0, atol=0)
 
     tokenizer = AutoTokenizer.from_pretrained(dst, trust_remote_code=True)
-    assert tokenizer.decode(tokenizer("你好, world")["input_ids"]) == "你好, world"
+    assert tokenizer.decode(tokenizer("你好, world")["input_ids"], skip_special_tokens=True) == "你好, world"
 
 
 def test_int4_release_keeps_its_quantization(tmp_path, sentencepiece_model_path):
@@ -237,9 +237,57 @@ def test_every_family_folder_is_recognised_and_named(name, sharded_release, tmp_
     assert model.config.rope_ratio == changes.get("rope_ratio", 1)
 
 
-def test_published_chatglm3_tokenizer_code_marks_the_dialect(sharded_release, tmp_path):
+def released_chatglm3_tokenizer_config():
+    """The release's tokenizer_config.json as far as it tells the dialect: its role tokens and template."""
+    return {
+        "added_tokens_decoder": {"2006": {"content": "<|user|>", "special": True}},
+        "chat_template": "{% for message in messages %}<|{{ message['role'] }}|>\n {{ message['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+        "tokenizer_class": "ChatGLMTokenizer",
+    }
+
+
+@pytest.mark.parametrize("marks", ["added tokens", "chat template"])
+def test_release_tokenizer_config_with_role_tokens_marks_the_dialect(marks, sharded_release, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(sharded_release[0], src)
-    (src / "tokenization_chatglm.py").write_text('ROLES = ["<|user|>"]\n' + PUBLISHED_CODE_STAND_IN)
+    tokenizer_config = released_chatglm3_tokenizer_config()
+    tokenizer_config.pop("chat_template" if marks == "added tokens" else "added_tokens_decoder")
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     assert tool.main([str(src), str(tmp_path / "dst")]) == 0
     assert json.loads((tmp_path / "dst" / "tokenizer_config.json").read_text())["chat_format"] == "chatglm3"
+
+
+@pytest.mark.parametrize("serving", [False, True], ids=["plain", "for-serving"])
+def test_chatglm2_folder_holding_this_package_code_stays_chatglm2(serving, sharded_release, tmp_path, capsys):
+    """The code files say nothing about the weights: this package's tokenizer file names `<|user|>`,
+    and a ChatGLM2 folder holding it (copied in, or upgraded before) is still ChatGLM2."""
+    src = tmp_path / "src"
+    shutil.copytree(sharded_release[0], src)
+    for name in MODEL_MODULES:
+        shutil.copy(REPO_ROOT / name, src / name)
+    assert "<|user|>" in (src / "tokenization_chatglm.py").read_text(encoding="utf-8")
+    flags = ["--for-serving"] if serving else []
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    for source, destination in ((src, once), (once, twice)):
+        assert tool.main([str(source), str(destination), *flags]) == 0
+        assert "chatglm2 chat format" in capsys.readouterr().out
+        tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=True)
+        assert tokenizer.chat_format == "chatglm2"
+        assert json.loads((destination / "generation_config.json").read_text())["eos_token_id"] == 2
+        assert tokenizer.build_chat_input("你好")["input_ids"][0].tolist() == tokenizer(tokenizer.build_prompt("你好"))[
+            "input_ids"
+        ]
+
+
+def test_a_folder_this_package_wrote_keeps_its_stated_chat_format(sharded_release, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(sharded_release[0], src)
+    break_config(src, _name_or_path="THUDM/chatglm3-6b")
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert tool.main([str(src), str(once)]) == 0
+    break_config(once, _name_or_path="my-finetune")  # the name no longer tells; the stated chat_format does
+    assert tool.main([str(once), str(twice)]) == 0
+    assert "chatglm3 chat format" in capsys.readouterr().out.splitlines()[-3]
+    assert AutoTokenizer.from_pretrained(twice, trust_remote_code=True).chat_format == "chatglm3"
+    assert json.loads((twice / "generation_config.json").read_text())["eos_token_id"] == [2, 2006, 2008]

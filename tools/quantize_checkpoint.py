@@ -5,7 +5,9 @@
 Reads the release's sharded `.bin` files (or safetensors) and writes safetensors shards in the
 released quantized format (spec §6), so peak memory is about one input shard plus its output rather
 than the whole model. The output folder gets this package's code and json files, the source's
-`config.json` with `quantization_bit` set, and a copy of `tokenizer.model`, so it loads with
+`config.json` with `quantization_bit` set (and what its `rope_ratio` scales written out), the
+source's chat format (ChatGLM3: its chat template and stop ids, as `upgrade_checkpoint.py` writes
+them), and a copy of `tokenizer.model`, so it loads with
 `AutoModel.from_pretrained(DST, trust_remote_code=True)`.
 
 SRC is checked as `upgrade_checkpoint.py` checks it (config, tokenizer, every weight file read and
@@ -39,7 +41,13 @@ from tools.model_folder import (  # noqa: E402
     load_weights,
     staged_folder,
 )
-from tools.upgrade_checkpoint import check_source, write_config  # noqa: E402
+from tools.upgrade_checkpoint import (  # noqa: E402
+    chat_format_of,
+    check_source,
+    with_rotary_target,
+    write_chat_files,
+    write_config,
+)
 
 def quantize_state(state, bits, shard):
     """The shard's tensors with every projection weight replaced by its quantized weight and scale."""
@@ -83,8 +91,9 @@ def convert(source, destination, bits, force=False):
             del quantized
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        write_config(folder, dict(config, quantization_bit=bits))
+        write_config(folder, dict(with_rotary_target(config), quantization_bit=bits))
         copy_package_files(folder)
+        write_chat_files(folder, source / TOKENIZER_FILE, chat_format_of(source), for_serving=False)
         shutil.copyfile(source / TOKENIZER_FILE, folder / TOKENIZER_FILE)
     return total_size
 

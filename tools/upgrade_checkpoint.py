@@ -12,10 +12,12 @@ weights and `tokenizer.model` (`--copy` copies them instead, for filesystems wit
 
     AutoModel.from_pretrained(DST, trust_remote_code=True)
 
-runs this package's code on the released weights. ChatGLM3 checkpoints (recognised by their name or
-the `<|user|>` token in config.json, tokenizer_config.json or tokenization_chatglm.py) get
-`chat_format: "chatglm3"` and ChatGLM3's chat template in tokenizer_config.json, and the stop ids
-[</s>, <|user|>, <|observation|>] in generation_config.json. Refused, with a one-line reason (exit
+runs this package's code on the released weights. ChatGLM3 checkpoints (recognised by their config
+and tokenizer files as the tokenizer recognises them: a stated `chat_format`, the release name in
+config.json's `_name_or_path`, or role tokens in tokenizer_config.json; never by the text of code
+files, which may be this package's) get `chat_format: "chatglm3"` and ChatGLM3's chat template in
+tokenizer_config.json, and the stop ids [</s>, <|user|>, <|observation|>] in generation_config.json.
+A folder this package already wrote keeps the chat format its files state. Refused, with a one-line reason (exit
 status 2): ChatGLM-6B (v1, a different architecture); GLM-4 (another tokenizer); a config this
 package's `ChatGLMConfig` refuses (such as a `rope_ratio` of no known release: set
 `rope_ratio_applies_to`); a SRC whose weight files do not read or do not match their index; a DST that
@@ -72,10 +74,9 @@ CHATGLM2_KEYS = (
     "seq_length",
     "multi_query_attention",
 )
-# What ChatGLM3's and GLM-4's files say about themselves; their chat formats differ from ChatGLM2's.
+# What GLM-4's config and tokenizer files say about themselves; its tokenizer differs from ChatGLM2's.
 GLM4_MARKERS = ("glm-4", "glm4")
-CHATGLM3_MARKERS = ("chatglm3", "<|user|>")
-NEWER_GLM_FILES = (CONFIG_FILE, "tokenizer_config.json", "tokenization_chatglm.py")
+DESCRIBING_FILES = (CONFIG_FILE, "tokenizer_config.json")
 # The config attributes vLLM's and SGLang's ChatGLM models read (vllm/model_executor/models/chatglm.py,
 # sglang/srt/models/chatglm.py); a serving folder's config.json carries each, this package's value where SRC has none.
 ENGINE_CONFIG_KEYS = (
@@ -131,18 +132,17 @@ def check_config(src):
 
 
 def chat_format_of(src):
-    """"chatglm3" if SRC's files name ChatGLM3 or its `<|user|>` token, else "chatglm2"; GLM-4 is refused."""
-    chat_format = "chatglm2"
-    for name in NEWER_GLM_FILES:
+    """SRC's chat format, read from its config and tokenizer files by the tokenizer's own rule; GLM-4 is refused."""
+    for name in DESCRIBING_FILES:
         path = src / name
         if path.is_file():
             text = path.read_text(encoding="utf-8", errors="replace").lower()
             marker = next((marker for marker in GLM4_MARKERS if marker in text), None)
             if marker:
                 raise ModelFolderError(f"{path} mentions {marker!r}: this is GLM-4, whose tokenizer differs from ChatGLM2's")
-            if any(marker in text for marker in CHATGLM3_MARKERS):
-                chat_format = "chatglm3"
-    return chat_format
+    from tokenization_chatglm import chat_format_of_folder
+
+    return chat_format_of_folder(src)
 
 
 def describe(config, chat_format):
@@ -211,6 +211,17 @@ def engine_config(config):
         if key not in config:
             config[key] = getattr(settings, key)
     return config
+
+
+def with_rotary_target(config):
+    """SRC's config with `rope_ratio_applies_to` written out where its `rope_ratio` scales something: the
+    releases leave that to their `_name_or_path`, which a copy of the folder need not keep."""
+    from configuration_chatglm import ChatGLMConfig
+
+    settings = ChatGLMConfig.from_dict(dict(config))
+    if settings.rope_ratio == 1:
+        return dict(config)
+    return dict(config, rope_ratio_applies_to=settings.rope_ratio_applies_to)
 
 
 def check_tokenizer(src, config, chat_format="chatglm2"):
