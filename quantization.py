@@ -26,6 +26,7 @@ import logging
 import mmap
 import re
 import sys
+import threading
 from typing import NamedTuple
 
 import torch
@@ -67,6 +68,8 @@ __all__ = [
     "dequantize_weight",
     "detect_cpu_int4_layout",
     "pack_int4",
+    "populate",
+    "prefault_mapped_weights",
     "quantize_model",
     "quantize_output_layer",
     "quantize_weight",
@@ -986,6 +989,71 @@ class _QuantizedLinearFunction(torch.autograd.Function):
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+PREFAULT_THREAD_NAME = "chatglm-prefault"
+
+
+def _page_span(tensor):
+    """[start, end) of a CPU tensor's bytes, the start rounded down to its page."""
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    return start, tensor.data_ptr() + tensor.numel() * tensor.element_size()
+
+
+def _file_mappings():
+    """[(start, end)] of this process's memory-mapped files (Linux /proc/self/maps); empty elsewhere."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        # address perms offset device inode [path]: a file mapping has an inode and a path
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            start, end = fields[0].split("-")
+            spans.append((int(start, 16), int(end, 16)))
+    return spans
+
+
+def populate(tensors):
+    """Map the pages under each CPU tensor into this process now, in the given order (madvise
+    MADV_POPULATE_READ: one call per tensor instead of a page fault per few pages in the first forward;
+    pages not in the page cache are read from the file). Best effort: nothing where Linux lacks it."""
+    for tensor in tensors:
+        if tensor.device.type == "cpu" and tensor.numel():
+            start, end = _page_span(tensor)
+            _call_linux_libc("madvise", ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_POPULATE_READ)
+
+
+def prefault_mapped_weights(model):
+    """Start mapping, on a daemon thread, the pages of the memory-mapped weights that every forward reads whole
+    (all but the input embedding, of which a step reads one row per token); returns the thread, or None when no
+    weight lies in a mapped file.
+
+    A checkpoint loaded as stored stays memory-mapped (transformers keeps its tensors as the parameters), so
+    the first forward took a page fault for every few pages of it, in the kernels' threads; this thread maps
+    them in forward order while the caller goes on (tokenizer, prompt, the first forward itself). Weights
+    converted at load are anonymous memory, resident already, and are left alone. The thread holds the
+    tensors until it is done, so their mapping cannot go away under it.
+    """
+    spans = _file_mappings()
+    embedding = model.get_input_embeddings()
+    skipped = {id(embedding.weight)} if embedding is not None else set()
+
+    def mapped(tensor):
+        address = tensor.data_ptr()
+        return any(start <= address < end for start, end in spans)
+
+    tensors = [
+        tensor.detach()
+        for tensor in list(model.parameters()) + list(model.buffers())
+        if id(tensor) not in skipped and tensor.device.type == "cpu" and tensor.numel() and mapped(tensor)
+    ]
+    if not tensors:
+        return None
+    thread = threading.Thread(target=populate, args=(tensors,), name=PREFAULT_THREAD_NAME, daemon=True)
+    thread.start()
+    return thread
 
 
 def _page_out(tensor):
@@ -998,8 +1066,7 @@ def _page_out(tensor):
     """
     if tensor.device.type != "cpu" or tensor.numel() == 0:
         return
-    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
-    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    start, end = _page_span(tensor)
     _call_linux_libc("madvise", ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 

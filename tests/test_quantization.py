@@ -1060,3 +1060,30 @@ def test_paging_out_a_weight_never_changes_its_bytes(tmp_path):
         assert torch.equal(tensor, expected)  # resident now
         Q._page_out(tensor)
         assert torch.equal(tensor, expected)
+
+
+def page_faults_reading(tensors):
+    """The page faults this thread takes reading one byte of every page under `tensors` (Linux)."""
+    import ctypes
+    import mmap
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_THREAD)
+    for tensor in tensors:
+        start, end = Q._page_span(tensor)
+        for address in range(start, end, mmap.PAGESIZE):
+            ctypes.c_char.from_address(address).value
+    after = resource.getrusage(resource.RUSAGE_THREAD)
+    return after.ru_minflt - before.ru_minflt + after.ru_majflt - before.ru_majflt
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_READ and per-thread fault counts are Linux's")
+def test_populate_maps_every_page_of_a_memory_mapped_weight_so_reading_it_takes_no_page_fault(tmp_path):
+    weight = torch.randint(-128, 128, (1000, 4096), dtype=torch.int8)  # 1000 pages
+    torch.save({"w": weight}, tmp_path / "w.bin")
+    fresh = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    assert page_faults_reading([fresh]) > 0  # a new mapping: its first reader takes the faults
+    populated = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)["w"]
+    Q.populate([populated])
+    assert page_faults_reading([populated]) == 0
+    assert torch.equal(populated, weight)
