@@ -301,6 +301,7 @@ def test_decode_keeps_special_tokens_text_unless_told_to_skip_them(tokenizer, sp
     """transformers' convention, which lm-eval relies on: it adds decode([eos], skip_special_tokens=False)
     to its stop strings, and an empty text there cut every answer after its first token."""
     assert tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) == "</s>"
+    assert tokenizer.decode(tokenizer.eos_token_id, skip_special_tokens=False) == "</s>"  # lm-eval passes the int
     assert tokenizer.decode([tokenizer.eos_token_id]) == "</s>"
     ids = sp.encode("你好")
     assert tokenizer.decode([0] + prefix + ids + [2]) == "<unk>[gMASK]sop你好</s>"
