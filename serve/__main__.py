@@ -45,7 +45,7 @@ def build_parser():
     parser.add_argument("--max-batch-size", type=positive_int, default=16, help="sequences decoded together in one batch (default: 16)")
     parser.add_argument("--max-waiting", type=positive_int, default=64, help="requests that may wait for a batch; more get 429 (default: 64)")
     parser.add_argument("--batch-wait-ms", type=non_negative_float, default=10.0, help="how long a request that finds the server idle waits for others to start with it (default: 10)")
-    parser.add_argument("--prefill-chunk", type=positive_int, default=256, help="prompt tokens read per step while other rows decode: a newcomer adds at most this to their time per token (default: 256)")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=128, help="prompt tokens read per step while other rows decode: a newcomer adds at most this to their time per token (default: 128)")
     parser.add_argument("--max-tokens-default", type=positive_int, default=512, help="answer length when a request gives no max_tokens (default: 512)")
     parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="temperature when a request gives none (default: 0.8, as model.chat)")
     parser.add_argument("--top-p", type=probability, default=0.8, help="top_p when a request gives none (default: 0.8, as model.chat)")
@@ -56,7 +56,10 @@ def build_parser():
 
 
 def chat_postprocess(tokenizer):
-    """The tokenizer's answer post-processing (ChatGLM2: strip, "[[训练时间]]" -> "2023年"), as `chat` applies it."""
+    """The tokenizer's answer post-processing (ChatGLM2: strip, "[[训练时间]]" -> "2023年"), as `chat` applies
+    it; None for ChatGLM3, whose replies (text or a tool call) the app reads as they finish."""
+    if getattr(tokenizer, "chat_format", "chatglm2") == "chatglm3":
+        return None
     return lambda text: tokenizer.process_chat_response(text, "", [])[0]
 
 

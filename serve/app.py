@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import chatglm3
 from .engine import Busy, Job, Row
 from .logprobs import CompletionChoices, chat_logprobs, requested_logprobs, token_texts
 from .protocol import ChatRequest, CompletionRequest, EmbeddingRequest, describe_validation_errors, unsupported_fields
@@ -172,6 +173,43 @@ class Gate:
         return replay
 
 
+class ReplyEvents(asyncio.Queue):
+    """A ChatGLM3 chat job's events as the client gets them. The engine sends the raw reply, whose
+    first line is ChatGLM3's metadata (a tool's name, or empty before text): deltas become those of
+    the visible text (log probabilities wait for the text they belong to), and a finished reply that
+    calls a tool becomes ("tool_call", row, call) and ("finish", row, "tool_calls", "", logprobs).
+    `prefix` is a reply's opening already in the prompt (a named `tool_choice`)."""
+
+    def __init__(self, tokenizer, tools, prefix=""):
+        super().__init__()
+        self.tokenizer, self.tools, self.prefix = tokenizer, tools, prefix
+        self.raw, self.shown, self.pending, self.tool_calls = {}, {}, {}, {}
+
+    def put_nowait(self, event):
+        if event[0] not in ("delta", "finish"):
+            return super().put_nowait(event)
+        index = event[1]
+        self.pending[index] = [*self.pending.get(index, ()), *event[-1]]
+        if event[0] == "delta":
+            self.raw[index] = self.raw.get(index, self.prefix) + event[2]
+            return self._show(index, chatglm3.visible_text(self.raw[index]))
+        reason, reply = event[2], event[3]
+        text, call = chatglm3.tool_call_of(self.tokenizer, self.prefix + reply, self.tools)
+        if call is not None:
+            self.tool_calls[index] = call
+            super().put_nowait(("tool_call", index, call))
+            text, reason = "", "tool_calls"
+        else:
+            self._show(index, text)
+        super().put_nowait(("finish", index, reason, text, self.pending.pop(index, [])))
+
+    def _show(self, index, text):
+        sent = self.shown.get(index, "")
+        if text.startswith(sent) and len(text) > len(sent):
+            self.shown[index] = text
+            super().put_nowait(("delta", index, text[len(sent) :], self.pending.pop(index, [])))
+
+
 def create_app(engine, tokenizer, settings, chat_postprocess=None):
     """The application serving `engine`'s model under `settings.model_name`."""
     app = FastAPI(title="ChatGLM OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
@@ -268,8 +306,8 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
                 rows.append(Row(ids, new_tokens, temperature, top_p, (seed + choice) % 2**63, tuple(stops), min(request.min_tokens, new_tokens), **logprobs))
         return rows
 
-    def submit(rows, kind="generate", postprocess=None):
-        job = Job(rows, asyncio.get_running_loop(), asyncio.Queue(), postprocess=postprocess, kind=kind)
+    def submit(rows, kind="generate", postprocess=None, events=None):
+        job = Job(rows, asyncio.get_running_loop(), events or asyncio.Queue(), postprocess=postprocess, kind=kind)
         try:
             engine.submit(job)
         except Busy as busy:
@@ -334,6 +372,8 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
                     event = await job.events.get()
                     if event[0] == "delta":
                         yield sse(chunk(event[1], text=event[2], logprobs=event[3]))
+                    elif event[0] == "tool_call":
+                        yield sse(chunk(event[1], tool_call=event[2]))
                     elif event[0] == "finish":
                         yield sse(chunk(event[1], finish_reason=event[2], logprobs=event[4]))
                     elif event[0] == "error":
@@ -353,13 +393,20 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def chat_messages(body):
-        """The request's messages as the chat template takes them.
+    def message_text(message, where):
+        content = message.content
+        if isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"{where}.content[{part_index}]: only text parts are supported, got type '{part.type}'", param=f"{where}.content")
+            content = "".join(part.text for part in content)
+        if content is None:
+            raise APIError(400, f"{where}.content: a {message.role} message needs text content", param=f"{where}.content")
+        return content
 
-        ChatGLM2 has no tool calling: `tools`/`functions` and `tool` messages are refused here. The
-        ChatGLM3 tool format (tools in the system message, `tool` results as `observation`) belongs
-        to its tokenizer's chat template; this is the one place that maps OpenAI messages to it.
-        """
+    def chat_messages(body):
+        """The request's messages as the ChatGLM2 chat template takes them. ChatGLM2 has no tool
+        calling: `tools`/`functions` and `tool` messages are refused here."""
         for name in ("tools", "functions", "tool_choice", "function_call"):
             if getattr(body, name) not in (None, [], "none"):
                 raise APIError(400, f"{name}: the model '{settings.model_name}' (ChatGLM2) has no tool calling; remove '{name}'", param=name)
@@ -368,16 +415,28 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
             where = f"messages[{index}]"
             if message.role in ("tool", "function") or message.tool_calls:
                 raise APIError(400, f"{where}: tool messages and tool_calls need a model with tool calling; this one (ChatGLM2) has none", param=where)
-            content = message.content
-            if isinstance(content, list):
-                for part_index, part in enumerate(content):
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"{where}.content[{part_index}]: only text parts are supported, got type '{part.type}'", param=f"{where}.content")
-                content = "".join(part.text for part in content)
-            if content is None:
-                raise APIError(400, f"{where}.content: a {message.role} message needs text content", param=f"{where}.content")
-            messages.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+            messages.append({"role": "system" if message.role == "developer" else message.role, "content": message_text(message, where)})
         return messages
+
+    def chat_request(body):
+        """(messages, tools, events, forced function) for the chat template: ChatGLM2's messages, or
+        ChatGLM3's (`chatglm3.conversation`) with the tools offered (none with tool_choice "none")
+        and the job's ReplyEvents."""
+        if getattr(tokenizer, "chat_format", "chatglm2") != "chatglm3":
+            return chat_messages(body), None, None, None
+        for name in ("functions", "function_call"):
+            if getattr(body, name) is not None:
+                raise APIError(400, f"{name}: the deprecated functions API is not supported; use tools and tool_choice", param=name)
+        try:
+            tools = chatglm3.tool_schemas(body.tools or [])
+            forced = chatglm3.forced_function(body.tool_choice, tools)
+            messages = chatglm3.conversation(body.messages, message_text)
+        except chatglm3.RequestError as error:
+            raise APIError(400, str(error), param=error.param) from None
+        if body.tool_choice == "none":
+            tools = []
+        events = ReplyEvents(tokenizer, tools, prefix=f"{forced}\n" if forced else "")
+        return messages, tools or None, events, forced
 
     @app.get("/health")
     async def health():
@@ -405,12 +464,14 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
         check_supported(body)
-        messages = chat_messages(body)
+        messages, tools, events, forced = chat_request(body)
+        if forced:  # the reply opens with the named function's line, as ChatGLM3 writes a call
+            messages = [*messages, {"role": "assistant", "metadata": forced, "content": ""}]
         try:
             # The tokenizer renders and encodes the chat (prefix tokens included, as `chat` does), off
             # the event loop like `encode`.
             encoding = await anyio.to_thread.run_sync(
-                lambda: tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+                lambda: tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=not forced, tokenize=True, return_dict=True)
             )
         except (ValueError, TypeError, jinja2.TemplateError) as error:
             raise APIError(400, f"messages: {error}", param="messages") from None
@@ -419,15 +480,17 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
             raise APIError(400, "max_completion_tokens: give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
         limit_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = submit(rows_for(body, [prompt_ids], max_tokens, limit_name), postprocess=chat_postprocess)
+        job = submit(rows_for(body, [prompt_ids], max_tokens, limit_name), postprocess=chat_postprocess, events=events)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(index, text=None, finish_reason=None, role=None, logprobs=()):
+            def chunk(index, text=None, finish_reason=None, role=None, logprobs=(), tool_call=None):
                 payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": settings.model_name, "choices": []}
                 if index is not None:
                     delta = {"role": role, "content": ""} if role else ({"content": text} if text is not None else {})
+                    if tool_call is not None:
+                        delta = {"tool_calls": [{"index": 0, **tool_call}]}
                     shown = chat_logprobs(text_of, logprobs) if logprobs else None
                     payload["choices"] = [{"index": index, "delta": delta, "logprobs": shown, "finish_reason": finish_reason}]
                 if include_usage:
@@ -439,12 +502,15 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         texts = await gather(job, request)
         if texts is None:
             return JSONResponse(error_body("the client closed the connection"), 499)
+        calls = events.tool_calls if events is not None else {}
         choices = [
             {
                 "index": index,
-                "message": {"role": "assistant", "content": text},
+                "message": {"role": "assistant", "content": None, "tool_calls": [calls[index]]}
+                if index in calls
+                else {"role": "assistant", "content": text},
                 "logprobs": None if row.logprobs is None else chat_logprobs(text_of, row.token_logprobs),
-                "finish_reason": row.finish_reason,
+                "finish_reason": "tool_calls" if index in calls else row.finish_reason,
             }
             for index, (row, text) in enumerate(zip(job.rows, texts))
         ]
