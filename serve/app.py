@@ -17,7 +17,7 @@ import anyio.to_thread
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import chatglm3
@@ -68,12 +68,18 @@ def error_response(error):
     return JSONResponse(error_body(error.message, error.kind, error.param, error.code), error.status, headers=error.headers)
 
 
-class Gate:
-    """ASGI middleware: request id, API key, body size limit, one JSON access-log line per request."""
+# The paths /metrics counts requests of by name; any other is counted as "other".
+COUNTED_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
-    def __init__(self, app, settings):
+
+class Gate:
+    """ASGI middleware: request id, Host check, API key, body size limit, one JSON access-log line
+    and a count in `responses` ((path, status) -> number, for /metrics) per request."""
+
+    def __init__(self, app, settings, responses):
         self.app = app
         self.settings = settings
+        self.responses = responses
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -100,6 +106,8 @@ class Gate:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
+            counted = (scope["path"] if scope["path"] in COUNTED_PATHS else "other", status.get("code"))
+            self.responses[counted] = self.responses.get(counted, 0) + 1
             usage = state.get("usage") or {}
             access_log.info(
                 json.dumps(
@@ -208,6 +216,42 @@ class ReplyEvents(asyncio.Queue):
         if text.startswith(sent) and len(text) > len(sent):
             self.shown[index] = text
             super().put_nowait(("delta", index, text[len(sent) :], self.pending.pop(index, [])))
+
+
+def prometheus_text(stats, histograms, responses):
+    """The Prometheus text exposition (version 0.0.4) of the engine's `stats()` and `histograms()` and
+    the HTTP responses counted by the Gate."""
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}" for labels, value in samples)
+
+    metric("serve_http_responses_total", "counter", "HTTP responses by path and status.", [
+        (f'{{path="{path}",status="{code}"}}', count) for (path, code), count in sorted(responses.items(), key=str)
+    ])  # fmt: skip
+    for name, key, kind, help_text in (
+        ("serve_requests_total", "requests", "counter", "Generation and embedding requests admitted to the engine."),
+        ("serve_prompt_tokens_total", "prompt_tokens", "counter", "Prompt tokens read (prefilled)."),
+        ("serve_generation_tokens_total", "generated_tokens", "counter", "Tokens generated, end-of-answer tokens included."),
+        ("serve_cancelled_rows_total", "cancelled_rows", "counter", "Rows dropped because their client went away."),
+        ("serve_steps_total", "steps", "counter", "Engine steps (prefill chunks and decoding steps)."),
+        ("serve_queue_depth", "waiting", "gauge", "Requests waiting to be admitted."),
+        ("serve_running_rows", "running_rows", "gauge", "Rows being prefilled or decoded."),
+        ("serve_prefilling_rows", "prefilling_rows", "gauge", "Rows whose prompt is being read."),
+        ("serve_decoding_rows", "decoding_rows", "gauge", "Rows in the decoding batch."),
+    ):
+        metric(name, kind, help_text, [("", stats[key])])
+    for name, key, help_text in (
+        ("serve_time_to_first_token_seconds", "ttft_seconds", "From a request's submission to its first token."),
+        ("serve_time_per_output_token_seconds", "time_per_output_token_seconds", "Between two tokens of a row."),
+    ):
+        histogram = histograms[key]
+        buckets = [(f'{{le="{"+Inf" if bound == float("inf") else f"{bound:g}"}"}}', count) for bound, count in histogram["buckets"]]
+        metric(name, "histogram", help_text, [])
+        lines.extend(f"{name}_bucket{labels} {count}" for labels, count in buckets)
+        lines.extend([f"{name}_sum {histogram['sum']:.6f}", f"{name}_count {histogram['count']}"])
+    return "\n".join(lines) + "\n"
 
 
 def create_app(engine, tokenizer, settings, chat_postprocess=None):
@@ -438,6 +482,12 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         events = ReplyEvents(tokenizer, tools, prefix=f"{forced}\n" if forced else "")
         return messages, tools or None, events, forced
 
+    responses = {}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus_text(engine.stats(), engine.histograms(), responses), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_name, **engine.stats()}
@@ -590,5 +640,5 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         request.state.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
         return {"object": "list", "data": data, "model": settings.model_name, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
-    app.add_middleware(Gate, settings=settings)
+    app.add_middleware(Gate, settings=settings, responses=responses)
     return app

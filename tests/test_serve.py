@@ -297,6 +297,42 @@ def test_the_server_does_not_import_the_demo():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+def metrics(server):
+    """{sample name with labels: value} of GET /metrics, after checking every sample has its TYPE."""
+    status, headers, text = raw_request(server, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4"), text
+    samples, typed = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            assert name.split("{")[0].removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") in typed, line
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_requests_tokens_and_latencies_in_prometheus_text(server, client):
+    before = metrics(server)
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}], temperature=0)
+    after = metrics(server)
+
+    def grew(name):
+        return after[name] - before.get(name, 0)
+
+    assert grew("serve_requests_total") == 1
+    assert grew("serve_prompt_tokens_total") == answer.usage.prompt_tokens
+    assert grew("serve_generation_tokens_total") == answer.usage.completion_tokens
+    assert grew('serve_http_responses_total{path="/v1/chat/completions",status="200"}') == 1
+    assert after["serve_queue_depth"] == 0 and {"serve_running_rows", "serve_prefilling_rows", "serve_decoding_rows"} <= set(after)
+    assert grew("serve_time_to_first_token_seconds_count") == 1
+    assert grew("serve_time_per_output_token_seconds_count") == answer.usage.completion_tokens - 1
+    for histogram in ("serve_time_to_first_token_seconds", "serve_time_per_output_token_seconds"):
+        buckets = [value for name, value in after.items() if name.startswith(histogram + "_bucket")]
+        assert buckets == sorted(buckets) and after[histogram + '_bucket{le="+Inf"}'] == after[histogram + "_count"]
+        assert after[histogram + "_sum"] > 0
+
+
 def test_unknown_endpoint_and_method_get_json_errors(server):
     status, _, answer = raw_request(server, "GET", "/v1/nothing")
     assert status == 404 and "/v1/nothing" in answer["error"]["message"]
