@@ -273,7 +273,7 @@ def _pad_left(tensor, length, dim):
 class Engine:
     """Owns the model in one worker thread; the event loop submits jobs and reads their events."""
 
-    def __init__(self, model, tokenizer, max_batch_size=16, max_waiting=64, batch_wait=0.01, prefill_chunk=256):
+    def __init__(self, model, tokenizer, max_batch_size=16, max_waiting=64, batch_wait=0.01, prefill_chunk=128):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size

@@ -3,6 +3,7 @@
     python -m serve.loadtest                          # starts the server on the demo model, 32 clients x 4 requests
     python -m serve.loadtest --clients 8 --requests 2 --server-arg=--max-batch-size=4
     python -m serve.loadtest --url http://127.0.0.1:8000 --model NAME   # a server that is already running
+    python -m serve.loadtest --mixed --baseline-root /tmp/old-tree   # the mixed load, on this checkout and another, in turns
 
 Each request is a streamed chat completion of one of the demo dialog set's first-turn queries,
 greedy (temperature 0), through the official `openai` client (no retries). The sequential phase
@@ -11,6 +12,11 @@ answer must equal the sequential answer to the same query (a batched answer that
 counted as "wrong"), and every request must end as an answer or a 429/503 refusal ("lost" counts
 the rest). Prints a table and writes JSON to bench/results/serve-load.json (written to a temporary
 file, then renamed into place).
+
+`--mixed`: completions arriving as a Poisson process, prompts of 16-1000 tokens and answers of
+8-256 (log-uniform), each compared with the same request sent alone; the short requests' TTFT
+against an idle server's; then a running request's time between chunks while a newcomer's
+1000-token prompt is read. Writes bench/results/serve-mixed-load.json.
 """
 
 import argparse
@@ -345,6 +351,7 @@ def run_mixed(servers, model, api_key, tokenizer, count, rate, seed, rounds, chu
         results[name].update(
             reference={record["number"]: record["text"] for record in alone},
             idle_short_ttft_p50_s=percentile(short, 0.5),
+            idle_short_ttft_p99_s=percentile(short, 0.99),
             idle_ttft_16_s=median_ttft(url, model, api_key, probes[0], 5),
             idle_ttft_chunk_s=median_ttft(url, model, api_key, probes[1], 5),
         )
@@ -376,11 +383,11 @@ def mixed_table(results):
         for number, phase in enumerate(result["mixed"], 1):
             cells = [str(number) if key is None else _cell(phase[key]) for _, key in columns]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| server | idle TTFT, short prompts p50 (s) | idle TTFT 16 / chunk-size prompt (s) | runner's gap before (s) | longest gap while the newcomer's prompt is read (s) | newcomer TTFT (s) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| server | idle TTFT, short prompts p50 / p99 (s) | idle TTFT 16 / chunk-size prompt (s) | runner's gap before (s) | longest gap while the newcomer's prompt is read (s) | newcomer TTFT (s) |", "|---|---|---|---|---|---|"]
     for name, result in results.items():
         for join in result["join"]:
             lines.append(
-                f"| {name} | {_cell(result['idle_short_ttft_p50_s'])} | {_cell(result['idle_ttft_16_s'])} / {_cell(result['idle_ttft_chunk_s'])} | "
+                f"| {name} | {_cell(result['idle_short_ttft_p50_s'])} / {_cell(result['idle_short_ttft_p99_s'])} | {_cell(result['idle_ttft_16_s'])} / {_cell(result['idle_ttft_chunk_s'])} | "
                 f"{_cell(join['gap_p50_before_s'])} | {_cell(join['gap_max_during_join_s'])} | {_cell(join['newcomer_ttft_s'])} |"
             )
     return "\n".join(lines)
@@ -434,16 +441,16 @@ def parse_args(argv):
     parser.add_argument("--queries", type=int, default=16, help="distinct demo queries to cycle through")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--server-arg", action="append", default=[], help="argument for the started server (repeatable), e.g. --server-arg=--threads=1")
+    parser.add_argument("--baseline-root", type=Path, help="also start the server of this checkout (e.g. an older commit's tree) and run every phase on both, in turns")
     parser.add_argument("--output", type=Path, help=f"where to write the JSON (default: {RESULTS.name}, with --mixed {MIXED_RESULTS.name} in bench/results)")
     mixed = parser.add_argument_group("the mixed load (--mixed)")
     mixed.add_argument("--mixed", action="store_true", help="Poisson arrivals of completions with prompts of 16-1000 tokens and answers of 8-256, and a newcomer joining a running request")
-    mixed.add_argument("--baseline-root", type=Path, help="also start the server of this checkout (e.g. an older commit's tree) and run every phase on both, in turns")
     mixed.add_argument("--tokenizer", default=str(REPO_ROOT / "demo" / "tiny-chatglm2"), help="tokenizer folder to cut prompts of given lengths (default: the demo model)")
     mixed.add_argument("--count", type=int, default=48, help="requests in the Poisson load")
     mixed.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     mixed.add_argument("--rounds", type=int, default=2, help="rounds of the Poisson load per server")
     mixed.add_argument("--seed", type=int, default=0)
-    mixed.add_argument("--prefill-chunk", type=int, default=256, help="prompt length whose idle TTFT stands for one prefill chunk (the server's --prefill-chunk)")
+    mixed.add_argument("--prefill-chunk", type=int, default=128, help="prompt length whose idle TTFT stands for one prefill chunk (the server's --prefill-chunk)")
     return parser.parse_args(argv)
 
 
@@ -463,28 +470,36 @@ def main(argv=None):
         query_count=args.queries,
     )
     load_before = os.getloadavg()
-    if args.url:
-        sequential, concurrent = run(args.url, **settings)
-    else:
-        with ServerProcess(*args.server_arg) as server:
-            sequential, concurrent = run(server.url, **settings)
-    speedup = concurrent["requests_per_s"] / sequential["requests_per_s"] if sequential["requests_per_s"] else None
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        if args.baseline_root:
+            servers["baseline"] = stack.enter_context(ServerProcess(*args.server_arg, root=args.baseline_root)).url
+        servers["this"] = args.url or stack.enter_context(ServerProcess(*args.server_arg)).url
+        results = {name: run(url, **settings) for name, url in servers.items()}
+    phases, speedups = [], {}
+    for name, (sequential, concurrent) in results.items():
+        if len(results) > 1:
+            sequential["phase"], concurrent["phase"] = f"{name}: one at a time", f"{name}: concurrent"
+        phases += [sequential, concurrent]
+        speedups[name] = concurrent["requests_per_s"] / sequential["requests_per_s"] if sequential["requests_per_s"] else None
     machine = describe_machine("cpu")
     payload = {
         "machine": machine,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "server": args.url or f"python -m serve {' '.join(args.server_arg)}".strip(),
+        "baseline": args.baseline_root and str(args.baseline_root),
         "settings": settings | {"api_key": bool(args.api_key)},
-        "phases": [sequential, concurrent],
-        "throughput_speedup": speedup,
+        "phases": phases,
+        "throughput_speedup": speedups["this"],
     }
     print(f"{machine['cpu']}, {machine['cpu_count']} cores; load average before {load_before[0]:.1f}; {payload['server']}")
     print(table(payload["phases"]))
-    print(f"concurrent / one at a time, requests/s: {speedup:.2f}x" if speedup else "no sequential answers")
+    for name, speedup in speedups.items():
+        print(f"{name}: concurrent / one at a time, requests/s: {speedup:.2f}x" if speedup else f"{name}: no sequential answers")
     write_json(args.output or RESULTS, payload)
     print(f"wrote {args.output or RESULTS}")
-    bad = concurrent["lost"] + concurrent["wrong"] + sequential["lost"]
+    bad = sum(phase["lost"] + phase["wrong"] for phase in phases)
     return 1 if bad else 0
 
 
