@@ -1,10 +1,12 @@
 """The web chat page of python -m serve, end to end in headless Chromium (Debian's `chromium`, driven
 by Playwright with the system browser; `.ci/run` installs it): the greeting streams in, history
-carries over, Clear forgets it, Stop keeps what was written and frees the server's row."""
+carries over, Clear forgets it, Stop keeps what was written and frees the server's row, and answers
+render as Markdown while they stream, with model text never run as script or markup."""
 
 import json
 import os
 import shutil
+import urllib.request
 
 import pytest
 
@@ -40,7 +42,9 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
-    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    # Playwright's wait_for_function evaluates strings, which the page's policy forbids; without the
+    # policy, the tests also show that the renderer alone keeps model text from running.
+    page = browser.new_page(viewport={"width": 1000, "height": 700}, bypass_csp=True)
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent === 'tiny-chatglm2'")
     page.fill("#temperature", "0")  # greedy: the trained answers
@@ -112,4 +116,97 @@ def test_stop_keeps_the_partial_answer_and_frees_the_row(page, server):
     )
     page.unroute("**/v1/chat/completions")
     ask(page, "Hello")
-    assert page.sent[-1]["messages"][:2] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": partial}]
+    kept = page.sent[-1]["messages"][:2]
+    assert kept[0] == {"role": "user", "content": "你好"} and kept[1]["role"] == "assistant"
+    # What the history keeps is the text the page showed (rendered as Markdown, as it was shown).
+    assert page.evaluate(RENDERED_TEXT, kept[1]["content"]) == partial
+
+
+RENDERED_TEXT = "text => { const box = document.createElement('div'); box.append(Markdown.render(text)); return box.textContent; }"
+CODE = "print('<b>hi</b>')\nx = 1 < 2"
+SCRIPTED_ANSWER = f"""Here is **the code**:
+
+```python
+{CODE}
+```
+
+- item one
+- item `two`
+
+| Tool | Use |
+|---|---|
+| `ls` | list |
+
+<script>window.pwned = 1</script>
+<img src="/track.png" onerror="window.pwned = 2">
+[click](javascript:window.pwned=3) and [docs](https://example.org/a_b)
+![tracker](/track.png)
+"""
+
+# The page's fetch of the answer, answered by a stream that sends `window.scriptedEvents` one every
+# 20 ms, as the server streams (Playwright's route would hand the page the whole body at once).
+SCRIPTED_FETCH = """events => {
+    const realFetch = window.fetch;
+    window.fetch = (url, options) => {
+        if (!String(url).endsWith('/v1/chat/completions')) return realFetch(url, options);
+        const encoder = new TextEncoder();
+        const body = new ReadableStream({async pull(controller) {
+            if (!events.length) { controller.close(); return; }
+            await new Promise(resolve => setTimeout(resolve, 20));
+            controller.enqueue(encoder.encode(events.shift()));
+        }});
+        return Promise.resolve(new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}}));
+    };
+    window.renders = [];
+    new MutationObserver(() => {
+        const answer = document.querySelector('.message.assistant:last-of-type');
+        if (answer) window.renders.push({streaming: answer.classList.contains('streaming'), code: answer.querySelector('pre > code')?.textContent ?? null});
+    }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_a_markdown_answer_renders_while_streaming_and_never_runs_model_text(page, server, tmp_path):
+    pieces = [SCRIPTED_ANSWER[start : start + 6] for start in range(0, len(SCRIPTED_ANSWER), 6)]
+    events = [f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': piece}, 'finish_reason': None}]})}\n\n" for piece in pieces]
+    events += [f"data: {json.dumps({'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n", "data: [DONE]\n\n"]
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    page.evaluate(SCRIPTED_FETCH, events)
+    ask(page, "Show me some code")
+    answer = page.locator(".message.assistant").last
+
+    # Markdown became elements: a code block as <pre><code>, a list, a table, inline code and strong.
+    assert answer.locator("pre > code").all_text_contents() == [CODE]
+    assert answer.locator("ul > li").all_text_contents() == ["item one", "item two"]
+    assert answer.locator("li code").all_text_contents() == ["two"]
+    assert answer.locator("th").all_text_contents() == ["Tool", "Use"] and answer.locator("td").all_text_contents() == ["ls", "list"]
+    assert answer.locator("p strong").all_text_contents() == ["the code"]
+    # The code block streamed in as it was written, not only once the answer was whole.
+    renders = page.evaluate("window.renders")
+    partial_code = {render["code"] for render in renders if render["streaming"] and render["code"] is not None}
+    assert partial_code and any(code != CODE and CODE.startswith(code) for code in partial_code), partial_code
+
+    # Model text is text: nothing ran, no on* attribute, no script or image element, nothing loaded.
+    assert page.evaluate("typeof window.pwned") == "undefined"
+    attributes = page.evaluate("[...document.querySelectorAll('#messages *')].flatMap(node => [...node.attributes].map(a => a.name))")
+    assert not [name for name in attributes if name.lower().startswith("on")], attributes
+    assert page.locator("#messages script, #messages img, #messages iframe").count() == 0
+    assert "<script>window.pwned = 1</script>" in answer.inner_text() and 'onerror="window.pwned = 2"' in answer.inner_text()
+    assert [link.get_attribute("href") for link in answer.locator("a").all()] == ["https://example.org/a_b"]
+    assert "[click](javascript:window.pwned=3)" in answer.inner_text()
+    assert not [url for url in requested if "track.png" in url], requested
+
+    # The code block's Copy button puts the code itself on the clipboard.
+    answer.locator(".code-block button").click()
+    page.wait_for_function("document.querySelector('.code-block button').textContent === 'Copied'")
+    assert page.evaluate("navigator.clipboard.readText()") == CODE
+    page.screenshot(path=os.environ.get("SERVE_MARKDOWN_SCREENSHOT") or str(tmp_path / "markdown.png"))
+
+
+def test_the_page_runs_only_its_own_scripts(server):
+    with urllib.request.urlopen(server.url + "/") as response:
+        policy = response.headers["Content-Security-Policy"]
+        page = response.read().decode("utf-8")
+    assert "script-src 'self'" in policy and "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert "<script>" not in page and "https://" not in page  # no inline script, nothing from elsewhere
