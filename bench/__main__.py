@@ -24,9 +24,10 @@ from .kernels import load_quantization
 from .model_shapes import REPO_ROOT, decode_roofline, released_config
 from .report import check_readme, write_reports
 from .system import describe_machine, read_bandwidth, summary
-from .worker import BANDWIDTH_PAUSE
+from .protocol import BANDWIDTH_PAUSE
 
 PRECISIONS = {"bf16": 16, "int8": 8, "int4": 4}
+PEERS = ("llama.cpp",)
 FULL_DEFAULTS = {"runs": 3, "prefill_lengths": [128, 512], "batches": [1, 4], "new_tokens": 64, "bandwidth_bytes": 1 << 30}
 QUICK_DEFAULTS = {"runs": 1, "prefill_lengths": [16, 32], "batches": [1, 4], "new_tokens": 8, "bandwidth_bytes": 64 << 20}
 WORKER_TAIL_LINES = 20
@@ -86,6 +87,21 @@ def parse_args(argv):
         default=list(QUANTIZED_FILE_DTYPES),
         help="comma-separated dtypes the int8/int4 files load in (default auto,bfloat16; auto keeps their float16)",
     )
+    parser.add_argument(
+        "--peer",
+        choices=PEERS,
+        help="also time another engine the same way, one row per --peer-gguf right after ours of its precision, and "
+        "print ours / theirs (llama.cpp: an installed llama-cpp-python; nothing is built or downloaded)",
+    )
+    parser.add_argument(
+        "--peer-gguf",
+        action="append",
+        default=[],
+        metavar="PRECISION=FILE",
+        help="with --peer llama.cpp: a GGUF to time and the precision of ours it is held against, e.g. int4=q4_0.gguf "
+        "(repeatable; bench/README.md says how one was made from the bench's checkpoint)",
+    )
+    parser.add_argument("--peer-python", default=sys.executable, help="the Python that runs the peer (default: this one)")
     parser.add_argument("--runs", type=int, help="repetitions of each speed measurement (default 3; --quick 1)")
     parser.add_argument("--prefill-lengths", type=integer_list, help="prompt lengths; decode follows the first (default 128,512)")
     parser.add_argument("--batches", type=integer_list, help="decode batch sizes (default 1,4)")
@@ -120,6 +136,16 @@ def parse_args(argv):
         args.out = args.cache_dir / "quick-results" if args.quick else REPO_ROOT / "bench" / "results"
     if min(args.prefill_lengths + args.batches + [args.runs, args.new_tokens, args.threads]) < 1:
         parser.error("--runs, --prefill-lengths, --batches, --new-tokens and --threads must be positive")
+    args.peer_ggufs = []
+    for entry in args.peer_gguf:
+        precision, _, path = entry.partition("=")
+        if precision not in PRECISIONS or not path:
+            parser.error(f"--peer-gguf takes PRECISION=FILE with a precision from {', '.join(PRECISIONS)}; got {entry!r}")
+        if not Path(path).is_file():
+            parser.error(f"--peer-gguf {entry}: {path} is not a file")
+        args.peer_ggufs.append((precision, Path(path).resolve()))
+    if bool(args.peer) != bool(args.peer_ggufs):
+        parser.error("--peer and --peer-gguf go together: --peer llama.cpp --peer-gguf int4=FILE.gguf")
     for readme in args.readme:
         try:
             check_readme(readme)
@@ -139,57 +165,81 @@ def plan_configurations(args, config):
     quantization = load_quantization()
     configurations = []
     for precision in args.precisions:
-        bits = PRECISIONS[precision]
-        configuration = {
-            "label": precision,
-            "precision": precision,
-            "bits": bits,
-            "folder": model_folder(root, config, args.seed, bits),
-            "dtype": "auto",
-        }
-        if bits == 16:
-            # A float model's matrices run on chatglm_cpu or torch (onnxruntime takes quantized layers only);
-            # on CUDA, or with no such kernel named, one row as loaded.
-            float_kernels = [kernel for kernel in args.cpu_kernels if kernel != "onnxruntime"] if args.device == "cpu" else []
-            for cpu_kernel in float_kernels:
-                configurations.append(dict(
-                    configuration,
-                    label=precision + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
-                    load_path=f"fp16 shards + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
-                    dtype=FLOAT_DTYPE,
-                    flags=["--cpu-kernel", cpu_kernel],
-                ))
-            if not float_kernels:
-                configurations.append(dict(configuration, load_path="fp16 shards", dtype=FLOAT_DTYPE, flags=[]))
-            continue
-        long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
-        for cpu_kernel in args.cpu_kernels:
-            for dtype in args.file_dtypes:
-                configurations.append(dict(
-                    configuration,
-                    label=precision + QUANTIZED_FILE_DTYPES[dtype] + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
-                    load_path=f"int{bits} file + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
-                    dtype=dtype,
-                    flags=long_conversation + ["--cpu-kernel", cpu_kernel],
-                ))
-        if args.output_layer_bits:
-            configurations.append(dict(
-                configuration,
-                label=f"{precision}, int{args.output_layer_bits} output_layer",
-                load_path=f"int{bits} file + quantize(output_layer_bits={args.output_layer_bits})",
-                output_layer_bits=args.output_layer_bits,
-                flags=long_conversation + ["--output-layer-bits", str(args.output_layer_bits)],
-            ))
-        if not args.no_quantize_path:
-            configurations.append(dict(
-                configuration,
-                label=f"{precision} via quantize",
-                load_path=f"fp16 shards + quantize({bits})",
-                folder=model_folder(root, config, args.seed, 16),
-                dtype=FLOAT_DTYPE,
-                flags=["--quantize-bits", str(bits), "--load-only"],
-            ))
+        plan_precision(args, config, root, quantization, precision, configurations)
+        configurations += peer_configurations(args, precision)
+    for precision in dict.fromkeys(precision for precision, _ in args.peer_ggufs if precision not in args.precisions):
+        configurations += peer_configurations(args, precision)
     return configurations
+
+
+def peer_configurations(args, precision):
+    """The peer's rows held against ours at `precision`, one per GGUF given for it."""
+    return [
+        {
+            "label": f"{precision}, {args.peer} {path.stem}",
+            "precision": precision,
+            "bits": PRECISIONS[precision],
+            "load_path": f"{args.peer}: {path.name}",
+            "peer": args.peer,
+            "gguf": path,
+        }
+        for gguf_precision, path in args.peer_ggufs
+        if gguf_precision == precision
+    ]
+
+
+def plan_precision(args, config, root, quantization, precision, configurations):
+    """Our rows of one precision, appended to `configurations`."""
+    bits = PRECISIONS[precision]
+    configuration = {
+        "label": precision,
+        "precision": precision,
+        "bits": bits,
+        "folder": model_folder(root, config, args.seed, bits),
+        "dtype": "auto",
+    }
+    if bits == 16:
+        # A float model's matrices run on chatglm_cpu or torch (onnxruntime takes quantized layers only);
+        # on CUDA, or with no such kernel named, one row as loaded.
+        float_kernels = [kernel for kernel in args.cpu_kernels if kernel != "onnxruntime"] if args.device == "cpu" else []
+        for cpu_kernel in float_kernels:
+            configurations.append(dict(
+                configuration,
+                label=precision + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
+                load_path=f"fp16 shards + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
+                dtype=FLOAT_DTYPE,
+                flags=["--cpu-kernel", cpu_kernel],
+            ))
+        if not float_kernels:
+            configurations.append(dict(configuration, load_path="fp16 shards", dtype=FLOAT_DTYPE, flags=[]))
+        return
+    long_conversation = ["--long-conversation"] if bits == 4 and args.device == "cuda" else []
+    for cpu_kernel in args.cpu_kernels:
+        for dtype in args.file_dtypes:
+            configurations.append(dict(
+                configuration,
+                label=precision + QUANTIZED_FILE_DTYPES[dtype] + ("" if cpu_kernel == "auto" else f", {cpu_kernel}"),
+                load_path=f"int{bits} file + cpu_kernel={kernel_name(quantization, cpu_kernel)}",
+                dtype=dtype,
+                flags=long_conversation + ["--cpu-kernel", cpu_kernel],
+            ))
+    if args.output_layer_bits:
+        configurations.append(dict(
+            configuration,
+            label=f"{precision}, int{args.output_layer_bits} output_layer",
+            load_path=f"int{bits} file + quantize(output_layer_bits={args.output_layer_bits})",
+            output_layer_bits=args.output_layer_bits,
+            flags=long_conversation + ["--output-layer-bits", str(args.output_layer_bits)],
+        ))
+    if not args.no_quantize_path:
+        configurations.append(dict(
+            configuration,
+            label=f"{precision} via quantize",
+            load_path=f"fp16 shards + quantize({bits})",
+            folder=model_folder(root, config, args.seed, 16),
+            dtype=FLOAT_DTYPE,
+            flags=["--quantize-bits", str(bits), "--load-only"],
+        ))
 
 
 def run_worker(configuration, args):
@@ -197,12 +247,17 @@ def run_worker(configuration, args):
     read bandwidth measured at each of its pauses, before each run and after the last (`bandwidth_pauses`)."""
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "result.json"
-        command = [
-            sys.executable, "-m", "bench.worker",
-            "--folder", str(configuration["folder"]),
+        if configuration.get("peer"):
+            command = [args.peer_python, "-m", "bench.llama_cpp_peer", "--gguf", str(configuration["gguf"])]
+        else:
+            command = [
+                sys.executable, "-m", "bench.worker",
+                "--folder", str(configuration["folder"]),
+                "--dtype", configuration["dtype"],
+                "--device", args.device,
+            ] + configuration["flags"]
+        command += [
             "--label", configuration["label"],
-            "--dtype", configuration["dtype"],
-            "--device", args.device,
             "--threads", str(args.threads),
             "--prefill-lengths", ",".join(map(str, args.prefill_lengths)),
             "--batches", ",".join(map(str, args.batches)),
@@ -210,7 +265,7 @@ def run_worker(configuration, args):
             "--runs", str(args.runs),
             "--output", str(output),
             "--bandwidth-pauses",
-        ] + configuration["flags"]
+        ]
         # No network: the model folder is local, and nothing may be fetched while measuring.
         environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         tail = deque(maxlen=WORKER_TAIL_LINES)
@@ -241,7 +296,8 @@ def add_rooflines(row, config, args, bandwidth, pauses):
     row["roofline"] = {}
     for batch in args.batches:
         roofline = decode_roofline(
-            config, row["bits"], bandwidth, args.prefill_lengths[0], args.new_tokens, batch, row["output_layer_bits"]
+            config, row["bits"], bandwidth, args.prefill_lengths[0], args.new_tokens, batch, row["output_layer_bits"],
+            weight_bytes=(row.get("peer") or {}).get("weight_bytes_but_embedding"),
         )
         speeds = row["decode"][f"batch{batch}"]["tokens_per_second"]
         roofline["fraction"] = speeds["median"] / roofline["tokens_per_second"]
@@ -252,6 +308,42 @@ def add_rooflines(row, config, args, bandwidth, pauses):
                 [speed * roofline["bytes_per_step"] / (batch * rate) for speed, rate in zip(speeds["runs"], around)]
             )
         row["roofline"][f"batch{batch}"] = roofline
+
+
+def _median_speed(row, section, key):
+    entry = (row.get(section) or {}).get(key)
+    return entry["tokens_per_second"]["median"] if entry else None
+
+
+def _ratio(ours, theirs):
+    return ours / theirs if ours is not None and theirs else None
+
+
+def peer_ratios(rows, args):
+    """Ours / the peer's for each peer row, against our first row of its precision that ran (the file as stored
+    comes first): speeds above 1 are ours faster; times and memory below 1 are ours smaller. Our resident memory
+    after the runs is held against the peer's peak (llama.cpp's repacked copy is gone by then only if it freed it)."""
+    ratios = []
+    for row in rows:
+        if not row.get("peer_of") or row.get("error"):
+            continue
+        ours = next((other for other in rows if other["precision"] == row["precision"] and not other.get("peer_of")
+                     and not other.get("error") and other.get("decode")), None)
+        if ours is None:
+            continue
+        speeds = {}
+        for section, keys in (("decode", [f"batch{batch}" for batch in args.batches]), ("prefill", list(map(str, args.prefill_lengths)))):
+            for key in keys:
+                speeds[f"{section} {key}"] = _ratio(_median_speed(ours, section, key), _median_speed(row, section, key))
+        ratios.append({
+            "ours": ours["label"],
+            "peer": row["label"],
+            **speeds,
+            "first generate": _ratio(ours.get("first_generate_seconds"), row.get("first_generate_seconds")),
+            "resident after runs / peer peak": _ratio(ours.get("rss_after_runs_bytes"), row.get("peak_rss_bytes")),
+            "peak anonymous": _ratio(ours.get("peak_anonymous_bytes"), row.get("peak_anonymous_bytes")),
+        })
+    return ratios
 
 
 def main(argv=None):
@@ -270,6 +362,8 @@ def main(argv=None):
     for configuration in configurations:
         print(f"== {configuration['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
         row = {key: configuration[key] for key in ("label", "precision", "bits", "load_path")}
+        if configuration.get("peer"):
+            row["peer_of"] = configuration["peer"]
         row["output_layer_bits"] = configuration.get("output_layer_bits", 16)
         # A shared machine's bandwidth moves by half or more between minutes: each row's roofline uses the
         # bandwidth read just before its worker, between its runs and after it (in this process: the
@@ -299,6 +393,7 @@ def main(argv=None):
         "machine": describe_machine(args.device),
         "bandwidth": bandwidth,
         "results": rows,
+        "peer_ratios": peer_ratios(rows, args),
     }
     has_chart = write_reports(results, args.out, args.readme)
     print((args.out / "results.md").read_text())

@@ -106,13 +106,17 @@ def kv_cache_bytes_per_token(config, element_bytes=2):
     return config["num_layers"] * 2 * groups * config["kv_channels"] * element_bytes
 
 
-def decode_step_bytes(config, bits, context, batch=1, element_bytes=2, output_layer_bits=16):
+def decode_step_bytes(config, bits, context, batch=1, element_bytes=2, output_layer_bits=16, weight_bytes=None):
     """Bytes one decode step must read from memory: the least any implementation can move.
 
     The quantized matrices at `bits` (16 = unquantized) with one scale per output row, `output_layer`
     likewise at `output_layer_bits`, the other weights except the embedding (a decode step reads one
     row of it) at `element_bytes`, and the KV cache of `context` tokens for each of `batch` sequences.
+    `weight_bytes`: another engine's weights but the embedding (a peer's file, in its own formats) instead.
     """
+    if weight_bytes is not None:
+        weights = weight_bytes + config["hidden_size"] * element_bytes * batch
+        return weights + kv_cache_bytes_per_token(config, element_bytes) * context * batch
     weights = 0
     for tensor in release_tensors(config):
         if tensor.name == "transformer.embedding.word_embeddings.weight":
@@ -131,10 +135,10 @@ def decode_step_bytes(config, bits, context, batch=1, element_bytes=2, output_la
     return weights + kv_cache_bytes_per_token(config, element_bytes) * context * batch
 
 
-def decode_roofline(config, bits, bandwidth_bytes_per_second, prompt_length, new_tokens, batch, output_layer_bits=16):
+def decode_roofline(config, bits, bandwidth_bytes_per_second, prompt_length, new_tokens, batch, output_layer_bits=16, weight_bytes=None):
     """Tokens/s if a decode step took exactly its bytes / bandwidth, at the mean context of the run."""
     mean_context = prompt_length + new_tokens / 2
-    step_bytes = decode_step_bytes(config, bits, mean_context, batch, output_layer_bits=output_layer_bits)
+    step_bytes = decode_step_bytes(config, bits, mean_context, batch, output_layer_bits=output_layer_bits, weight_bytes=weight_bytes)
     return {
         "bytes_per_step": step_bytes,
         "tokens_per_second": batch * bandwidth_bytes_per_second / step_bytes,

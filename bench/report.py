@@ -4,7 +4,7 @@ import json
 import os
 from pathlib import Path
 
-from .worker import WARMUP_NEW_TOKENS, WARMUP_PROMPT_LENGTH
+from .protocol import WARMUP_NEW_TOKENS, WARMUP_PROMPT_LENGTH
 
 README_START = "<!-- bench-results:start -->"
 README_END = "<!-- bench-results:end -->"
@@ -41,6 +41,33 @@ def machine_line(machine, harness):
     )
 
 
+def _first_generate(row):
+    """The first generate's seconds, with its first token's and its page faults where the row has them."""
+    if "first_generate_seconds" not in row:
+        return "—"
+    split = row.get("first_generate")
+    if not split:
+        return f"{row['first_generate_seconds']:.1f}"
+    read = split.get("storage_read_bytes")
+    return (
+        f"{row['first_generate_seconds']:.1f}: {split['first_token_seconds']:.2f}, "
+        f"{split['major_faults']} / {split['minor_faults']}, " + ("—" if read is None else f"{read / 1e6:.0f} MB")
+    )
+
+
+def _peer_ratio_lines(ratios):
+    """The table of ours / a peer's, one line per peer row: speeds above 1 are ours faster, times and memory below 1 ours smaller."""
+    if not ratios:
+        return []
+    keys = [key for key in ratios[0] if key not in ("ours", "peer")]
+    lines = ["", "Ours / the peer's (speeds: above 1 ours faster; first generate and memory: below 1 ours smaller):", ""]
+    lines += ["| ours | peer | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for ratio in ratios:
+        cells = [ratio["ours"], ratio["peer"]] + ["—" if ratio[key] is None else f"{ratio[key]:.2f}x" for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results, image_path):
     harness, machine, bandwidth = results["harness"], results["machine"], results["bandwidth"]
     rate = bandwidth["bytes_per_second"]
@@ -57,7 +84,8 @@ def markdown(results, image_path):
         f"of {harness['runs']} run(s) (min–max). Decode: {harness['new_tokens']} new tokens after a "
         f"{prefill_lengths[0]}-token prompt through `generate`; at batch > 1 the tokens of all sequences count. "
         f"dtype: the model's floating point dtype (`dtype=\"auto\"` keeps the checkpoint's float16). "
-        f"First generate: the first `generate` call after loading ({WARMUP_PROMPT_LENGTH} prompt tokens, {WARMUP_NEW_TOKENS} new), one-time work included. "
+        f"First generate: the first `generate` call after loading ({WARMUP_PROMPT_LENGTH} prompt tokens, {WARMUP_NEW_TOKENS} new), one-time work included; "
+        f"then its first token's seconds, its page faults (major ones read the checkpoint from the disk, minor ones map pages already in memory) and the bytes it read from the disk. "
         f"The roofline is the bytes one decode step must read (quantized matrices at their precision with their "
         f"scales, `output_layer` and the rest at 2 bytes unless quantized, the KV cache) divided by the read bandwidth "
         f"measured before that row's worker, between its runs (the worker waits meanwhile) and after it (column "
@@ -70,7 +98,7 @@ def markdown(results, image_path):
         f"ran, in cores; above zero, they competed with the measurement.",
         "",
     ]
-    header = ["precision", "weights loaded from", "dtype", "load (s)", "first generate (s)", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)", "peak anonymous (GB)"]
+    header = ["precision", "weights loaded from", "dtype", "load (s)", "first generate (s): first token (s), page faults from disk / memory, read from disk", "RSS after load (GB)", "RSS after runs (GB)", "peak RSS (GB)", "peak anonymous (GB)"]
     header += [f"prefill {length} (tok/s)" for length in prefill_lengths]
     header += [f"decode b{batch} (tok/s)" for batch in batches]
     header += ["read GB/s", f"b{batches[0]} roofline (tok/s)", f"b{batches[0]} % of roofline", f"b{batches[0]} % of roofline per run"]
@@ -89,7 +117,7 @@ def markdown(results, image_path):
             row["load_path"],
             row["dtype"],
             f"{row['load_seconds']:.1f}",
-            f"{row['first_generate_seconds']:.1f}" if "first_generate_seconds" in row else "—",
+            _first_generate(row),
             _gb(row["rss_after_load_bytes"]),
             _gb(row.get("rss_after_runs_bytes")),
             _gb(row["peak_rss_bytes"]),
@@ -110,6 +138,7 @@ def markdown(results, image_path):
                 f"{_gb(long['conversation_8192_peak_reserved_bytes'])}, {'yes' if long['fits_6_gib'] else 'no'}" if long else "—"
             )
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _peer_ratio_lines(results.get("peer_ratios"))
     if image_path:
         lines += ["", f"![decode and prefill speed, memory]({image_path})"]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,8 @@
-"""What the harness reads from the machine: resident memory, read bandwidth, a description of the host."""
+"""What the harness reads from the machine: resident memory, read bandwidth, a description of the host.
+
+torch is imported only where it is used: a peer's worker (`bench.llama_cpp_peer`) reads memory with this module
+from a Python that may have no torch.
+"""
 
 import datetime
 import os
@@ -10,10 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import torch
-
-from .model_shapes import REPO_ROOT
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -40,6 +40,18 @@ def rss_split_bytes():
     if not PROC_STATUS.exists():
         return None
     return {"anonymous": _status_bytes("RssAnon"), "file": _status_bytes("RssFile")}
+
+
+def storage_read_bytes():
+    """Bytes this process has caused to be read from storage (/proc/self/io read_bytes: page cache misses,
+    memory-mapped checkpoint pages included), or None where /proc is missing."""
+    io = Path("/proc/self/io")
+    if not io.exists():
+        return None
+    for line in io.read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return None
 
 
 def peak_rss_bytes():
@@ -140,6 +152,8 @@ def read_bandwidth(num_bytes=1 << 30, repetitions=10):
     A reduction reads every byte once and writes nothing, which is what a memory-bound decode does
     with the weights; it runs on the threads torch is set to, like the model.
     """
+    import torch
+
     array = torch.ones(num_bytes // 4, dtype=torch.float32)
     array.sum()  # first touch: page faults, not bandwidth
     rates = []
@@ -182,6 +196,8 @@ def cpu_isa():
                 flags = set(line.split(":", 1)[1].split())
                 break
     present = [flag for flag in _ISA_FLAGS if flag in flags]
+    import torch
+
     return f"{torch.backends.cpu.get_cpu_capability()} ({', '.join(present) or 'no flags read'})"
 
 
@@ -196,6 +212,8 @@ def _total_memory_bytes():
 
 def _git_revision():
     """The commit measured, with '+dirty' when the working tree differs from it; None outside git."""
+    from .model_shapes import REPO_ROOT
+
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -209,6 +227,7 @@ def _git_revision():
 
 
 def describe_machine(device):
+    import torch
     import transformers
 
     description = {

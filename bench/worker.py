@@ -17,12 +17,21 @@ import torch
 from transformers import AutoModel
 from transformers.generation.streamers import BaseStreamer
 
-from .system import AnonymousPeakSampler, OtherProcessesMeter, current_rss_bytes, peak_rss_bytes, reset_peak_rss, rss_split_bytes, summary
+from .protocol import (
+    BANDWIDTH_PAUSE,
+    WARMUP_NEW_TOKENS,
+    WARMUP_PROMPT_LENGTH,
+    finish,
+    first_generate_split,
+    memory_after_load,
+    memory_after_runs,
+    pause_for_bandwidth,
+    usage_now,
+)
+from .system import AnonymousPeakSampler, OtherProcessesMeter, reset_peak_rss, summary
 
 # Random prompts avoid the special ids at the bottom of the vocabulary (pad, bos, eos).
 FIRST_ORDINARY_TOKEN = 3
-WARMUP_PROMPT_LENGTH = 8
-WARMUP_NEW_TOKENS = 2
 LONG_CONVERSATION_TOKENS = 8192
 LONG_CONVERSATION_CHUNK = 512
 ENCODE_TOKENS = 2048  # spec §7 quotes memory "to encode 2048 tokens" and "to decode 8192"
@@ -31,18 +40,6 @@ SMALL_GPU_BYTES = 6 * 2**30
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
-
-
-# With --bandwidth-pauses the worker prints this line before each run and after the last, then waits for
-# a line on stdin: `python -m bench` reads the memory bandwidth meanwhile, from its own process (an array
-# here would count in this process's memory figures), so the roofline uses readings taken between runs.
-BANDWIDTH_PAUSE = "bench.worker: read the bandwidth now"
-
-
-def pause_for_bandwidth(args):
-    if args.bandwidth_pauses:
-        print(BANDWIDTH_PAUSE, flush=True)
-        sys.stdin.readline()
 
 
 class TokenClock(BaseStreamer):
@@ -115,16 +112,24 @@ def model_bytes(model):
 
 
 def measure_speed(model, args, vocab_size):
-    """First-generate seconds, then prefill tokens/s per prompt length and decode tokens/s per batch (`args.runs` each)."""
+    """First-generate seconds and their split (`first_generate_split`), then prefill tokens/s per prompt length and
+    decode tokens/s per batch (`args.runs` each)."""
     prefill = {length: [] for length in args.prefill_lengths}
     decode = {batch: [] for batch in args.batches}
     decode_prompt = args.prefill_lengths[0]
-    # The first call pays one-time work (kernel setup; CPU int4 layers convert their weights): timed
-    # apart, since a user waits for it too, and kept out of the runs.
+    # The first call pays one-time work (kernel setup; CPU int4 layers convert their weights; the first
+    # touch of each mapped checkpoint page): timed apart, since a user waits for it too, and kept out of the runs.
+    usage_before = usage_now()
     start = time.perf_counter()
-    timed_generate(model, random_prompt(vocab_size, 1, WARMUP_PROMPT_LENGTH, 0, args.device), WARMUP_NEW_TOKENS)
+    clock = TokenClock()
+    generate_exactly(model, random_prompt(vocab_size, 1, WARMUP_PROMPT_LENGTH, 0, args.device), WARMUP_NEW_TOKENS, clock)
     first_generate_seconds = time.perf_counter() - start
-    log(f"  [{args.label}] first generate: {first_generate_seconds:.1f} s")
+    first = first_generate_split(usage_before, usage_now(), clock.times[1] - start)
+    log(
+        f"  [{args.label}] first generate: {first_generate_seconds:.1f} s (first token {first['first_token_seconds']:.2f} s; "
+        f"page faults {first['major_faults']} from disk, {first['minor_faults']} in memory, {(first['storage_read_bytes'] or 0) / 1e6:.0f} MB read; "
+        f"CPU {first['user_seconds']:.2f} s user, {first['system_seconds']:.2f} s system)"
+    )
     for run in range(args.runs):
         seed = run + 1
         pause_for_bandwidth(args)
@@ -144,6 +149,7 @@ def measure_speed(model, args, vocab_size):
     pause_for_bandwidth(args)
     return (
         first_generate_seconds,
+        first,
         {str(length): {"tokens_per_second": summary(values)} for length, values in prefill.items()},
         {
             f"batch{batch}": {"tokens_per_second": summary(values), "prompt_tokens": decode_prompt, "new_tokens": args.new_tokens}
@@ -226,10 +232,7 @@ def main(argv=None):
         dtype=str(model.dtype).removeprefix("torch."),
         load_seconds=load_seconds,
         model_bytes=model_bytes(model),
-        rss_after_load_bytes=current_rss_bytes(),
-        rss_after_load_split_bytes=rss_split_bytes(),
-        peak_rss_load_bytes=peak_rss_bytes(),
-        peak_anonymous_load_bytes=anonymous.take_peak(),
+        **memory_after_load(anonymous),
     )
     log(f"  [{args.label}] loaded in {load_seconds:.1f} s, RSS {result['rss_after_load_bytes'] / 1e9:.2f} GB")
     if args.device == "cuda":
@@ -237,23 +240,16 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     peak_reset = reset_peak_rss()
     if not args.load_only:
-        result["first_generate_seconds"], result["prefill"], result["decode"] = measure_speed(model, args, vocab_size)
+        result["first_generate_seconds"], result["first_generate"], result["prefill"], result["decode"] = measure_speed(
+            model, args, vocab_size
+        )
         if args.device == "cuda":
             result["cuda_peak_run_bytes"] = torch.cuda.max_memory_allocated()
         if args.long_conversation:
             with torch.no_grad():
                 result["long_conversation"] = measure_long_conversation(model, vocab_size, args.device)
-        # Layers may change their weight layout at their first forward (CPU int4 does): RSS now is the steady state.
-        result["rss_after_runs_bytes"] = current_rss_bytes()
-        result["rss_after_runs_split_bytes"] = rss_split_bytes()
-        # With the high-water mark reset after loading, VmHWM now covers the runs alone.
-        result["peak_rss_run_bytes"] = peak_rss_bytes() if peak_reset else None
-        result["peak_anonymous_run_bytes"] = anonymous.take_peak()
-    anonymous.stop()
-    result["other_processes_cores"] = others.cores()
-    result["peak_rss_bytes"] = max(value for value in (result["peak_rss_load_bytes"], peak_rss_bytes()) if value)
-    anonymous_peaks = [result.get(key) for key in ("peak_anonymous_load_bytes", "peak_anonymous_run_bytes")]
-    result["peak_anonymous_bytes"] = max((value for value in anonymous_peaks if value), default=None)
+        result.update(memory_after_runs(anonymous, peak_reset))
+    finish(result, anonymous, others)
 
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)

@@ -248,3 +248,60 @@ def test_the_float_model_gets_a_row_per_cpu_kernel_it_can_run(tmp_path, device, 
     args.device = device  # the plan only; nothing runs
     planned = plan_configurations(args, released_config(quick=True))
     assert [(row["label"], row["flags"]) for row in planned] == rows
+
+
+def test_a_peer_row_follows_ours_of_its_precision_and_the_ratios_hold_ours_against_it(tmp_path):
+    from bench.__main__ import parse_args, peer_ratios, plan_configurations
+
+    gguf = tmp_path / "model-q4_0.gguf"
+    gguf.write_bytes(b"GGUF")  # the plan only opens nothing
+    args = parse_args(["--quick", "--precisions", "int8,int4", "--file-dtypes", "auto", "--no-quantize-path",
+                       "--peer", "llama.cpp", "--peer-gguf", f"int4={gguf}", "--cache-dir", str(tmp_path / "cache")])
+    planned = plan_configurations(args, released_config(quick=True))
+    assert [row["label"] for row in planned] == ["int8", "int4", "int4, llama.cpp model-q4_0"]
+    assert planned[-1]["gguf"] == gguf and planned[-1]["peer"] == "llama.cpp"
+
+    def row(label, decode, prefill, first, resident, peak, anonymous, peer=None):
+        return {"label": label, "precision": "int4", "peer_of": peer,
+                "decode": {"batch1": {"tokens_per_second": {"median": decode}}, "batch4": {"tokens_per_second": {"median": 2 * decode}}},
+                "prefill": {"16": {"tokens_per_second": {"median": prefill}}, "32": {"tokens_per_second": {"median": prefill}}},
+                "first_generate_seconds": first, "rss_after_runs_bytes": resident, "peak_rss_bytes": peak, "peak_anonymous_bytes": anonymous}
+
+    ours = row("int4", 10.0, 30.0, 0.5, 4e9, 4.5e9, 0.5e9)
+    theirs = row("int4, llama.cpp q4_0", 8.0, 20.0, 2.0, 6e9, 7e9, 3e9, peer="llama.cpp")
+    [ratio] = peer_ratios([ours, theirs], args)
+    assert ratio["ours"] == "int4" and ratio["peer"] == "int4, llama.cpp q4_0"
+    assert ratio["decode batch1"] == ratio["decode batch4"] == pytest.approx(1.25)
+    assert ratio["prefill 16"] == pytest.approx(1.5)
+    assert ratio["first generate"] == pytest.approx(0.25)
+    assert ratio["resident after runs / peer peak"] == pytest.approx(4 / 7)
+    assert ratio["peak anonymous"] == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--peer", "llama.cpp"], "--peer and --peer-gguf go together"),
+        (["--peer", "llama.cpp", "--peer-gguf", "int4=/nonexistent/q4_0.gguf"], "/nonexistent/q4_0.gguf is not a file"),
+        (["--peer", "llama.cpp", "--peer-gguf", "int3=x.gguf"], "PRECISION=FILE"),
+    ],
+)
+def test_peer_arguments_are_checked_before_any_work(tmp_path, extra, message):
+    command = [sys.executable, "-m", "bench", "--quick", "--cache-dir", str(tmp_path), *extra]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and message in completed.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_llama_cpp_peer_needs_no_torch_and_names_a_missing_llama_cpp_in_one_line(tmp_path):
+    # It runs in whatever Python has llama-cpp-python (--peer-python), which may have no torch.
+    script = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.modules['llama_cpp'] = None; "
+        f"sys.argv = ['bench.llama_cpp_peer', '--gguf', 'x.gguf', '--label', 'x', '--threads', '1', '--prefill-lengths', '8', "
+        f"'--batches', '1', '--new-tokens', '2', '--runs', '1', '--output', {str(tmp_path / 'out.json')!r}]; "
+        "runpy.run_module('bench.llama_cpp_peer', run_name='__main__')"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1
+    assert completed.stderr.strip().count("\n") == 0 and "cannot import llama_cpp" in completed.stderr  # first and only line
+    assert "install llama-cpp-python" in completed.stderr and not (tmp_path / "out.json").exists()
