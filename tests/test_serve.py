@@ -277,6 +277,16 @@ def test_a_chat_from_a_rebound_host_never_reaches_the_model(server, client):
     still_serving(client)
 
 
+def test_cross_origin_requests_get_no_cors_permission(server):
+    # A page from elsewhere may not read answers: no preflight approval, no Access-Control-* headers.
+    origin = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    status, headers, _ = raw_request(server, "OPTIONS", "/v1/chat/completions", headers=origin)
+    assert status != 200 and not [name for name in headers if name.lower().startswith("access-control-")], headers
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 1}).encode()
+    status, headers, _ = raw_request(server, "POST", "/v1/chat/completions", body, {"Origin": "http://evil.example"})
+    assert not [name for name in headers if name.lower().startswith("access-control-")], headers
+
+
 def test_allowed_hosts_widen_the_loopback_names_or_allow_any():
     from serve.__main__ import LOOPBACK_HOSTS, allowed_hosts
 

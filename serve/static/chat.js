@@ -25,15 +25,11 @@ function bubble(role, text) {
   return node;
 }
 
-// An answer's text rendered as Markdown into `content` (DOM nodes only, see markdown.js), at most
-// once per frame while it streams.
-function renderer(content) {
-  let text = "", pending = false;
-  const draw = () => { pending = false; content.replaceChildren(Markdown.render(text)); view.scrollTop = view.scrollHeight; };
-  return {
-    show(next) { text = next; if (!pending) { pending = true; requestAnimationFrame(draw); } },
-    flush() { if (pending) draw(); },
-  };
+// An answer's text so far rendered as Markdown into `content` (DOM nodes only, see markdown.js); each
+// delta renders the whole answer again, a few thousand characters at most.
+function show(content, text) {
+  content.replaceChildren(Markdown.render(text));
+  view.scrollTop = view.scrollHeight;
 }
 
 function note(node, text) {
@@ -82,7 +78,6 @@ async function send() {
   const answer = bubble("assistant streaming", "");
   const content = answer.appendChild(document.createElement("div"));
   content.className = "content";
-  const shown = renderer(content);
   const started = conversation;
   controller = new AbortController();
   busy(true);
@@ -110,7 +105,7 @@ async function send() {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         for (const choice of chunk.choices) {
-          if (choice.delta.content) { written += choice.delta.content; shown.show(written); }
+          if (choice.delta.content) { written += choice.delta.content; show(content, written); }
           if (choice.finish_reason) finish = choice.finish_reason;
         }
       }
@@ -126,7 +121,6 @@ async function send() {
       bubble("error", error.message);
     }
   } finally {
-    shown.flush();
     answer.classList.remove("streaming");
     answer.dataset.done = "true";
     controller = null;
