@@ -78,7 +78,8 @@ def ask(page, text):
 def test_the_greeting_streams_in_and_clear_starts_over(page, tmp_path):
     assert ask(page, "你好") == trained_answer("你好")
     seen = [text for text in page.evaluate("window.seen") if text]
-    assert len(set(seen)) > 2 and all(trained_answer("你好").startswith(text) for text in seen), seen
+    # Shown growing: a part of the answer before the whole (a fast server may send the rest in one read).
+    assert set(seen) - {trained_answer("你好")} and all(trained_answer("你好").startswith(text) for text in seen), seen
     page.screenshot(path=SCREENSHOT or str(tmp_path / "chat.png"))
 
     assert ask(page, "My name is Bob.") == trained_answer("My name is Bob.")
