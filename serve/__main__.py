@@ -1,11 +1,11 @@
-"""python -m serve: an OpenAI-compatible HTTP server and web chat for a ChatGLM2 model folder.
+"""python -m serve: an OpenAI-compatible HTTP server and web chat for a ChatGLM2 (or ChatGLM3) model folder.
 
     python -m serve                                   # the bundled demo model on http://127.0.0.1:8000
     python -m serve --model-path PATH --quantize 4    # a folder made by tools/upgrade_checkpoint.py
     SERVE_API_KEY=... python -m serve --host 0.0.0.0  # reachable from other machines: set a key
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings,
-GET /health, and the web chat at /. See serve/README.md.
+Endpoints: GET /v1/models, POST /v1/chat/completions (with tool calls on ChatGLM3), POST /v1/completions,
+POST /v1/embeddings, GET /health, GET /metrics (Prometheus), and the web chat at /. See serve/README.md.
 """
 
 import argparse
