@@ -198,3 +198,17 @@ def test_a_history_call_with_bad_arguments_is_refused_naming_it(client):
     messages = [QUESTION, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c", "content": "x"}]
     with pytest.raises(openai.BadRequestError, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments"):
         ask(client, messages, tools=TOOLS)
+
+
+def test_history_calls_are_written_so_that_the_tokenizer_reads_them_back(glm3_model):
+    import importlib
+
+    from serve.chatglm3 import RequestError, call_text
+
+    parse_tool_call = importlib.import_module(type(glm3_model[1]).__module__).parse_tool_call
+    arguments = {"city": "Paris", "days": 2, "metric": True, "note": None, "tags": ["a", 'b"c', "你好\n\\"], "at": {"lat": 48.85, "lon": -2.5e-3}}
+    assert parse_tool_call("get_weather", call_text(json.dumps(arguments), "x")) == {"name": "get_weather", "parameters": arguments}
+    with pytest.raises(RequestError, match="'class' cannot be a keyword argument"):
+        call_text('{"class": 1}', "x")
+    with pytest.raises(RequestError, match="JSON object"):
+        call_text("[1]", "x")
