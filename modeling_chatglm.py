@@ -1078,8 +1078,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         """Yield the input ids followed by the tokens generated so far, one step at a time (and the cache,
         with `return_past_key_values`).
 
-        This is transformers' `generate` with a streamer, so it takes every `generate` keyword. The cache
-        handed back holds every yielded token except a final eos, so that it can continue a conversation.
+        This is transformers' `generate` with a streamer, so it takes every `generate` keyword. The step
+        whose stop token ended generation is not yielded: callers decode what is yielded with special
+        tokens kept (FastChat), and the reply ends before its stop token. The cache handed back holds
+        every yielded token, so that it can continue a conversation.
         """
         cache = given_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
         if cache is None and return_past_key_values:
@@ -1110,13 +1112,22 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
         worker = threading.Thread(target=run, name="chatglm-generate", daemon=True)
         worker.start()
-        sequence = input_ids
+        sequence, held = input_ids, None
+        stopped = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         try:
             while (step := tokens.steps.get()) is not _TokenQueue.DONE:
                 if isinstance(step, BaseException):
                     raise step
+                if held is not None:  # generation went on after every row had a stop token
+                    yield held
+                    held = None
                 sequence = torch.cat((sequence, step.to(sequence.device)), dim=-1)
-                yield (sequence, cache) if return_past_key_values else sequence
+                stopped |= torch.tensor([token in eos_ids for token in step.flatten().tolist()])
+                output = (sequence, cache) if return_past_key_values else sequence
+                if stopped.all():
+                    held = output  # the last step, unless more come
+                else:
+                    yield output
         finally:
             tokens.cancelled.set()
             worker.join()

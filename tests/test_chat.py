@@ -153,6 +153,24 @@ def test_stream_generate_yields_growing_sequences_and_stops_at_max_new_tokens(mo
     assert torch.equal(steps[-1], generated)
 
 
+def test_stream_generate_ends_before_the_stop_token_so_its_decoded_text_is_the_reply(model, tokenizer):
+    """FastChat's generate_stream_chatglm decodes what stream_generate yields with transformers' default
+    (special tokens kept); the stop token that ended generation is not yielded, so its text is chat's
+    reply, not the reply followed by "</s>"."""
+    words = tokenizer.encode("good day", add_special_tokens=False)
+    reply = words + [tokenizer.eos_token_id]
+    inputs = tokenizer([tokenizer.build_prompt("hi")], return_tensors="pt")
+    prompt_length = inputs["input_ids"].shape[1]
+    steps = list(model.stream_generate(**inputs, do_sample=False, max_new_tokens=8, logits_processor=[ForcedReply(reply)]))
+    generated = model.generate(**inputs, do_sample=False, max_new_tokens=8, logits_processor=[ForcedReply(reply)])
+    assert generated[0, prompt_length:].tolist() == reply
+    assert [step.shape[1] - prompt_length for step in steps] == list(range(1, len(words) + 1))
+    assert torch.equal(steps[-1], generated[:, :-1])
+    assert tokenizer.decode(steps[-1][0, prompt_length:].tolist()) == "good day"
+    response, _ = model.chat(tokenizer, "hi", do_sample=False, logits_processor=[ForcedReply(reply)])
+    assert response == "good day"
+
+
 def test_text_iterator_streamer_streams_generate(model, tokenizer):
     inputs = tokenizer(["hello"], return_tensors="pt")
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
