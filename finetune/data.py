@@ -189,6 +189,7 @@ class Collator:
             {"input_ids": [feature["input_ids"] for feature in features]},
             padding=True,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            padding_side="left",  # the labels below are placed on the left; a tokenizer may be set to "right"
             return_tensors="pt",
         )
         width = batch["input_ids"].shape[1]

@@ -148,10 +148,14 @@ def test_a_conversation_the_chat_format_refuses_is_named(tokenizer, tmp_path):
         data_module.encode(tokenizer, data_module.read_records(path), 512, 512)
 
 
-def test_collator_pads_left_with_positions_and_unscored_padding(tokenizer, tmp_path):
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_collator_pads_left_with_positions_and_unscored_padding(tokenizer, tmp_path, padding_side):
+    """Left whatever side the tokenizer is set to pad (a folder LLaMA-Factory saved says "right"): the
+    labels are placed to match."""
     path = write_jsonl(tmp_path / "d.jsonl", [chat(("你好", "你好！")), chat(("小明的猫叫什么名字？", "小明的猫叫花花。"))])
     examples, _ = data_module.encode(tokenizer, data_module.read_records(path), 512, 512)
-    batch = data_module.Collator(tokenizer)([data_module.ExampleDataset(examples)[i] for i in range(2)])
+    sided = AutoTokenizer.from_pretrained(DEMO, trust_remote_code=True, padding_side=padding_side)
+    batch = data_module.Collator(sided)([data_module.ExampleDataset(examples)[i] for i in range(2)])
     short, long = examples
     pad = len(long.input_ids) - len(short.input_ids)
     assert batch["input_ids"][0, pad:].tolist() == short.input_ids
