@@ -58,7 +58,8 @@ def integer_activations(rows, in_features, seed=1):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 3, 9])  # int4 from 8 rows: weights unpacked once per chunk
+# int4 from 8 rows: weights unpacked once per chunk; VNNI takes batches in blocks of 4 (int4) or 2 (int8) rows
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 64, 301])  # 13, 301: a remainder; 301 at one row: chunks of over 32 rows, shrinking
 @pytest.mark.parametrize("in_features", [256, 96])  # int4 spans of 64 inputs; of 32 where K is not a multiple of 64
