@@ -297,6 +297,11 @@ class SPTokenizer:
     def special_tokens(self):
         return self._owner.special_token_ids
 
+    @property
+    def index_special_tokens(self):
+        """`special_tokens` inverted, `{id: name}` (ChatGLM3's fine-tuning demo prints tokens with it)."""
+        return {index: name for name, index in self.special_tokens.items()}
+
     def tokenize(self, s):
         """SentencePiece's pieces of `s`; special token names in it stay text."""
         return self._owner._tokenize(s, special=False)

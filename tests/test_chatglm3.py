@@ -301,6 +301,7 @@ def test_published_sptokenizer_surface_at_the_released_ids(published):
     assert (sp_layer.n_words, sp_layer.bos_id, sp_layer.eos_id, sp_layer.pad_id) == (64798, 1, 2, 0)
     names = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
     assert sp_layer.special_tokens == dict(zip(names, range(64789, 64798)))
+    assert sp_layer.index_special_tokens == dict(zip(range(64789, 64798), names))
     assert sp_layer.encode("get_current_weather\n") == PUBLISHED_METADATA_IDS
     assert sp_layer.encode("get_current_weather\n", bos=True, eos=True) == [1] + PUBLISHED_METADATA_IDS + [2]
     assert sp_layer.encode("<|user|>") != [64795]  # text stays text

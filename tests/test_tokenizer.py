@@ -332,6 +332,8 @@ def test_published_sptokenizer_surface(tokenizer, sp, prefix):
     assert sp_layer.n_words == sp.get_piece_size() + 5 == tokenizer.vocab_size
     assert (sp_layer.bos_id, sp_layer.eos_id, sp_layer.pad_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
     assert sp_layer.special_tokens == {name: sp.get_piece_size() + i for i, name in enumerate(SPECIAL_NAMES)}
+    # ChatGLM3's fine-tuning demo and OpenVINO's tokenizer converter read the inverse map.
+    assert sp_layer.index_special_tokens == {sp.get_piece_size() + i: name for i, name in enumerate(SPECIAL_NAMES)}
     for text in TEXTS:
         assert sp_layer.encode(text) == sp.encode(text)
         assert sp_layer.encode(text, bos=True, eos=True) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
