@@ -30,7 +30,7 @@ make_venv() {  # NAME PACKAGE...
 
 # The converter needs numpy, sentencepiece, protobuf (its requirements file) and gguf-py's own
 # dependencies (tqdm, pyyaml, requests).
-tools=("fschat==$FASTCHAT" "lm_eval==$LM_EVAL" accelerate peft sentencepiece protobuf numpy tqdm pyyaml requests)
+tools=("fschat==$FASTCHAT" "lm_eval[api]==$LM_EVAL" accelerate peft sentencepiece protobuf numpy tqdm pyyaml requests)
 make_venv tools-4.57 "transformers==4.57.6" "${tools[@]}"
 make_venv tools-5 "transformers>=5,<6" "${tools[@]}"
 
