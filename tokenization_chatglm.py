@@ -606,7 +606,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return self._text_of_ids([int(index) for index in token_ids], shown=self.role_token_ids)
 
     def convert_tokens_to_string(self, tokens):
-        return self._text_of_ids(self.convert_tokens_to_ids(tokens), shown=self._special_ids())
+        # "" is the token of ids that are no token (`_convert_id_to_token`); decode drops them, so does this.
+        ids = self.convert_tokens_to_ids([token for token in tokens if token != ""])
+        return self._text_of_ids(ids, shown=self._special_ids())
 
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
         ids = [token_ids] if isinstance(token_ids, int) else [int(index) for index in token_ids]

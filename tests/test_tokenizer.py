@@ -314,7 +314,7 @@ def test_decode_keeps_special_tokens_text_unless_told_to_skip_them(tokenizer, sp
     ]
 
 
-def test_ids_outside_the_vocabulary_decode_to_nothing(tokenizer, sp):
+def test_ids_outside_the_vocabulary_decode_to_nothing(tokenizer, sp, prefix):
     outside = [64900, tokenizer.vocab_size, tokenizer.vocab_size + 100, -100]
     assert tokenizer.decode(outside) == ""
     assert tokenizer.decode(outside, skip_special_tokens=True) == ""
@@ -323,6 +323,9 @@ def test_ids_outside_the_vocabulary_decode_to_nothing(tokenizer, sp):
     assert tokenizer.batch_decode([[-100, -100] + sp.encode("你好")]) == ["你好"]
     # As the published tokenizer converts them: "" (llama.cpp's converter marks those ids unused).
     assert tokenizer.convert_ids_to_tokens(outside) == [""] * len(outside)
+    # Tools that detokenize through tokens (vLLM's slow-tokenizer path) get decode's text, not "<unk>".
+    ids = prefix + text_ids[:2] + outside + text_ids[2:] + [tokenizer.eos_token_id]
+    assert tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(ids)) == tokenizer.decode(ids)
 
 
 def test_published_sptokenizer_surface(tokenizer, sp, prefix):
