@@ -1091,7 +1091,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         tokens = _TokenQueue()
         stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         stopping.append(tokens)
-        eos_ids = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+        eos_ids = kwargs.get("eos_token_id", (kwargs.get("generation_config") or self.generation_config).eos_token_id)
         eos_ids = set([eos_ids] if isinstance(eos_ids, int) else (eos_ids or []))
 
         def run():

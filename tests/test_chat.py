@@ -171,6 +171,19 @@ def test_stream_generate_ends_before_the_stop_token_so_its_decoded_text_is_the_r
     assert response == "good day"
 
 
+def test_stream_generate_yields_a_stop_token_that_generation_went_past(model, tokenizer):
+    """A generation_config without the model's stop ids generates past `</s>`: every step is yielded."""
+    from transformers import GenerationConfig
+
+    reply = tokenizer.encode("good", add_special_tokens=False) + [tokenizer.eos_token_id] * 3
+    inputs = tokenizer([tokenizer.build_prompt("hi")], return_tensors="pt")
+    assert model.generation_config.eos_token_id in (tokenizer.eos_token_id, [tokenizer.eos_token_id])
+    config = GenerationConfig(do_sample=False, max_new_tokens=len(reply), eos_token_id=[], pad_token_id=0)
+    steps = list(model.stream_generate(**inputs, generation_config=config, logits_processor=[ForcedReply(reply)]))
+    assert steps[-1][0, inputs["input_ids"].shape[1] :].tolist() == reply
+    assert len(steps) == len(reply)
+
+
 def test_text_iterator_streamer_streams_generate(model, tokenizer):
     inputs = tokenizer(["hello"], return_tensors="pt")
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
