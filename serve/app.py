@@ -215,6 +215,11 @@ class ReplyEvents(asyncio.Queue):
             self._show(index, text)
         super().put_nowait(("finish", index, reason, text, self.pending.pop(index, [])))
 
+    def answer_start(self, reply):
+        """`Job.answer_start` for the engine's text of a reply, which lacks `prefix`."""
+        start = chatglm3.answer_start(self.prefix + reply)
+        return None if start is None else start - len(self.prefix)
+
     def _show(self, index, text):
         sent = self.shown.get(index, "")
         if text.startswith(sent) and len(text) > len(sent):
@@ -355,7 +360,8 @@ def create_app(engine, tokenizer, settings, chat_postprocess=None):
         return rows
 
     def submit(rows, kind="generate", postprocess=None, events=None):
-        job = Job(rows, asyncio.get_running_loop(), events or asyncio.Queue(), postprocess=postprocess, kind=kind)
+        answer_start = events.answer_start if isinstance(events, ReplyEvents) else None
+        job = Job(rows, asyncio.get_running_loop(), events or asyncio.Queue(), postprocess=postprocess, kind=kind, answer_start=answer_start)
         try:
             engine.submit(job)
         except Busy as busy:

@@ -122,6 +122,13 @@ def tool_call_of(tokenizer, reply, tools):
     return response, None
 
 
+def answer_start(reply):
+    """Where a growing reply's text starts, after its first line (a tool's name, or empty); None
+    while that line is not whole. Stop strings are looked for from there."""
+    end = reply.find("\n")
+    return None if end < 0 else end + 1
+
+
 def visible_text(reply):
     """What of a growing reply can be shown as text now: after an empty first line (ChatGLM3 writes a
     tool's name there, and a tool turn is shown only once it is whole), stripped as the finished

@@ -87,16 +87,18 @@ class Job:
     ("delta", row_index, text, logprob_entries), ("finish", row_index, finish_reason,
     text_of_the_whole_row, logprob_entries), ("done",) once every row has finished, or ("error",
     message). `logprob_entries` are the row's `token_logprobs` not sent with an earlier event
-    (empty without `logprobs`)."""
+    (empty without `logprobs`). `answer_start(text)` is where stop strings are looked for in a row's
+    text (None: not yet), for replies that open with a line of the format's own (ChatGLM3's metadata)."""
 
     _ids = itertools.count()
 
-    def __init__(self, rows, loop, events, postprocess=None, kind="generate"):
+    def __init__(self, rows, loop, events, postprocess=None, kind="generate", answer_start=None):
         self.number = next(self._ids)
         self.rows = rows
         self.loop = loop
         self.events = events
         self.postprocess = postprocess
+        self.answer_start = answer_start
         self.kind = kind
         self.cancelled = False
         self.result = None
@@ -515,9 +517,10 @@ class Engine:
         text = live.text.add(token)
         if job.postprocess:
             text = job.postprocess(text)
-        for stop in row.stop:
+        start = job.answer_start(text) if job.answer_start else 0
+        for stop in row.stop if start is not None else ():
             # Text already sent held back any start of a stop string, so the search starts there.
-            cut = text.find(stop, max(0, len(row.sent) - len(stop) + 1))
+            cut = text.find(stop, max(start, len(row.sent) - len(stop) + 1))
             if cut >= 0:
                 self._finish(live, "stop", text[:cut])
                 return

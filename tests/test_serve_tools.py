@@ -171,6 +171,15 @@ def test_a_named_tool_choice_opens_the_reply_with_the_function(client, glm3_mode
     assert forced.usage.prompt_tokens == len(name_line)
 
 
+def test_stop_strings_cut_the_answer_not_the_line_that_names_a_tool(client):
+    # ChatGLM3 opens each reply with a line naming a tool (empty before an answer): a stop string
+    # found there would cut every answer to nothing, or a call to a broken name.
+    assert ask(client, [QUESTION], stop=["\n"]).choices[0].message.content == NO_TOOLS_ANSWER
+    assert ask(client, [QUESTION], stop=[" look"]).choices[0].message.content == "I cannot"
+    called = ask(client, [QUESTION], tools=TOOLS, stop=["weather"]).choices[0]
+    assert called.finish_reason == "tool_calls" and called.message.tool_calls[0].function.name == "get_weather"
+
+
 def test_a_call_that_is_not_a_literal_comes_back_as_text(client):
     answer = ask(client, [BAD_QUESTION], tools=TOOLS)
     assert answer.choices[0].message.content == BAD_CALL and not answer.choices[0].message.tool_calls
