@@ -6,6 +6,7 @@ import base64
 import hmac
 import json
 import logging
+import re
 import struct
 import time
 import uuid
@@ -49,12 +50,18 @@ class Settings:
     allowed_hosts: Optional[frozenset] = None
 
 
+# A Host header: a name or a bracketed IPv6 address, then perhaps a port.
+HOST_HEADER = re.compile(r"\[(?P<address>[^\]]*)\](?::\d+)?|(?P<name>[^:\[\]]*)(?::\d+)?")
+
+
 def host_name(header):
-    """The name in a Host header without its port: "[::1]:8000" -> "::1", "Example:80" -> "example"."""
+    """The name in a Host header without its port: "[::1]:8000" -> "::1", "Example:80" -> "example";
+    a header that is not a name and a port comes back whole, so that it matches no allowed name."""
     header = header.strip().lower()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    match = HOST_HEADER.fullmatch(header)
+    if match is None:
+        return header
+    return match["address"] if match["address"] is not None else match["name"]
 
 
 class APIError(Exception):

@@ -287,6 +287,16 @@ def test_cross_origin_requests_get_no_cors_permission(server):
     assert not [name for name in headers if name.lower().startswith("access-control-")], headers
 
 
+def test_a_host_header_counts_as_loopback_only_when_it_is_a_loopback_name_and_a_port():
+    from serve.__main__ import LOOPBACK_HOSTS
+    from serve.app import host_name
+
+    assert [host_name(header) for header in ("[::1]:8000", "LocalHost:80", "127.0.0.1", "::1")] == ["::1", "localhost", "127.0.0.1", "::1"]
+    # Text after the name that is no port must not be dropped to leave a loopback name.
+    for header in ("localhost:8000@evil.example", "[::1]evil.example", "localhost:80:80", "localhost:", "[::1"):
+        assert host_name(header) not in LOOPBACK_HOSTS, header
+
+
 def test_allowed_hosts_widen_the_loopback_names_or_allow_any():
     from serve.__main__ import LOOPBACK_HOSTS, allowed_hosts
 
