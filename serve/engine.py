@@ -90,10 +90,7 @@ class Job:
     (empty without `logprobs`). `answer_start(text)` is where stop strings are looked for in a row's
     text (None: not yet), for replies that open with a line of the format's own (ChatGLM3's metadata)."""
 
-    _ids = itertools.count()
-
     def __init__(self, rows, loop, events, postprocess=None, kind="generate", answer_start=None):
-        self.number = next(self._ids)
         self.rows = rows
         self.loop = loop
         self.events = events

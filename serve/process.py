@@ -62,9 +62,6 @@ class ServerProcess:
         for line in self.process.stdout:
             self._log_lines.append(line)
 
-    def log_so_far(self):
-        return "".join(self._log_lines)
-
     def __exit__(self, *exc):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
