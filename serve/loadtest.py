@@ -399,6 +399,15 @@ def _cell(value):
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def start_servers(args, stack):
+    """{"baseline": its url (with --baseline-root), "this": --url or a started server's}, started in `stack`."""
+    servers = {}
+    if args.baseline_root:
+        servers["baseline"] = stack.enter_context(ServerProcess(*args.server_arg, root=args.baseline_root)).url
+    servers["this"] = args.url or stack.enter_context(ServerProcess(*args.server_arg)).url
+    return servers
+
+
 def main_mixed(args):
     from transformers import AutoTokenizer
 
@@ -408,10 +417,7 @@ def main_mixed(args):
     settings = dict(count=args.count, rate=args.rate, seed=args.seed, rounds=args.rounds, chunk=args.prefill_chunk)
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
-        servers = {}
-        if args.baseline_root:
-            servers["baseline"] = stack.enter_context(ServerProcess(*args.server_arg, root=args.baseline_root)).url
-        servers["this"] = args.url or stack.enter_context(ServerProcess(*args.server_arg)).url
+        servers = start_servers(args, stack)
         results = run_mixed(servers, args.model, args.api_key, tokenizer, **settings)
     machine = describe_machine("cpu")
     payload = {
@@ -471,10 +477,7 @@ def main(argv=None):
     )
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
-        servers = {}
-        if args.baseline_root:
-            servers["baseline"] = stack.enter_context(ServerProcess(*args.server_arg, root=args.baseline_root)).url
-        servers["this"] = args.url or stack.enter_context(ServerProcess(*args.server_arg)).url
+        servers = start_servers(args, stack)
         results = {name: run(url, **settings) for name, url in servers.items()}
     phases, speedups = [], {}
     for name, (sequential, concurrent) in results.items():
