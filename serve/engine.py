@@ -568,23 +568,26 @@ class Engine:
             job.send("done")
 
     def _embed(self, jobs):
-        rows = [row for job in jobs for row in job.rows]
-        inputs = self.tokenizer.pad(
-            [{"input_ids": row.prompt_ids} for row in rows], padding=True, padding_side="left", return_tensors="pt"
-        )
-        inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
         try:
-            hidden = self.model.transformer(**inputs).last_hidden_state.float()  # [batch, seq, hidden]
-        except Exception:
+            vectors = self._embedding_vectors([row for job in jobs for row in job.rows])
+        except Exception:  # padding, the forward or the pooling: the jobs get an error, the worker goes on
             log.exception("an embedding batch of %d request(s) failed", len(jobs))
             for job in jobs:
                 job.send("error", "embedding failed on the server")
             return
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        vectors = (hidden * mask).sum(1) / mask.sum(1)
-        vectors = torch.nn.functional.normalize(vectors, dim=-1).cpu()
         start = 0
         for job in jobs:
             job.result = vectors[start : start + len(job.rows)].tolist()
             start += len(job.rows)
             job.send("done")
+
+    def _embedding_vectors(self, rows):
+        """The normalized mean of the final hidden states over each row's prompt, [rows, hidden] on the CPU."""
+        inputs = self.tokenizer.pad(
+            [{"input_ids": row.prompt_ids} for row in rows], padding=True, padding_side="left", return_tensors="pt"
+        )
+        inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
+        hidden = self.model.transformer(**inputs).last_hidden_state.float()  # [batch, seq, hidden]
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        vectors = (hidden * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(vectors, dim=-1).cpu()

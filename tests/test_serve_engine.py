@@ -143,6 +143,36 @@ def test_a_cancelled_job_leaves_the_batch_and_the_others_finish(engine, tokenize
     assert engine.stats()["cancelled_rows"] == before + 1
 
 
+class PaddingFails:
+    """The demo tokenizer, except that padding a batch raises (as a tokenizer without a pad token does)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def pad(self, *args, **kwargs):
+        raise ValueError("this tokenizer cannot pad")
+
+
+def test_an_embedding_batch_that_fails_anywhere_answers_its_jobs_with_an_error(model, tokenizer):
+    failing = Engine(model, PaddingFails(tokenizer), batch_wait=0)
+
+    async def run():
+        job = Job([greedy(chat_ids(tokenizer, "你好"), 0)], asyncio.get_running_loop(), asyncio.Queue(), kind="embed")
+        failing.submit(job)
+        return await asyncio.wait_for(job.events.get(), timeout=30)
+
+    try:
+        event = asyncio.run(run())
+        assert event[0] == "error" and "embedding" in event[1], event
+        # The worker goes on: a generation after the failed batch is answered.
+        assert asyncio.run(answer(failing, [greedy(chat_ids(tokenizer, "你好"), 64)], chat_postprocess(tokenizer)))[1] == [trained_answer("你好")]
+    finally:
+        failing.close()
+
+
 def test_incremental_text_equals_decoding_the_whole_row(tokenizer):
     texts = ["你好！我是 Tiny ChatGLM2，很高兴见到你。", "Hello  world\n\n  indented\tcode  ", "emoji 😀🎉 ünïcödé ∑", "- item\n```python\nprint(1)\n```"]
     generator = random.Random(0)
