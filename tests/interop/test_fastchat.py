@@ -1,8 +1,10 @@
 """FastChat 0.2.36 serves ChatGLM through its own `generate_stream_chatglm`, which calls the published
 `model.stream_generate` and `tokenizer.decode` (special tokens not skipped), and for ChatGLM3
-`tokenizer.build_chat_input`. Its greedy answer must equal this package's `model.chat`, stop token
-included (the answers end on the model's own stop token, before the token limit), on transformers
-4.57.6 and 5.x."""
+`tokenizer.build_chat_input`. Its greedy answer must equal this package's `model.chat`, on transformers
+4.57.6 and 5.x. The answers end on the model's own stop token (`</s>`; `<|user|>` for ChatGLM3)
+before the token limit: since decode keeps special tokens' text, the stop token's text reaches
+FastChat's answer unless stream_generate leaves that step out (the published ChatGLM2 tokenizer
+decoded `</s>` as '')."""
 
 import pytest
 
