@@ -69,8 +69,11 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 def allowed_hosts(bind_host, extra=()):
     """The Host names a server bound to `bind_host` answers: bound to loopback, only loopback names
     (a page whose name rebinds to 127.0.0.1 must not reach the model) plus `extra`; `*` in `extra`,
-    or a non-loopback bind without `extra`, accepts any (None)."""
-    extra = {name.strip().lower().strip("[]") for name in extra if name.strip()}
+    or a non-loopback bind without `extra`, accepts any (None). Names are compared as the Host check
+    reads a header: lower case, without brackets or a port."""
+    from .app import host_name
+
+    extra = {host_name(name) for name in extra if name.strip()}
     if "*" in extra or (not extra and not is_loopback(bind_host)):
         return None
     # The address bound is a name clients may use too (http://192.168.1.5:8000/).

@@ -302,6 +302,8 @@ def test_allowed_hosts_widen_the_loopback_names_or_allow_any():
 
     assert allowed_hosts("127.0.0.1") == LOOPBACK_HOSTS
     assert allowed_hosts("::1", ["Chat.Example", " [fe80::1] "]) == LOOPBACK_HOSTS | {"chat.example", "fe80::1"}
+    # A name given with its port matches the Host headers that carry that port (the check drops ports).
+    assert allowed_hosts("127.0.0.1", ["chat.example:8000", "[fe80::1]:8000"]) == LOOPBACK_HOSTS | {"chat.example", "fe80::1"}
     assert allowed_hosts("127.0.0.1", ["*"]) is None
     # Bound to another address, the operator chose to be reachable: any Host, unless names are given.
     assert allowed_hosts("0.0.0.0") is None
