@@ -58,7 +58,7 @@ def integer_activations(rows, in_features, seed=1):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
-# int4 from 8 rows: weights unpacked once per chunk; VNNI takes batches in blocks of 4 (int4) or 2 (int8) rows
+# int4 from 8 rows: weights unpacked once per chunk; VNNI takes batches in blocks of 4 rows
 @pytest.mark.parametrize("rows", [1, 3, 5, 9])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 64, 301])  # 13, 301: a remainder; 301 at one row: chunks of over 32 rows, shrinking

@@ -275,13 +275,13 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
  * against 272 ms through the buffer, 4 rows 408 against 494, 8 rows 515 against 479, 16 rows 1091 against 852. */
 #define UNPACK_ONCE_FROM_ROWS 8
 
-/* Activation rows that a VNNI batch block (block_rows) takes at once, with 4 weight rows: their int32 sums, the
- * weight vectors and the float sums just fit the 32 vector registers (int4: 16 + 8 + 16 with spills of the float sums,
- * which change once per group; int8 also keeps 4 corrections, and 4 rows spilled its sums in the inner loop). Zen 4
- * EPYC, 2 threads, 6B layers' matrices, against the row-by-row loop (medians of 5 in turns, host shared): int4 4 rows
- * 0.81x the time, 128 rows 0.81x (3 rows per block: 0.70x at 128); int8 with 2 rows 0.66x and 0.74x (4 rows: 0.87x, 0.73x). */
-#define BLOCK_ROWS_INT4 4
-#define BLOCK_ROWS_INT8 2
+/* Activation rows that a VNNI batch block (block_rows) takes at once, with 4 weight rows: their int32 sums and the
+ * weight vectors fit the 32 vector registers, the float sums (changed once per group) spill. Zen 4 EPYC, 2 threads,
+ * the 6B layers' matrices, against the row-by-row loop (medians of 5 in turns, host shared, load 2.8-3.5): int4 4
+ * rows 0.81x the time, 128 rows 0.81x. int8 took its corrections in each block at first (2 rows per block: 0.66x and
+ * 0.74x; 4 rows spilled the sums in the inner loop); once per chunk instead, 128 rows 0.85x of that, and with 4 rows
+ * per block 0.91x of 2 (load 6.5-7). */
+#define VNNI_BATCH_ROWS 4
 
 typedef struct {
     const Job *job;

@@ -129,9 +129,23 @@ static inline __attribute__((always_inline)) void KERNEL(int8_rows)(const int8_t
 }
 
 #if VNNI
+/* 128 sum(q) per int32 lane of each group of int8 weight rows [n_begin, n_end) (`vpdpbusd` with 0x80 bytes), what
+ * block_rows takes out of x + 128 times q: computed once per chunk, for every block of activation rows. */
+static void KERNEL(int8_corrections)(const Job *job, int64_t n_begin, int64_t n_end, __m256i *corrections) {
+    const int64_t K = job->K, groups = K / job->group;
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    for (int64_t n = n_begin; n < n_end; n++)
+        for (int64_t g = 0; g < groups; g++) {
+            __m256i sums = _mm256_setzero_si256();
+            for (int64_t k = g * job->group; k < (g + 1) * job->group; k += 32)
+                sums = _mm256_dpbusd_epi32(sums, bias, _mm256_loadu_si256((const __m256i *)(job->weight + n * K + k)));
+            corrections[(n - n_begin) * groups + g] = sums;
+        }
+}
+
 /* Batches on VNNI: R weight rows (1 or 4) times MB activation rows (1-4, from m0) at once. Each weight span is loaded,
  * and int4's unpacked, once for the MB rows, where the row-by-row loop did it again for every row; int8 multiplies
- * x + 128 (unsigned) by q and takes 128 sum(q) out of each lane once per weight row (`vpdpbusd` with 0x80 bytes),
+ * x + 128 (unsigned) by q and takes out 128 sum(q) per lane (`corrections`: the rows' int8_corrections),
  * instead of |q| by x with q's sign: one instruction per product vector instead of three. The int32 lanes hold the
  * same integers as int4_rows' / int8_rows' (lane j: the products of bytes 4j..4j+3 of each 32-byte block of the
  * group), added into the float sums in the same order: the same bits as a row alone. `prefetch`: the first pass
@@ -139,19 +153,18 @@ static inline __attribute__((always_inline)) void KERNEL(int8_rows)(const int8_t
  * x + 128 would reach: there int8 keeps the sign trick, and batches the row-by-row loop.) */
 static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *job, const int8_t *weight,
                                                                       int64_t row_bytes, const uint8_t *unpacked,
-                                                                      const int bits, const int R, const int MB,
-                                                                      int64_t m0, int prefetch, float sums[4][4]) {
+                                                                      const __m256i *corrections, const int bits,
+                                                                      const int R, const int MB, int64_t m0, int prefetch,
+                                                                      float sums[4][4]) {
     const int64_t K = job->K, group = job->group, groups = K / group;
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     __m256 acc[4][4];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m256i lanes[4][4], correction[4];
-        for (int r = 0; r < R; r++) {
-            correction[r] = _mm256_setzero_si256();
+        __m256i lanes[4][4];
+        for (int r = 0; r < R; r++)
             for (int m = 0; m < MB; m++) lanes[m][r] = _mm256_setzero_si256();
-        }
         if (prefetch && R == 4)
             for (int r = 0; r < R; r++)
                 for (int64_t line = 0; line < group * bits / 8; line += 64)
@@ -159,17 +172,16 @@ static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *
         if (bits == 8) {
             for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
                 __m256i w[4];
-                for (int r = 0; r < R; r++) {
-                    w[r] = _mm256_loadu_si256((const __m256i *)(weight + r * row_bytes + k));
-                    correction[r] = _mm256_dpbusd_epi32(correction[r], bias, w[r]);
-                }
+                for (int r = 0; r < R; r++) w[r] = _mm256_loadu_si256((const __m256i *)(weight + r * row_bytes + k));
                 for (int m = 0; m < MB; m++) {
                     const __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(job->xq + (m0 + m) * K + k)), bias);
                     for (int r = 0; r < R; r++) lanes[m][r] = _mm256_dpbusd_epi32(lanes[m][r], x, w[r]);
                 }
             }
-            for (int m = 0; m < MB; m++)
-                for (int r = 0; r < R; r++) lanes[m][r] = _mm256_sub_epi32(lanes[m][r], correction[r]);
+            for (int r = 0; r < R; r++) {
+                const __m256i correction = _mm256_loadu_si256(corrections + r * groups + g);
+                for (int m = 0; m < MB; m++) lanes[m][r] = _mm256_sub_epi32(lanes[m][r], correction);
+            }
         } else {
             for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
                 __m256i evens[4], odds[4];
@@ -200,9 +212,10 @@ static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *
 }
 
 /* block_rows with its weight kind, R and MB constants, each combination its own inlined copy. */
-static void KERNEL(block_dot)(const Job *job, const int8_t *weight, int64_t row_bytes, const uint8_t *unpacked, int R,
-                              int MB, int64_t m0, int prefetch, float sums[4][4]) {
-#define BLOCK(bits, buffer, rows, batch) KERNEL(block_rows)(job, weight, row_bytes, buffer, bits, rows, batch, m0, prefetch, sums)
+static void KERNEL(block_dot)(const Job *job, const int8_t *weight, int64_t row_bytes, const uint8_t *unpacked,
+                              const __m256i *corrections, int R, int MB, int64_t m0, int prefetch, float sums[4][4]) {
+#define BLOCK(bits, buffer, rows, batch) \
+    KERNEL(block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums)
 #define BLOCKS(bits, buffer)                                                                                            \
     switch (MB * 4 + R) {                                                                                               \
     case 5: BLOCK(bits, buffer, 1, 1); break;                                                                           \
@@ -250,7 +263,7 @@ static inline void KERNEL(dot_rows)(const Job *job, const int8_t *weight, const 
  * (for int4 from UNPACK_ONCE_FROM_ROWS rows, unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes) stay
  * in the cache while every activation row passes over them. Every path adds the same products in the same
  * order, so a row's result does not depend on the rows batched with it. */
-static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked) {
+static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked, __m256i *corrections) {
     const int64_t K = job->K, row_bytes = job->bits == 4 ? K / 2 : K;
     float sums[4];
     if (unpacked)
@@ -274,15 +287,17 @@ static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, 
      * against 0.75). Batches of 2-7 rows keep the blocks: there each weight byte serves every row. So do int8
      * weights, whose rows are twice as long: 6B layers, 2 threads, 0.91 of torch.sum in blocks, 0.86 in single rows. */
 #if VNNI
-    if (job->M > 1 && (job->bits == 8 || job->span == 64)) {
+    if (job->M > 1 && (job->bits == 8 ? corrections != NULL : job->span == 64)) {
+        const int64_t groups = K / job->group;
         float block_sums[4][4];
-        const int most = job->bits == 8 ? BLOCK_ROWS_INT8 : BLOCK_ROWS_INT4;
-        for (int64_t m0 = 0; m0 < job->M; m0 += most) {
-            const int MB = job->M - m0 < most ? (int)(job->M - m0) : most;
+        if (job->bits == 8) KERNEL(int8_corrections)(job, n_begin, n_end, corrections);
+        for (int64_t m0 = 0; m0 < job->M; m0 += VNNI_BATCH_ROWS) {
+            const int MB = job->M - m0 < VNNI_BATCH_ROWS ? (int)(job->M - m0) : VNNI_BATCH_ROWS;
             for (int64_t n = n_begin; n < n_end;) {
                 const int R = n_end - n >= 4 ? 4 : 1;
-                KERNEL(block_dot)(job, job->weight + n * row_bytes, row_bytes, unpacked ? unpacked + (n - n_begin) * K : NULL, R, MB, m0,
-                                  m0 == 0 && !unpacked, block_sums);
+                KERNEL(block_dot)(job, job->weight + n * row_bytes, row_bytes, unpacked ? unpacked + (n - n_begin) * K : NULL,
+                                  corrections ? corrections + (n - n_begin) * groups : NULL, R, MB, m0, m0 == 0 && !unpacked,
+                                  block_sums);
                 for (int m = 0; m < MB; m++) store_rows(job, m0 + m, n, R, block_sums[m]);
                 n += R;
             }
@@ -308,12 +323,17 @@ static void KERNEL(run_chunks)(void *argument) {
      * way, from packed bytes the L2 holds; from there on (prompts), unpacking once pays for reading twice
      * the bytes. Without the buffer (out of memory), every row unpacks again: slower, same result. */
     uint8_t *unpacked = job->bits == 4 && job->M >= UNPACK_ONCE_FROM_ROWS ? (uint8_t *)aligned_alloc(32, (size_t)(CHUNK_ROWS * job->K)) : NULL;
+    /* VNNI int8 batches: the chunk's int8_corrections (without them, out of memory: the row-by-row loop, same result). */
+    __m256i *corrections = VNNI && job->bits == 8 && job->M > 1
+                               ? (__m256i *)aligned_alloc(32, sizeof(__m256i) * (size_t)(CHUNK_ROWS * (job->K / job->group)))
+                               : NULL;
     for (;;) {
         int64_t end = 0, begin = claim_rows(work, &end); /* end: set when a chunk is left */
         if (begin >= job->N) break;
-        KERNEL(run_columns)(job, begin, end, unpacked);
+        KERNEL(run_columns)(job, begin, end, unpacked, corrections);
     }
     free(unpacked);
+    free(corrections);
 }
 
 #undef DOT_INT4
