@@ -31,6 +31,7 @@ VARIANTS = {
     "int4, onnxruntime (int8 activations)": (4, 0, "onnxruntime"),
     "int8, chatglm_cpu (int8 activations)": (8, 0, "chatglm_cpu"),
     "int4, chatglm_cpu (int8 activations)": (4, 0, "chatglm_cpu"),
+    "int4, int8 output_layer, chatglm_cpu (int8 activations)": (4, 8, "chatglm_cpu"),
 }
 # What each optional CPU kernel imports; a kernel whose packages are missing is left out of the table.
 KERNEL_PACKAGES = {"torch": (), "onnxruntime": ("onnxruntime", "onnx"), "chatglm_cpu": ("chatglm_cpu",)}
