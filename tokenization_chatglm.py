@@ -610,6 +610,17 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         ids = self.convert_tokens_to_ids([token for token in tokens if token != ""])
         return self._text_of_ids(ids, shown=self._special_ids())
 
+    def token_text(self, index):
+        """(text, UTF-8 bytes) of one token as it stands inside a text, for views of single tokens (a
+        server's log probabilities): a piece with its word marker as a space (decoding it alone drops
+        it), a byte-fallback piece (part of a character) by its name `<0xE4>` with that one byte, a
+        special or added token by its name; an id that is no token is ("", [])."""
+        token = self.convert_ids_to_tokens(index)
+        if 0 <= index < self.num_pieces and self.sp_model.is_byte(index):
+            return token, [int(token[3:-1], 16)]
+        text = token.replace(SENTENCEPIECE_SPACE, " ")
+        return text, list(text.encode("utf-8"))
+
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
         ids = [token_ids] if isinstance(token_ids, int) else [int(index) for index in token_ids]
         shown = set() if skip_special_tokens else self._special_ids()

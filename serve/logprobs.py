@@ -9,30 +9,11 @@ so that a harness can score a continuation from the prompt's own log probabiliti
 """
 
 import functools
-import re
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-# SentencePiece writes a word's leading space as this marker in its pieces.
-_WORD_MARKER = "\u2581"
 
 
 def token_texts(tokenizer):
-    """id -> (text, UTF-8 bytes) of one token, for this tokenizer (cached).
-
-    A token is its piece with the word marker as a space (decoding one token alone would drop the
-    space); a byte piece (`<0xE4>`, part of a character) keeps its name and has that one byte; a
-    special token is its name."""
-
-    @functools.lru_cache(maxsize=65536)
-    def text_of(token_id):
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        byte = _BYTE_PIECE.fullmatch(piece)
-        if byte:
-            return piece, [int(byte.group(1), 16)]
-        text = piece.replace(_WORD_MARKER, " ")
-        return text, list(text.encode("utf-8"))
-
-    return text_of
+    """id -> (text, UTF-8 bytes) of one token: the tokenizer's `token_text`, cached."""
+    return functools.lru_cache(maxsize=65536)(tokenizer.token_text)
 
 
 def chat_logprobs(text_of, entries):
@@ -62,7 +43,6 @@ def completion_logprobs(text_of, entries, offset):
         text_offset.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
-
 
 
 def requested_logprobs(body):

@@ -640,3 +640,18 @@ def test_continuation_input_is_the_tail_of_the_whole_prompt(tokenizer):
     assert whole["input_ids"][0].tolist()[-len(fed) :] == fed
     assert tokenizer.decode(fed) == "\n\n[Round 3]\n\n问：谢谢\n\n答："
     assert continuation["attention_mask"].tolist() == [[1] * len(fed)]
+
+
+def test_token_text_is_each_token_as_it_stands_inside_a_text(tokenizer, sp):
+    # What a server shows per token (log probabilities): the word marker is the space before the
+    # word, a byte-fallback piece is its name and its one byte, a special token its name.
+    ids = tokenizer("Hello world. 😀", add_special_tokens=False)["input_ids"]
+    texts = [tokenizer.token_text(index) for index in ids]
+    bytes_ = [index for index in ids if sp.is_byte(index)]
+    assert len(bytes_) == 4  # the emoji is not a piece: four UTF-8 bytes
+    assert "".join(text for index, (text, _) in zip(ids, texts) if index not in bytes_) == " Hello world. "
+    assert b"".join(bytes(data) for _, data in texts) == " Hello world. 😀".encode("utf-8")
+    assert [tokenizer.token_text(index)[0] for index in bytes_] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    eos = tokenizer.eos_token_id
+    assert tokenizer.token_text(eos) == (tokenizer.convert_ids_to_tokens(eos), list(tokenizer.convert_ids_to_tokens(eos).encode()))
+    assert tokenizer.token_text(len(tokenizer) + 5) == ("", [])
