@@ -23,6 +23,7 @@ import sys
 import time
 
 from .protocol import (
+    FIRST_ORDINARY_TOKEN,
     WARMUP_NEW_TOKENS,
     WARMUP_PROMPT_LENGTH,
     finish,
@@ -34,8 +35,6 @@ from .protocol import (
 )
 from .system import AnonymousPeakSampler, OtherProcessesMeter, reset_peak_rss, summary
 
-# Random prompts avoid the special ids at the bottom of the vocabulary, as ours do.
-FIRST_ORDINARY_TOKEN = 3
 # Bytes per weight of the token embedding by llama.cpp file type (llama_ftype): its quantizer stores the embedding
 # in the file's type (q4_0 / q8_0 blocks of 32 weights with one float16 scale: 18 and 34 bytes). A decode step reads
 # one row of it, so the roofline leaves the rest out.

@@ -9,6 +9,8 @@ from .system import current_rss_bytes, peak_rss_bytes, rss_split_bytes, storage_
 
 WARMUP_PROMPT_LENGTH = 8
 WARMUP_NEW_TOKENS = 2
+# Random prompts avoid the special ids at the bottom of the vocabulary (pad, bos, eos).
+FIRST_ORDINARY_TOKEN = 3
 
 
 # With --bandwidth-pauses the worker prints this line before each run and after the last, then waits for

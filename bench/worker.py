@@ -18,6 +18,7 @@ from transformers import AutoModel
 from transformers.generation.streamers import BaseStreamer
 
 from .protocol import (
+    FIRST_ORDINARY_TOKEN,
     BANDWIDTH_PAUSE,
     WARMUP_NEW_TOKENS,
     WARMUP_PROMPT_LENGTH,
@@ -30,8 +31,6 @@ from .protocol import (
 )
 from .system import AnonymousPeakSampler, OtherProcessesMeter, reset_peak_rss, summary
 
-# Random prompts avoid the special ids at the bottom of the vocabulary (pad, bos, eos).
-FIRST_ORDINARY_TOKEN = 3
 LONG_CONVERSATION_TOKENS = 8192
 LONG_CONVERSATION_CHUNK = 512
 ENCODE_TOKENS = 2048  # spec §7 quotes memory "to encode 2048 tokens" and "to decode 8192"
