@@ -276,11 +276,8 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
 #define UNPACK_ONCE_FROM_ROWS 8
 
 /* Activation rows that a VNNI batch block (block_rows) takes at once, with 4 weight rows: their int32 sums and the
- * weight vectors fit the 32 vector registers, the float sums (changed once per group) spill. Zen 4 EPYC, 2 threads,
- * the 6B layers' matrices, against the row-by-row loop (medians of 5 in turns, host shared, load 2.8-3.5): int4 4
- * rows 0.81x the time, 128 rows 0.81x. int8 took its corrections in each block at first (2 rows per block: 0.66x and
- * 0.74x; 4 rows spilled the sums in the inner loop); once per chunk instead, 128 rows 0.85x of that, and with 4 rows
- * per block 0.91x of 2 (load 6.5-7). */
+ * weight vectors fit the 32 vector registers, the float sums (changed once per group) spill. Timings against the
+ * row-by-row loop: bench/README.md, "AVX-512 (AMD Zen 4) beside llama.cpp". */
 #define VNNI_BATCH_ROWS 4
 
 typedef struct {
