@@ -1060,13 +1060,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             logits_processor, kwargs,
         )
         prompt_length = arguments["input_ids"].shape[1]
-        last_text, last_yielded = "", ("", None)
+        last_yielded = ("", None)
         for sequence in self.stream_generate(return_past_key_values=return_past_key_values, **arguments):
             output_ids, cache = sequence if return_past_key_values else (sequence, None)
             text = tokenizer.decode_reply(self._reply_ids(output_ids[0], prompt_length, arguments["eos_token_id"]))
-            if text == last_text or text.endswith("\ufffd"):
+            if text.endswith("\ufffd"):
                 continue
-            last_text = text
             response, new_history = tokenizer.process_chat_response(text, query, history, role=role)
             if (response, new_history) == last_yielded or (response == "" and last_yielded[1] is None):
                 continue
