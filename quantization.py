@@ -20,6 +20,7 @@ Quantized weights are frozen; gradients flow to the inputs, so LoRA / P-Tuning t
 Importing this module has no side effects: nothing is compiled and no global flag is set.
 """
 
+import atexit
 import ctypes
 import functools
 import logging
@@ -1015,11 +1016,14 @@ def _file_mappings():
     return spans
 
 
-def populate(tensors):
+def populate(tensors, stop=None):
     """Map the pages under each CPU tensor into this process now, in the given order (madvise
     MADV_POPULATE_READ: one call per tensor instead of a page fault per few pages in the first forward;
-    pages not in the page cache are read from the file). Best effort: nothing where Linux lacks it."""
+    pages not in the page cache are read from the file), until the `threading.Event` `stop` is set.
+    Best effort: nothing where Linux lacks it."""
     for tensor in tensors:
+        if stop is not None and stop.is_set():
+            return
         if tensor.device.type == "cpu" and tensor.numel():
             start, end = _page_span(tensor)
             _call_linux_libc("madvise", ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_POPULATE_READ)
@@ -1034,7 +1038,9 @@ def prefault_mapped_weights(model):
     the first forward took a page fault for every few pages of it, in the kernels' threads; this thread maps
     them in forward order while the caller goes on (tokenizer, prompt, the first forward itself). Weights
     converted at load are anonymous memory, resident already, and are left alone. The thread holds the
-    tensors until it is done, so their mapping cannot go away under it.
+    tensors until it is done, so their mapping cannot go away under it. At exit it is stopped and joined
+    before the interpreter shuts down: a daemon thread still running then is ended wherever it stands,
+    which aborted a process that exited right after loading ("terminate called without an active exception").
     """
     spans = _file_mappings()
     embedding = model.get_input_embeddings()
@@ -1051,7 +1057,14 @@ def prefault_mapped_weights(model):
     ]
     if not tensors:
         return None
-    thread = threading.Thread(target=populate, args=(tensors,), name=PREFAULT_THREAD_NAME, daemon=True)
+    stop = threading.Event()
+    thread = threading.Thread(target=populate, args=(tensors, stop), name=PREFAULT_THREAD_NAME, daemon=True)
+
+    def stop_and_join():
+        stop.set()
+        thread.join()
+
+    atexit.register(stop_and_join)
     thread.start()
     return thread
 

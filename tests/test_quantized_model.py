@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import pickle
+import subprocess
 import sys
 import threading
 
@@ -623,3 +624,27 @@ def test_a_checkpoint_loaded_as_stored_has_its_weight_pages_mapped_before_the_fi
     embedding = model.get_input_embeddings().weight
     weights = [tensor for tensor in model.parameters() if tensor is not embedding]
     assert page_faults_reading(weights) == 0
+
+
+def test_the_prefault_thread_is_stopped_before_the_interpreter_shuts_down(tmp_path):
+    """A process that exited right after loading (the CLI refusing an option) aborted now and then, its mapping
+    thread ended mid-call by the shutting-down interpreter; at-exit handlers now find it stopped and joined."""
+    from test_quantization import Q
+
+    shapes = {"hidden_size": 512, "ffn_hidden_size": 2048, "num_attention_heads": 8, "kv_channels": 64}
+    random_model(tmp_path / "float", VOCAB, **shapes).quantize(4).save_pretrained(tmp_path / "int4")
+    copy_code(tmp_path / "int4")
+    script = f"""
+import atexit, threading
+from transformers import AutoModel
+# Registered before loading, so it runs after every handler the load registers.
+prefaulting = lambda: [t.name for t in threading.enumerate() if t.name == {Q.PREFAULT_THREAD_NAME!r}]
+atexit.register(lambda: print("alive at exit:", prefaulting()))
+AutoModel.from_pretrained({str(tmp_path / "int4")!r}, trust_remote_code=True)
+print("started:", prefaulting())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    if "started: []" in result.stdout:
+        pytest.skip("the mapping thread finished before the script exited: nothing left to stop")
+    assert "alive at exit: []" in result.stdout
