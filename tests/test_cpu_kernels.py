@@ -3,7 +3,9 @@
 Skipped where the package is not installed or the CPU has no AVX2 (CI installs it: requirements-test.txt).
 """
 
+import importlib.metadata
 import multiprocessing
+import re
 import threading
 
 import pytest
@@ -30,11 +32,11 @@ def group_size(in_features):
     return next(size for size in chatglm_cpu.GROUP_SIZES if in_features % size == 0)
 
 
-def int8_activation_reference(x, q, scale, bias):
-    """float64 product of the activations quantized as the kernel does (per group: 127 / max|x|,
-    round half to even) with the integer weights, times the row scale, plus the bias."""
+def int8_activation_reference(x, q, scale, bias, group=None):
+    """float64 product of the activations quantized as the kernel does (per group of `group` inputs, by default
+    the kernel's: 127 / max|x|, round half to even) with the integer weights, times the row scale, plus the bias."""
     rows, in_features = x.shape
-    groups = x.float().view(rows, -1, group_size(in_features))
+    groups = x.float().view(rows, -1, group or group_size(in_features))
     magnitude = groups.abs().amax(-1, keepdim=True)
     # A true division, as the kernel does (`127.0 / tensor` is computed as 127 * (1 / tensor) in torch).
     multiplier = torch.where(magnitude > 0, torch.full_like(magnitude, 127.0) / magnitude, torch.zeros_like(magnitude))
@@ -58,10 +60,11 @@ def integer_activations(rows, in_features, seed=1):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
-# int4 from 8 rows: weights unpacked once per chunk; VNNI takes batches in blocks of 4 rows
-@pytest.mark.parametrize("rows", [1, 3, 5, 9])
+# either side of a VNNI block of rows, and past the rows from which int4 unpacks its weights once per chunk
+@pytest.mark.parametrize("rows", [1, chatglm_cpu.VNNI_BATCH_ROWS - 1, chatglm_cpu.VNNI_BATCH_ROWS + 1, chatglm_cpu.UNPACK_ONCE_FROM_ROWS + 1])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("out_features", [13, 64, 301])  # 13, 301: a remainder; 301 at one row: chunks of over 32 rows, shrinking
+# a remainder; whole chunks; at one row, chunks of more than CHUNK_ROWS rows, shrinking, and a remainder
+@pytest.mark.parametrize("out_features", [13, 2 * chatglm_cpu.CHUNK_ROWS, 9 * chatglm_cpu.CHUNK_ROWS + 13])
 @pytest.mark.parametrize("in_features", [256, 96])  # int4 spans of 64 inputs; of 32 where K is not a multiple of 64
 def test_integer_activations_give_the_exact_integer_products(isa, bits, rows, threads, out_features, in_features):
     # Every nibble order, the zero point of the int4 bytes, the row split between threads and both
@@ -90,10 +93,40 @@ def test_float_activations_match_the_int8_activation_reference(bits, dtype, in_f
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("in_features", [96, 192, 4096, 13696])
+def test_activations_are_scaled_per_group_of_the_largest_exported_size_dividing_the_width(isa, in_features):
+    # Magnitudes that change every 16 inputs make every grouping round differently: only the reference quantized
+    # per group of group_size(in_features) (the largest of chatglm_cpu.GROUP_SIZES dividing it) is the kernel's.
+    generator = torch.Generator().manual_seed(6)
+    q = random_q(24, in_features, 8)
+    magnitudes = torch.tensor([1.0, 0.01, 0.2, 5.0]).repeat(in_features // 64 + 1)[: in_features // 16]
+    x = torch.randn(2, in_features, generator=generator) * magnitudes.repeat_interleave(16)
+    out = chatglm_cpu.linear(x, q, torch.ones(24), None, 8, isa=isa).double()
+    groupings = [size for size in (16, 32, 64, 128, 256, 512) if in_features % size == 0]
+    errors = {size: (out - int8_activation_reference(x, q, torch.ones(24), None, size)).abs().max().item() for size in groupings}
+    largest = out.abs().max().item()
+    assert errors[group_size(in_features)] < 1e-5 * largest
+    assert all(error > 1e-3 * largest for size, error in errors.items() if size != group_size(in_features))
+
+
+def test_widths_the_group_sizes_do_not_divide_are_refused():
+    smallest = chatglm_cpu.GROUP_SIZES[-1]
+    weight, scale = torch.zeros(4, smallest, dtype=torch.int8), torch.ones(4)
+    assert chatglm_cpu.linear(torch.ones(1, smallest), weight, scale, None, 8).shape == (1, 4)
+    with pytest.raises(ValueError, match=f"multiple of {smallest}, got {smallest + smallest // 2}"):
+        chatglm_cpu.linear(torch.ones(1, smallest + smallest // 2), torch.zeros(4, smallest + smallest // 2, dtype=torch.int8), scale, None, 8)
+
+
+def test_the_version_is_the_installed_distributions_and_major_minor_patch():
+    assert importlib.metadata.version("chatglm-cpu") == chatglm_cpu.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", chatglm_cpu.__version__)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("in_features", [96, 192, 13696])  # groups of 32, 64 and 128 inputs
-@pytest.mark.parametrize("rows", [1, 9])  # nibbles unpacked on the way; int4 from 8 rows: once per chunk
+@pytest.mark.parametrize("rows", [1, chatglm_cpu.UNPACK_ONCE_FROM_ROWS + 1])  # int4 nibbles unpacked on the way; once per chunk
 def test_every_instruction_set_gives_the_same_result_bit_for_bit(bits, dtype, in_features, rows):
     if len(chatglm_cpu.isas()) < 2:
         pytest.skip(f"this CPU runs only {chatglm_cpu.isas()}")

@@ -19,24 +19,30 @@ import torch
 
 from . import _kernels
 
-__all__ = ["attend", "available", "isa", "isas", "linear", "QuantizedWeight", "FloatWeight", "GROUP_SIZES", "FLOAT_PASS_ROWS"]
+__all__ = [
+    "attend", "available", "isa", "isas", "linear", "QuantizedWeight", "FloatWeight",
+    "GROUP_SIZES", "FLOAT_PASS_ROWS", "CHUNK_ROWS", "UNPACK_ONCE_FROM_ROWS", "VNNI_BATCH_ROWS",
+]
 
+# The package's one version: pyproject.toml reads it from here.
 # 0.2: `QuantizedWeight(...)(x, rms_norm=(weight, eps))` applies an RMSNorm to x on the way in.
 # 0.3: `FloatWeight`, float16/bfloat16 weights times a few activation rows; `attend`, one query's attention;
 # `QuantizedWeight(...)(x, swiglu=True)`.
 # 0.4: `FloatWeight` takes any number of rows, FLOAT_PASS_ROWS per pass over the weight.
 # 0.4.1: batches on VNNI in blocks of activation rows (the same results, bit for bit).
-__version__ = "0.4.1"
+# 0.4.2: the constants below come from the C module (the same results, bit for bit).
+__version__ = "0.4.2"
 
-# Inputs per activation scale, the largest that divides K. Four 32-input blocks is the most whose
-# int4 products still add up exactly in 16-bit lanes.
-GROUP_SIZES = (128, 64, 32)
+# Defined in _kernels.c only, read from the built module. GROUP_SIZES: inputs per activation scale, largest first (a
+# weight takes the largest that divides its width). FLOAT_PASS_ROWS: activation rows per pass of a `FloatWeight` call
+# over its weight. CHUNK_ROWS, UNPACK_ONCE_FROM_ROWS, VNNI_BATCH_ROWS: where the kernels change path (results never do).
+GROUP_SIZES = _kernels.GROUP_SIZES
+FLOAT_PASS_ROWS = _kernels.FLOAT_PASS_ROWS
+CHUNK_ROWS = _kernels.CHUNK_ROWS
+UNPACK_ONCE_FROM_ROWS = _kernels.UNPACK_ONCE_FROM_ROWS
+VNNI_BATCH_ROWS = _kernels.VNNI_BATCH_ROWS
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-# The activation rows one pass of a `FloatWeight` call over its weight serves (FLOAT_PASS_ROWS in _kernels.c):
-# up to there a call reads the weight once, as a decode step must; more rows take more passes.
-FLOAT_PASS_ROWS = 16
+_DTYPE_CODES = {torch.float32: _kernels.DTYPE_FLOAT32, torch.float16: _kernels.DTYPE_FLOAT16, torch.bfloat16: _kernels.DTYPE_BFLOAT16}
 
 
 def _openmp_parallel_entry():
@@ -62,7 +68,7 @@ _kernels.set_parallel_runtime(_openmp_parallel_entry())
 
 # Read once: `linear` checks it at every call. Codes as the C module takes them.
 _ISAS = _kernels.isas()
-_ISA_CODES = {"avx2": 0, "avx512_vnni": 1}
+_ISA_CODES = {name: code for code, name in enumerate(_kernels.ISA_NAMES)}
 
 
 def isas():
@@ -125,7 +131,7 @@ class QuantizedWeight:
         out_features, in_features = weight.shape[0], weight.shape[1] * 8 // bits
         group = next((size for size in GROUP_SIZES if in_features % size == 0), None)
         if group is None:
-            raise ValueError(f"chatglm_cpu.linear: the input width must be a multiple of 32, got {in_features}")
+            raise ValueError(f"chatglm_cpu.linear: the input width must be a multiple of {GROUP_SIZES[-1]}, got {in_features}")
         _check_vector("scale", scale, out_features)
         if bias is not None:
             _check_vector("bias", bias, out_features)

@@ -24,9 +24,37 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The constants below are defined here only: the module exports each (see PyInit__kernels) and chatglm_cpu
+ * reads them from it, so its checks and this code cannot disagree. */
+
 enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT16 = 1, DTYPE_BFLOAT16 = 2 };
-/* Codes of the instruction sets, as chatglm_cpu.linear passes them. */
+/* Codes of the instruction sets, as chatglm_cpu.linear passes them; ISA_NAMES[code] is the name isas() gives. */
 enum { ISA_AVX2 = 0, ISA_AVX512_VNNI = 1 };
+static const char *const ISA_NAMES[] = {[ISA_AVX2] = "avx2", [ISA_AVX512_VNNI] = "avx512_vnni"};
+
+/* Inputs per activation scale, largest first: chatglm_cpu takes the largest that divides K. At most 128: the
+ * AVX2 int4 kernel adds a group's products in 16-bit lanes, and four 32-input blocks is the most that stays exact. */
+static const int GROUP_SIZES[] = {128, 64, 32};
+
+/* Threads take the output columns in chunks from a shared counter, so a thread slowed by another process
+ * on its core takes fewer of them: CHUNK_ROWS (whole blocks of 4), whose weights stay in the L2 while
+ * several activation rows pass over them. A single activation row reuses nothing, so its chunks start at
+ * half of each thread's share and shrink as the rows run out, down to CHUNK_ROWS: every chunk is one
+ * stream that the prefetchers have to pick up again (see claim_rows). */
+#define CHUNK_ROWS 32
+
+/* The activation rows a float-weight pass takes (float_linear makes as many passes as it needs): their sums stay on
+ * the stack, their float32 copies (16 x 4096 x 4 bytes for the 6B model) in the L2. */
+#define FLOAT_PASS_ROWS 16
+
+/* Activation rows from which the int4 kernels unpack a chunk's weights once into a buffer (see run_chunks): below
+ * it, unpacking again for each row from bytes the L2 holds costs less. Timings: bench/README.md, "Tuning constants". */
+#define UNPACK_ONCE_FROM_ROWS 8
+
+/* Activation rows that a VNNI batch block (block_rows) takes at once, with 4 weight rows: their int32 sums and the
+ * weight vectors fit the 32 vector registers, the float sums (changed once per group) spill. Timings against the
+ * row-by-row loop: bench/README.md, "Tuning constants". */
+#define VNNI_BATCH_ROWS 4
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define HAVE_AVX2_BUILD 1
@@ -248,17 +276,6 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
     }
 }
 
-/* Threads take the output columns in chunks from a shared counter, so a thread slowed by another process
- * on its core takes fewer of them: CHUNK_ROWS (whole blocks of 4), whose weights stay in the L2 while
- * several activation rows pass over them. A single activation row reuses nothing, so its chunks start at
- * half of each thread's share and shrink as the rows run out, down to CHUNK_ROWS: every chunk is one
- * stream that the prefetchers have to pick up again (see claim_rows). */
-#define CHUNK_ROWS 32
-
-/* The activation rows a float-weight pass takes (float_linear makes as many passes as it needs): their sums stay on
- * the stack, their float32 copies (16 x 4096 x 4 bytes for the 6B model) in the L2. */
-#define FLOAT_PASS_ROWS 16
-
 /* Weight rows that float_rows multiplies together, for calls of at least FLOAT_BLOCK_FROM_ROWS activation rows
  * (a single row keeps one sequential weight stream per thread). 27392 x 4096, 2 threads, Zen 3, GFLOP/s at 2 / 4 /
  * 16 / 64 rows against one weight row at a time: bfloat16 41 / 55 / 72 / 73 against 34 / 49 / 67 / 66, float16
@@ -269,16 +286,6 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
 /* How far ahead a single-row stream prefetches, in bytes: of 2, 4, 8 and 16 KB, 4 streamed fastest
  * (Zen 3 EPYC, 27392 x 4096 int4, 1 and 2 threads: 0.80-0.86 of torch.sum's bandwidth, the others 0.76-0.82). */
 #define SINGLE_ROW_AHEAD 4096
-
-/* Activation rows from which the int4 kernels unpack a chunk's weights once into a buffer (see run_chunks).
- * Measured on a Zen 4 EPYC, 6B layer shapes, per 28-layer step: 2 rows 169 ms unpacking on the way
- * against 272 ms through the buffer, 4 rows 408 against 494, 8 rows 515 against 479, 16 rows 1091 against 852. */
-#define UNPACK_ONCE_FROM_ROWS 8
-
-/* Activation rows that a VNNI batch block (block_rows) takes at once, with 4 weight rows: their int32 sums and the
- * weight vectors fit the 32 vector registers, the float sums (changed once per group) spill. Timings against the
- * row-by-row loop: bench/README.md, "AVX-512 (AMD Zen 4) beside llama.cpp". */
-#define VNNI_BATCH_ROWS 4
 
 typedef struct {
     const Job *job;
@@ -609,8 +616,8 @@ static int float_linear(Job *job, const void *x, int x_dtype) {
 
 static PyObject *py_isas(PyObject *self, PyObject *unused) {
 #ifdef HAVE_AVX2_BUILD
-    if (cpu_supports(ISA_AVX512_VNNI)) return Py_BuildValue("(ss)", "avx512_vnni", "avx2");
-    if (cpu_supports(ISA_AVX2)) return Py_BuildValue("(s)", "avx2");
+    if (cpu_supports(ISA_AVX512_VNNI)) return Py_BuildValue("(ss)", ISA_NAMES[ISA_AVX512_VNNI], ISA_NAMES[ISA_AVX2]);
+    if (cpu_supports(ISA_AVX2)) return Py_BuildValue("(s)", ISA_NAMES[ISA_AVX2]);
 #endif
     return PyTuple_New(0);
 }
@@ -728,6 +735,57 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
+/* module.name = object, taking the reference; 0, or -1 with the error set. */
+static int add_object(PyObject *module, const char *name, PyObject *object) {
+    if (object == NULL) return -1;
+    if (PyModule_AddObject(module, name, object) < 0) {
+        Py_DECREF(object);
+        return -1;
+    }
+    return 0;
+}
+
+/* The constants above, as chatglm_cpu reads them: ints, GROUP_SIZES a tuple, ISA_NAMES a tuple indexed by code. */
+static int add_constants(PyObject *m) {
+    const Py_ssize_t group_count = sizeof(GROUP_SIZES) / sizeof(GROUP_SIZES[0]);
+    const Py_ssize_t isa_count = sizeof(ISA_NAMES) / sizeof(ISA_NAMES[0]);
+    PyObject *groups = PyTuple_New(group_count), *isa_names = PyTuple_New(isa_count);
+    int ok = groups != NULL && isa_names != NULL;
+    for (Py_ssize_t i = 0; ok && i < group_count; i++) {
+        PyObject *size = PyLong_FromLong(GROUP_SIZES[i]);
+        ok = size != NULL;
+        if (ok) PyTuple_SET_ITEM(groups, i, size);
+    }
+    for (Py_ssize_t i = 0; ok && i < isa_count; i++) {
+        PyObject *name = PyUnicode_FromString(ISA_NAMES[i]);
+        ok = name != NULL;
+        if (ok) PyTuple_SET_ITEM(isa_names, i, name);
+    }
+    if (!ok) {
+        Py_XDECREF(groups);
+        Py_XDECREF(isa_names);
+        return -1;
+    }
+    if (add_object(m, "GROUP_SIZES", groups) < 0) {
+        Py_DECREF(isa_names);
+        return -1;
+    }
+    if (add_object(m, "ISA_NAMES", isa_names) < 0) return -1;
+    const struct {
+        const char *name;
+        long value;
+    } ints[] = {
+        {"DTYPE_FLOAT32", DTYPE_FLOAT32}, {"DTYPE_FLOAT16", DTYPE_FLOAT16}, {"DTYPE_BFLOAT16", DTYPE_BFLOAT16},
+        {"CHUNK_ROWS", CHUNK_ROWS}, {"FLOAT_PASS_ROWS", FLOAT_PASS_ROWS}, {"UNPACK_ONCE_FROM_ROWS", UNPACK_ONCE_FROM_ROWS},
+        {"VNNI_BATCH_ROWS", VNNI_BATCH_ROWS},
+    };
+    for (size_t i = 0; i < sizeof(ints) / sizeof(ints[0]); i++)
+        if (PyModule_AddIntConstant(m, ints[i].name, ints[i].value) < 0) return -1;
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__kernels(void) {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && add_constants(m) < 0) Py_CLEAR(m);
+    return m;
 }
