@@ -194,10 +194,8 @@ class FloatWeight:
 
     Products are exact in float32 and added in float32 (torch's CPU kernels too, in another order), then
     rounded to x's dtype. Each weight row is read once for all activation rows, in one sequential stream
-    per thread: a decode step's vocabulary projection (65024 x 4096, 533 MB in float16) runs at the
-    memory's bandwidth, where torch's float16 matmul on an AVX2 CPU reaches about three quarters of it.
-    More rows than FLOAT_PASS_ROWS take a pass each FLOAT_PASS_ROWS: on a 2-core Zen 3 (AVX2) 72 (bfloat16) and
-    94 (float16) GFLOP/s from 16 rows on, where torch multiplies those matrices at 22-28 GFLOP/s however many rows.
+    per thread, so a decode step's vocabulary projection runs at the memory's bandwidth; more rows than
+    FLOAT_PASS_ROWS take a pass each FLOAT_PASS_ROWS. Against torch: bench/README.md, "Tuning constants".
     """
 
     __slots__ = ("in_features", "out_features", "_tensors", "_weight_arguments")

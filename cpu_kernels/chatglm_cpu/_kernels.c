@@ -276,15 +276,14 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
     }
 }
 
-/* Weight rows that float_rows multiplies together, for calls of at least FLOAT_BLOCK_FROM_ROWS activation rows
- * (a single row keeps one sequential weight stream per thread). 27392 x 4096, 2 threads, Zen 3, GFLOP/s at 2 / 4 /
- * 16 / 64 rows against one weight row at a time: bfloat16 41 / 55 / 72 / 73 against 34 / 49 / 67 / 66, float16
- * 45 / 65 / 94 / 94 against 36 / 52 / 72 / 72; 2 and 3 rows at once in between. */
+/* Weight rows that float_rows multiplies together, sharing each activation load, for calls of at least
+ * FLOAT_BLOCK_FROM_ROWS activation rows (a single row keeps one sequential weight stream per thread). Timings:
+ * bench/README.md, "Tuning constants". */
 #define FLOAT_BLOCK_ROWS 4
 #define FLOAT_BLOCK_FROM_ROWS 2
 
-/* How far ahead a single-row stream prefetches, in bytes: of 2, 4, 8 and 16 KB, 4 streamed fastest
- * (Zen 3 EPYC, 27392 x 4096 int4, 1 and 2 threads: 0.80-0.86 of torch.sum's bandwidth, the others 0.76-0.82). */
+/* How far ahead a single-row stream prefetches, in bytes: the distance that streamed fastest (bench/README.md,
+ * "Tuning constants"). */
 #define SINGLE_ROW_AHEAD 4096
 
 typedef struct {
@@ -293,9 +292,8 @@ typedef struct {
     int64_t threads;
 } Work;
 
-/* The next chunk [begin, *end) of output columns; begin >= N when none is left. Measured on a Zen 3 EPYC,
- * 2 threads, int4 6B layer shapes, one activation row: the matrices streamed 0.82 of torch.sum's bandwidth
- * with fixed chunks of 32 rows, 0.88 with these (single-row streams both, in turns over 8 rounds). */
+/* The next chunk [begin, *end) of output columns; begin >= N when none is left. One activation row's chunks
+ * shrink (see CHUNK_ROWS): fewer, longer streams, and still an even finish. */
 static inline int64_t claim_rows(Work *work, int64_t *end) {
     const Job *job = work->job;
     long begin = atomic_load(&work->next_row);
@@ -316,10 +314,8 @@ static inline int64_t claim_rows(Work *work, int64_t *end) {
 /* Float weights (float16 or bfloat16, [N, K]) times float32 activations, added in float32: the products are
  * exact (11- or 8-bit significands), only the order of the additions differs from torch's. Each weight row is
  * read once, one row after another, and serves every activation row from the L1. One sequential stream per
- * thread, which the hardware prefetchers follow alone: 65024 x 4096 float16, one activation row, 2 threads,
- * Zen 3 EPYC, fraction of torch.sum's bandwidth: 0.97 without software prefetches (0.87 in a later set of
- * rounds), 0.85-0.88 with T1 ones 2-8 KB ahead, 0.79 with NTA ones; torch's own float16 matmul 0.73-0.78,
- * bfloat16 0.63-0.68. With several activation rows, `count` (1 or FLOAT_BLOCK_ROWS, a constant once inlined)
+ * thread, which the hardware prefetchers follow alone: software prefetches only slowed it (bench/README.md,
+ * "Tuning constants"). With several activation rows, `count` (1 or FLOAT_BLOCK_ROWS, a constant once inlined)
  * weight rows share each activation load: one row at a time reads every activation row again from the L2 for each
  * weight row. Each output gets the same four sums, added in the same order, whatever `count`: a row's result never
  * depends on how the call was cut. */
@@ -492,8 +488,8 @@ static inline float dot_row(const float *q, const float *k, int64_t D) {
 }
 
 /* Keys and values per tile: a tile's keys or values in float32, 32 x 128 x 4 bytes, stay in the L1 while every
- * head of the group passes over them. Converting the whole cache at once and attending head by head read it
- * again from the L3 for each of ChatGLM2's 16 heads per group: 2000 keys took 780 us a layer, torch 417. */
+ * head of the group passes over them, where converting the whole cache first read it again from the L3 for
+ * each head. Timings: bench/README.md, "Tuning constants". */
 #define ATTENTION_TILE 32
 
 /* Softmax of one head's scores in place (masked ones left out: torch's masked_fill with the dtype's lowest, so

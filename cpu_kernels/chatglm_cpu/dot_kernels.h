@@ -19,8 +19,8 @@
  * two even and two odd inputs per span): 8 x 15 x 127 = 15240 fits. */
 #define DOT_INT4(sums, u, s) _mm256_add_epi16(sums, _mm256_maddubs_epi16(u, s))
 /* A span's even and odd products add to each other first, then into one sum: one add fewer per span and
- * two fewer per group than two chains (the AVX2 kernel is short of instruction slots, not of latency:
- * 2048 x 4096 from the L3 of a Zen 3, one thread, 18.5 -> 23 GB/s of weights). The odd sums stay zero. */
+ * two fewer per group than two chains (the AVX2 kernel is short of instruction slots, not of latency; timings
+ * in bench/README.md, "Tuning constants"). The odd sums stay zero. */
 #define DOT_INT4_SPAN(even_sums, odd_sums, evens, x_evens, odds, x_odds) \
     (even_sums = _mm256_add_epi16(even_sums, _mm256_add_epi16(_mm256_maddubs_epi16(evens, x_evens), \
                                                               _mm256_maddubs_epi16(odds, x_odds))))
@@ -54,13 +54,10 @@ static inline __attribute__((always_inline)) void KERNEL(int4_rows)(const int8_t
     for (int64_t g = 0; g < K / group; g++) {
         __m256i even_sums[4], odd_sums[4];
         for (int r = 0; r < R; r++) even_sums[r] = odd_sums[r] = _mm256_setzero_si256();
-        /* Into L2 (T1): with T0 (into L1) one core streamed 12 GB/s of weights on a Zen 4 EPYC, with T1 23
-         * GB/s (torch.sum: 27); the L1's few miss buffers held the requests back. A block of 4 rows fetches
-         * the next block's rows; a single row, one sequential stream, the bytes SINGLE_ROW_AHEAD further on,
-         * which the AVX2 code fetches non-temporal (NTA): on a Zen 3 EPYC the 6B layers' matrices streamed
-         * 0.94 of torch.sum's bandwidth against 0.90 with T1, and the rest of a decode step, no longer finding
-         * its code and data evicted by the weights, took 12 ms against 14.7. (The VNNI code keeps T1, as
-         * measured on Zen 4; NTA there is unmeasured.) */
+        /* Into L2 (T1), not L1: the L1's few miss buffers hold the requests back. A block of 4 rows fetches the
+         * next block's rows; a single row, one sequential stream, the bytes SINGLE_ROW_AHEAD further on, which
+         * the AVX2 code fetches non-temporal (NTA), so the weights evict less of the rest of a decode step; the
+         * VNNI code keeps T1, where NTA is unmeasured. Timings: bench/README.md, "Tuning constants". */
         if (!unpacked)
             for (int r = 0; r < R; r++)
                 for (int64_t line = 0; line < group / 2; line += 64)
@@ -282,10 +279,9 @@ static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, 
             }
         }
     /* A single activation row reads int4 weight rows one at a time: one sequential stream per thread, which
-     * the prefetchers keep ahead of, where 4 interleaved rows are 4 short ones (Zen 3 EPYC, 27392 x 4096,
-     * fraction of torch.sum's bandwidth: one thread 0.80-0.82 against 0.66 with blocks of 4, two 0.80-0.86
-     * against 0.75). Batches of 2-7 rows keep the blocks: there each weight byte serves every row. So do int8
-     * weights, whose rows are twice as long: 6B layers, 2 threads, 0.91 of torch.sum in blocks, 0.86 in single rows. */
+     * the prefetchers keep ahead of, where 4 interleaved rows are 4 short ones. Batches keep the blocks: there
+     * each weight byte serves every row. So do int8 weights, whose rows are twice as long, a stream already.
+     * Timings: bench/README.md, "Tuning constants". */
 #if VNNI
     if (job->M > 1 && (job->bits == 8 ? corrections != NULL : job->span == 64)) {
         const int64_t groups = K / job->group;
