@@ -6,8 +6,10 @@ choice of one prompt). Every step of the worker
 
 1. admits waiting jobs, first come first served, while their rows fit in `max_batch_size` (rows
    being prefilled and rows being decoded count alike);
-2. prefills: feeds the next chunk of the prompts being read, the prompt with the fewest tokens left
-   first, until the step has fed `prefill_chunk` tokens (always at least one chunk). A prompt is read
+2. prefills: feeds the next chunk of the prompts being read (`prefill_plan`: the prompt with the
+   fewest tokens left first, but one passed over for `prefill_patience` steps in a row before the
+   others, so that a stream of short prompts cannot starve a long one), until the step has fed
+   `prefill_chunk` tokens (always at least one chunk). A prompt is read
    alone, into its own KV cache, in chunks of `prefill_chunk` tokens counted from its start, so
    what it computes does not depend on what else runs. Its last chunk's logits give each of its rows
    a first token, and the rows join the decoding batch (the `n` choices of a prompt share one
@@ -207,6 +209,7 @@ class _Prefill:
         self.lives = lives
         self.ids = lives[0].row.prompt_ids
         self.done = 0
+        self.passed_over = 0  # steps in a row this prompt was not read (`prefill_plan`)
         self.cache = DynamicCache()
         self.echo = any(live.row.echo_logprobs for live in lives)
         self.prompt_logprobs = [(self.ids[0], None, ())] if self.echo else None
@@ -214,6 +217,32 @@ class _Prefill:
     @property
     def left(self):
         return len(self.ids) - self.done
+
+
+def prefill_plan(prefills, chunk, patience):
+    """The (prompt, tokens) to read in this step, at most `chunk` tokens in all (always one chunk):
+    the prompts passed over for `patience` steps in a row first, longest passed over first, then the
+    others, fewest tokens left first (a short prompt gets its first token soon). Counts in each
+    prompt's `passed_over` the steps it was not read, so that no stream of short prompts can keep a
+    long one waiting more than `patience` steps for each of its chunks."""
+    budget, plan = chunk, []
+
+    def order(prefill):
+        overdue = prefill.passed_over >= patience
+        return (not overdue, -prefill.passed_over if overdue else prefill.left)
+
+    for prefill in sorted(prefills, key=order):
+        size = min(chunk, prefill.left)
+        if size > budget and budget < chunk:
+            break
+        budget -= size
+        plan.append((prefill, size))
+        if budget <= 0:
+            break
+    planned = {id(prefill) for prefill, _ in plan}
+    for prefill in prefills:
+        prefill.passed_over = 0 if id(prefill) in planned else prefill.passed_over + 1
+    return plan
 
 
 class _Batch:
@@ -272,13 +301,14 @@ def _pad_left(tensor, length, dim):
 class Engine:
     """Owns the model in one worker thread; the event loop submits jobs and reads their events."""
 
-    def __init__(self, model, tokenizer, max_batch_size=16, max_waiting=64, batch_wait=0.01, prefill_chunk=128):
+    def __init__(self, model, tokenizer, max_batch_size=16, max_waiting=64, batch_wait=0.01, prefill_chunk=128, prefill_patience=4):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.batch_wait = batch_wait
         self.prefill_chunk = prefill_chunk
+        self.prefill_patience = prefill_patience
         eos = model.generation_config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else eos or [tokenizer.eos_token_id])
         self.eos_list = sorted(self.eos_ids)
@@ -438,16 +468,8 @@ class Engine:
         self.batch.keep([position for position, live in enumerate(self.batch.lives) if live.job not in cancelled])
 
     def _prefill(self):
-        """Feed up to `prefill_chunk` tokens of the waiting prompts, fewest tokens left first."""
-        budget = self.prefill_chunk
-        for prefill in sorted(self.prefills, key=lambda prefill: prefill.left):
-            size = min(self.prefill_chunk, prefill.left)
-            if size > budget and budget < self.prefill_chunk:
-                break
-            budget -= size
+        for prefill, size in prefill_plan(self.prefills, self.prefill_chunk, self.prefill_patience):
             self._prefill_chunk(prefill, size)
-            if budget <= 0:
-                break
 
     def _prefill_chunk(self, prefill, size):
         start, end = prefill.done, prefill.done + size

@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from serve.engine import Engine, IncrementalText, Job, Row
+from serve.engine import Engine, IncrementalText, Job, Row, prefill_plan
 from serve.process import ServerProcess
 from test_cli_demo import trained_answer
 from tiny_checkpoint import REPO_ROOT
@@ -154,6 +154,43 @@ class PaddingFails:
 
     def pad(self, *args, **kwargs):
         raise ValueError("this tokenizer cannot pad")
+
+
+class Reading:
+    """A prompt being read, as `prefill_plan` sees it."""
+
+    def __init__(self, tokens):
+        self.left, self.passed_over = tokens, 0
+
+
+def read_while_short_prompts_arrive(patience, steps=200):
+    """Drive `prefill_plan` step by step: one 10-chunk prompt, and a new 5-token prompt every step.
+    The steps in which the long prompt was read, and each short prompt's wait (steps) for its reading."""
+    long, reading, long_read, short_waits = Reading(10 * CHUNK), [], [], []
+    reading.append(long)
+    for step in range(steps):
+        short = Reading(5)
+        short.arrived = step
+        reading.append(short)
+        for prompt, size in prefill_plan(reading, CHUNK, patience):
+            prompt.left -= size
+            if prompt is long:
+                long_read.append(step)
+            elif not prompt.left:
+                short_waits.append(step - prompt.arrived)
+        reading = [prompt for prompt in reading if prompt.left]
+    return long, long_read, short_waits
+
+
+def test_a_stream_of_short_prompts_cannot_starve_a_long_one():
+    long, long_read, short_waits = read_while_short_prompts_arrive(patience=4)
+    assert long.left == 0 and len(long_read) == 10
+    # Each chunk of the long prompt waited at most `patience` steps; short prompts still went first otherwise.
+    assert all(later - earlier <= 5 for earlier, later in zip([-1, *long_read], long_read)), long_read
+    assert max(short_waits) <= 1 and short_waits.count(0) >= len(short_waits) - 10
+    # Fewest tokens left first with no bound on the wait (the order before): the long prompt is never read.
+    long, long_read, _ = read_while_short_prompts_arrive(patience=10**9)
+    assert long_read == [] and long.left == 10 * CHUNK
 
 
 def test_an_embedding_batch_that_fails_anywhere_answers_its_jobs_with_an_error(model, tokenizer):
