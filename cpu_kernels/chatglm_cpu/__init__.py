@@ -210,8 +210,10 @@ class FloatWeight:
                 f"got {weight.dtype} of shape {tuple(weight.shape)} on {weight.device}"
             )
         self.out_features, self.in_features = weight.shape
-        if self.in_features % 32:
-            raise ValueError(f"chatglm_cpu.FloatWeight: the input width must be a multiple of 32, got {self.in_features}")
+        if self.in_features % _kernels.FLOAT_WIDTH_MULTIPLE:
+            raise ValueError(
+                f"chatglm_cpu.FloatWeight: the input width must be a multiple of {_kernels.FLOAT_WIDTH_MULTIPLE}, got {self.in_features}"
+            )
         if bias is not None:
             _check_vector("bias", bias, self.out_features, "chatglm_cpu.FloatWeight")
         self._tensors = (weight.detach(), bias.detach().contiguous() if bias is not None else None)
@@ -262,9 +264,9 @@ def attend(query, key, value, mask, scaling, threads=None):
         )
     batch, heads, dim = query.shape
     groups, keys = key.shape[1], key.shape[2]
-    if key.shape[0] != batch or key.shape[3] != dim or dim % 8 or not groups or heads % groups:
+    if key.shape[0] != batch or key.shape[3] != dim or dim % _kernels.ATTEND_DIM_MULTIPLE or not groups or heads % groups:
         raise ValueError(
-            f"chatglm_cpu.attend: key [B, G, T, D] must match query [B, H, D] with D a multiple of 8 and H a multiple "
+            f"chatglm_cpu.attend: key [B, G, T, D] must match query [B, H, D] with D a multiple of {_kernels.ATTEND_DIM_MULTIPLE} and H a multiple "
             f"of G, got query {tuple(query.shape)} and key {tuple(key.shape)}"
         )
     if query.dtype not in floats or key.dtype not in floats or value.dtype != key.dtype:

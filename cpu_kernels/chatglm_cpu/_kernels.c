@@ -56,6 +56,11 @@ static const int GROUP_SIZES[] = {128, 64, 32};
  * row-by-row loop: bench/README.md, "Tuning constants". */
 #define VNNI_BATCH_ROWS 4
 
+/* FloatWeight's input width must be a multiple of this: float_rows takes 4 vectors of 8 inputs per step. */
+#define FLOAT_WIDTH_MULTIPLE 32
+/* attend's head width must be a multiple of this: its loops take whole vectors of 8 floats. */
+#define ATTEND_DIM_MULTIPLE 8
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define HAVE_AVX2_BUILD 1
 #include <immintrin.h>
@@ -327,7 +332,7 @@ static inline __attribute__((always_inline)) void float_rows(const Job *job, con
         __m256 acc[FLOAT_BLOCK_ROWS][4];
         for (int r = 0; r < count; r++)
             for (int i = 0; i < 4; i++) acc[r][i] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32)
+        for (int64_t k = 0; k < K; k += FLOAT_WIDTH_MULTIPLE)
             for (int i = 0; i < 4; i++) {
                 const __m256 xv = _mm256_loadu_ps(x + k + 8 * i);
                 for (int r = 0; r < count; r++)
@@ -666,7 +671,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 }
 
 /* float_linear(x, x_dtype, M, K, weight, weight_dtype, N, bias, bias_dtype, out, out_dtype, threads): float16 or
- * bfloat16 weights [N, K]; K a multiple of 32. Checked by the caller, as for linear. */
+ * bfloat16 weights [N, K]; K a multiple of FLOAT_WIDTH_MULTIPLE. Checked by the caller, as for linear. */
 static PyObject *py_float_linear(PyObject *self, PyObject *args) {
     int x_dtype, weight_dtype, bias_dtype, out_dtype, threads;
     Py_ssize_t x, M, K, weight, N, bias, out;
@@ -685,7 +690,7 @@ static PyObject *py_float_linear(PyObject *self, PyObject *args) {
 }
 
 /* attend(query, query_dtype, key, value, kv_dtype, B, H, G, T, D, mask, scaling, out, threads): one query per
- * sequence, contiguous [B, H, D] and [B, G, T, D], D a multiple of 8, mask 0 or [B, T] bytes. Checked by the caller. */
+ * sequence, contiguous [B, H, D] and [B, G, T, D], D a multiple of ATTEND_DIM_MULTIPLE, mask 0 or [B, T] bytes. Checked by the caller. */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     int query_dtype, kv_dtype, threads;
     Py_ssize_t query, key, value, B, H, G, T, D, mask, out;
@@ -773,7 +778,8 @@ static int add_constants(PyObject *m) {
     } ints[] = {
         {"DTYPE_FLOAT32", DTYPE_FLOAT32}, {"DTYPE_FLOAT16", DTYPE_FLOAT16}, {"DTYPE_BFLOAT16", DTYPE_BFLOAT16},
         {"CHUNK_ROWS", CHUNK_ROWS}, {"FLOAT_PASS_ROWS", FLOAT_PASS_ROWS}, {"UNPACK_ONCE_FROM_ROWS", UNPACK_ONCE_FROM_ROWS},
-        {"VNNI_BATCH_ROWS", VNNI_BATCH_ROWS},
+        {"VNNI_BATCH_ROWS", VNNI_BATCH_ROWS}, {"FLOAT_WIDTH_MULTIPLE", FLOAT_WIDTH_MULTIPLE},
+        {"ATTEND_DIM_MULTIPLE", ATTEND_DIM_MULTIPLE},
     };
     for (size_t i = 0; i < sizeof(ints) / sizeof(ints[0]); i++)
         if (PyModule_AddIntConstant(m, ints[i].name, ints[i].value) < 0) return -1;
