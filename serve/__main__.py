@@ -106,8 +106,9 @@ def main(argv=None):
         return 130
 
     import uvicorn
+    from uvicorn.main import STARTUP_FAILURE
 
-    from .app import Settings, create_app
+    from .app import Server, Settings, create_app
     from .engine import Engine
 
     engine = Engine(
@@ -130,11 +131,15 @@ def main(argv=None):
     )
     app = create_app(engine, tokenizer, settings, chat_postprocess=chat_postprocess(tokenizer))
     log.info("serving %s (context %d tokens) on http://%s:%d", settings.model_name, settings.context_length, args.host, args.port)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = Server(config, engine)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, timeout_graceful_shutdown=5)
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C during the graceful shutdown, as uvicorn.run takes it
+        pass
     finally:
         engine.close()
-    return 0
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

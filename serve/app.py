@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -163,6 +164,20 @@ class Gate:
             return await receive()
 
         return replay
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which answers the requests still waiting for the engine (503) as soon as it
+    begins to shut down: uvicorn then waits for the running ones (its graceful shutdown), and a
+    waiting one would otherwise wait with them, be admitted after them, or be cut off unanswered."""
+
+    def __init__(self, config, engine):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets=None):
+        self.engine.refuse_waiting()
+        await super().shutdown(sockets=sockets)
 
 
 def create_app(engine, tokenizer, settings, chat_postprocess=None):

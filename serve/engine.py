@@ -33,7 +33,8 @@ and the `logprobs` likeliest alternatives.
 
 Transformers' own continuous batching (`generate_batch`, paged attention) does not run this model
 (see serve/README.md), hence this scheduler. The queue is bounded: `submit` raises `Busy` past
-`max_waiting` waiting jobs, and the server answers 429 with Retry-After.
+`max_waiting` waiting jobs, and the server answers 429 with Retry-After. At shutdown the waiting
+jobs are answered at once (`refuse_waiting`: 503), the running ones when the worker stops.
 """
 
 import bisect
@@ -55,6 +56,14 @@ log = logging.getLogger("serve.engine")
 
 class Busy(Exception):
     """The waiting queue is full."""
+
+
+class ShuttingDown(Exception):
+    """The engine takes no more jobs: the server is shutting down."""
+
+
+SHUTDOWN_WAITING = "the server is shutting down; this request was not started, send it again later"
+SHUTDOWN_RUNNING = "the server shut down before this answer was finished"
 
 
 @dataclass
@@ -88,7 +97,7 @@ class Job:
     """A request's rows and the channel back to it. `events` receives, from the worker thread:
     ("delta", row_index, text, logprob_entries), ("finish", row_index, finish_reason,
     text_of_the_whole_row, logprob_entries), ("done",) once every row has finished, or ("error",
-    message). `logprob_entries` are the row's `token_logprobs` not sent with an earlier event
+    message, HTTP status, error code or None): 500 when a step failed, 503 at shutdown. `logprob_entries` are the row's `token_logprobs` not sent with an earlier event
     (empty without `logprobs`). `answer_start(text)` is where stop strings are looked for in a row's
     text (None: not yet), for replies that open with a line of the format's own (ChatGLM3's metadata)."""
 
@@ -325,7 +334,8 @@ class Engine:
         self.ttft = Histogram(LATENCY_BOUNDS)  # submit to a job's first token
         self.time_per_token = Histogram(LATENCY_BOUNDS)  # between a row's tokens
         self.condition = threading.Condition()
-        self.stopping = False
+        self.closing = False  # no more jobs taken
+        self.stopping = False  # the worker ends
         self.thread = threading.Thread(target=self._work, name="serve-engine", daemon=True)
         self.thread.start()
 
@@ -339,8 +349,8 @@ class Engine:
 
     def submit(self, job):
         with self.condition:
-            if self.stopping:
-                raise Busy("the server is shutting down")
+            if self.closing:
+                raise ShuttingDown("the server is shutting down")
             if len(self.waiting) >= self.max_waiting:
                 raise Busy(f"{len(self.waiting)} requests are already waiting (the limit is {self.max_waiting})")
             self.waiting.append(job)
@@ -369,8 +379,20 @@ class Engine:
         with self.condition:
             return {"ttft_seconds": self.ttft.snapshot(), "time_per_output_token_seconds": self.time_per_token.snapshot()}
 
+    def refuse_waiting(self):
+        """Take no more jobs and answer those still waiting (503, the server is shutting down); the
+        running rows go on. The server calls it when it begins to shut down, so that a waiting
+        request is answered at once rather than after the running ones or not at all."""
+        with self.condition:
+            self.closing = True
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for job in waiting:
+            job.send("error", SHUTDOWN_WAITING, 503, "server_shutting_down")
+
     def close(self):
-        """Stop taking jobs, end the running rows at the next step, and wait for the worker."""
+        """Refuse the waiting jobs, end the running rows at the next step (503: the server shut down
+        before their answer was finished), and wait for the worker."""
+        self.refuse_waiting()
         with self.condition:
             self.stopping = True
             self.condition.notify()
@@ -395,12 +417,12 @@ class Engine:
             except Exception:  # one failing step must not stop the server
                 log.exception("a step of %d row(s) failed", self.running_rows)
                 for job in {live.job for live in self._lives()}:
-                    job.send("error", "generation failed on the server")
+                    job.send("error", "generation failed on the server", 500, None)
                 with self.condition:
                     self.prefills, self.batch, self.running_rows = [], _Batch(), 0
         for job in {live.job for live in self._lives()}:
             job.cancel()
-            job.send("done")
+            job.send("error", SHUTDOWN_RUNNING, 503, "server_shutting_down")
 
     def _lives(self):
         return [live for prefill in self.prefills for live in prefill.lives] + self.batch.lives
@@ -595,7 +617,7 @@ class Engine:
         except Exception:  # padding, the forward or the pooling: the jobs get an error, the worker goes on
             log.exception("an embedding batch of %d request(s) failed", len(jobs))
             for job in jobs:
-                job.send("error", "embedding failed on the server")
+                job.send("error", "embedding failed on the server", 500, None)
             return
         start = 0
         for job in jobs:

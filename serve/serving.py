@@ -9,7 +9,7 @@ import time
 import anyio.to_thread
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import Busy, Job, Row
+from .engine import Busy, Job, Row, ShuttingDown
 from .logprobs import requested_logprobs, token_texts
 from .protocol import unsupported_fields
 
@@ -149,6 +149,8 @@ class Serving:
                 kind="rate_limit_error",
                 headers={"Retry-After": str(retry_after_s)},
             ) from None
+        except ShuttingDown as closing:
+            raise APIError(503, f"{closing}; send the request again later", code="server_shutting_down", kind="server_error") from None
         return job
 
     async def next_event(self, job, request, checked):
@@ -177,7 +179,8 @@ class Serving:
             if event[0] == "finish":
                 texts[event[1]] = event[3]
             elif event[0] == "error":
-                raise APIError(500, f"{event[1]} (request id {request.state.request_id})", kind="server_error")
+                _, message, status, code = event
+                raise APIError(status, f"{message} (request id {request.state.request_id})", code=code, kind="server_error")
             elif event[0] == "done":
                 return texts
 
@@ -192,7 +195,8 @@ class Serving:
         return usage
 
     def stream(self, job, request, prompt_tokens, include_usage, chunk, first_chunks):
-        """SSE: `first_chunks`, one chunk per delta and per finish, the usage chunk if asked, [DONE]."""
+        """SSE: `first_chunks`, one chunk per delta and per finish, the usage chunk if asked, [DONE];
+        an engine error (a failed step, the server shutting down) ends it with an `{"error": ...}` event."""
 
         async def events():
             try:
@@ -207,7 +211,8 @@ class Serving:
                     elif event[0] == "finish":
                         yield sse(chunk(event[1], finish_reason=event[2], logprobs=event[4]))
                     elif event[0] == "error":
-                        yield sse(error_body(f"{event[1]} (request id {request.state.request_id})", "server_error"))
+                        _, message, _, code = event
+                        yield sse(error_body(f"{message} (request id {request.state.request_id})", "server_error", code=code))
                         return
                     elif event[0] == "done":
                         break

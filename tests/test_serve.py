@@ -4,6 +4,7 @@ parameters, embeddings, and errors that name the problem while the server keeps 
 import concurrent.futures
 import http.client
 import json
+import signal
 import threading
 import time
 
@@ -489,3 +490,34 @@ def test_a_full_queue_answers_429_with_retry_after_and_an_api_key_is_enforced():
     access = [json.loads(line) for line in busy.log.splitlines() if line.startswith('{"time"')]
     assert {entry["status"] for entry in access} >= {200, 401, 429}
     assert all(entry["request_id"] and entry["duration_ms"] >= 0 for entry in access)
+
+
+def test_requests_waiting_at_shutdown_are_answered_503_at_once():
+    # One row: a long streamed answer runs while two requests wait; then the server is stopped (Ctrl-C).
+    with ServerProcess("--threads", "1", "--max-batch-size", "1", "--batch-wait-ms", "0") as closing:
+        running = http.client.HTTPConnection("127.0.0.1", closing.port, timeout=60)
+        long_answer = {"model": MODEL, "prompt": "你好", "max_tokens": 1000, "min_tokens": 1000, "temperature": 0, "stream": True}
+        running.request("POST", "/v1/completions", body=json.dumps(long_answer), headers={"Content-Type": "application/json"})
+        response = running.getresponse()
+        assert response.status == 200
+        response.read1(64)  # the long answer is being generated
+        short = {"model": MODEL, "prompt": "你好", "max_tokens": 5, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(raw_request, closing, "POST", "/v1/completions", json.dumps(short).encode())
+            streamed = pool.submit(raw_request, closing, "POST", "/v1/completions", json.dumps({**short, "stream": True}).encode())
+            deadline = time.monotonic() + 60
+            while closing.health()["waiting"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert closing.health()["waiting"] == 2
+            closing.process.send_signal(signal.SIGINT)
+            # Answered while the long answer still runs (uvicorn waits up to 5 s for it), not dropped after.
+            status, _, answer = whole.result(timeout=60)
+            assert status == 503, answer
+            assert "shutting down" in answer["error"]["message"] and answer["error"]["code"] == "server_shutting_down"
+            status, _, events = streamed.result(timeout=60)
+            assert status == 200 and "data: [DONE]" not in events
+            error = json.loads(events.split("data: ", 1)[1])["error"]
+            assert "shutting down" in error["message"] and error["code"] == "server_shutting_down"
+        running.close()  # the long answer's client leaves: its row ends, and so does the shutdown
+        assert closing.process.wait(timeout=60) == 0
+    assert "Traceback" not in closing.log, closing.log

@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from serve.engine import Engine, IncrementalText, Job, Row, prefill_plan
+from serve.engine import Engine, IncrementalText, Job, Row, ShuttingDown, prefill_plan
 from serve.process import ServerProcess
 from test_cli_demo import trained_answer
 from tiny_checkpoint import REPO_ROOT
@@ -191,6 +191,32 @@ def test_a_stream_of_short_prompts_cannot_starve_a_long_one():
     # Fewest tokens left first with no bound on the wait (the order before): the long prompt is never read.
     long, long_read, _ = read_while_short_prompts_arrive(patience=10**9)
     assert long_read == [] and long.left == 10 * CHUNK
+
+
+def test_at_shutdown_a_waiting_job_gets_503_at_once_and_a_running_one_an_error(model, tokenizer):
+    closing = Engine(model, tokenizer, max_batch_size=1, batch_wait=0, prefill_chunk=CHUNK)
+
+    async def shut_down():
+        loop = asyncio.get_running_loop()
+        ids = chat_ids(tokenizer, "你好")
+        running = Job([greedy(ids, 900, min_tokens=900)], loop, asyncio.Queue())
+        waiting = Job([greedy(ids, 5)], loop, asyncio.Queue())
+        closing.submit(running)
+        assert (await running.events.get())[0] == "delta"  # it runs, and holds the only row
+        closing.submit(waiting)
+        closing.refuse_waiting()  # what the server does when it begins to shut down
+        event = await asyncio.wait_for(waiting.events.get(), 30)
+        assert event[0] == "error" and "shutting down" in event[1] and event[2:] == (503, "server_shutting_down")
+        assert not running.rows[0].done  # answered at once, not after the running job
+        with pytest.raises(ShuttingDown):
+            closing.submit(Job([greedy(ids, 5)], loop, asyncio.Queue()))
+        await asyncio.to_thread(closing.close)
+        event = await asyncio.wait_for(running.events.get(), 30)
+        while event[0] == "delta":
+            event = await asyncio.wait_for(running.events.get(), 30)
+        assert event[0] == "error" and "shut down" in event[1] and event[2:] == (503, "server_shutting_down")
+
+    asyncio.run(shut_down())
 
 
 def test_an_embedding_batch_that_fails_anywhere_answers_its_jobs_with_an_error(model, tokenizer):
