@@ -32,7 +32,8 @@ async def completions(body: CompletionRequest, request: Request):
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(ids) for ids in encoded)
     prompt_texts = [prompt if isinstance(prompt, str) else serving.tokenizer.decode(prompt) for prompt in prompts]
-    shown = CompletionChoices(serving.text_of, job.rows, prompt_texts, body.n, body.echo)
+    from_text = [isinstance(prompt, str) for prompt in prompts]
+    shown = CompletionChoices(serving.text_of, serving.tokenizer, job.rows, prompt_texts, from_text, body.n, body.echo)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

@@ -10,6 +10,8 @@ so that a harness can score a continuation from the prompt's own log probabiliti
 
 import functools
 
+from .engine import IncrementalText
+
 
 def token_texts(tokenizer):
     """id -> (text, UTF-8 bytes) of one token: the tokenizer's `token_text`, cached."""
@@ -29,20 +31,34 @@ def chat_logprobs(text_of, entries):
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(text_of, entries, offset):
-    """`choices[i].logprobs` of a text completion (or of a streamed chunk) for these entries, the
-    first token's text starting at character `offset`. The prompt's first token (echoed) has log
+def completion_logprobs(text_of, entries, offsets):
+    """`choices[i].logprobs` of a text completion (or of a streamed chunk) for these entries, whose
+    texts start at `offsets` (a `TextOffsets`). The prompt's first token (echoed) has log
     probability None and no alternatives, as in OpenAI's answers."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for entry in entries:
-        token, logprob, top = entry
-        text = text_of(token)[0]
-        tokens.append(text)
+    for token, logprob, top in entries:
+        tokens.append(text_of(token)[0])
         token_logprobs.append(logprob)
         top_logprobs.append(None if logprob is None else {text_of(other)[0]: value for other, value in top})
-        text_offset.append(offset)
-        offset += len(text)
+        text_offset.append(offsets.place(token))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+
+
+class TextOffsets:
+    """Where each token's text starts in a text that `decode` makes of the tokens, counted from
+    `start`: the characters decoded before it (constant work per token, `IncrementalText`). So
+    `text[offset:]` starts where the token's text does; a token that adds no characters of its own
+    (`[gMASK]` and `sop` when they are not shown, an end-of-answer token, the first bytes of a
+    character) is placed where the next text starts, and a piece's word marker counts only where
+    the decoded text has the space (not at the start of a text)."""
+
+    def __init__(self, decode, start=0):
+        self.text, self.start = IncrementalText(decode), start
+
+    def place(self, token):
+        offset = self.start + len(self.text.text)
+        self.text.add(token)
+        return offset
 
 
 def requested_logprobs(body):
@@ -59,33 +75,42 @@ def requested_logprobs(body):
 class CompletionChoices:
     """A text completion's choices: their text (with `echo`, the prompt first) and log probabilities,
     whole (`whole`) or as streamed (`streamed`, once per event of a row, in order). Row i answers
-    prompt i // n. A token's text offset counts the characters of the token texts before it, from
-    the prompt's start with `echo`, else from its end (as OpenAI's answers do)."""
+    prompt i // n. `prompts` are the prompts' texts as echoed: a text prompt as the user wrote it,
+    token ids as `tokenizer.decode` writes them (special tokens by name); `from_text[p]` tells which.
 
-    def __init__(self, text_of, rows, prompts, n, echo):
-        self.text_of, self.rows, self.prompts, self.n, self.echo = text_of, rows, prompts, n, echo
-        self.offsets = [0 if echo else len(prompts[index // n]) for index in range(len(rows))]
+    A token's `text_offset` is where its text starts in the choice's `text` (`TextOffsets`): with
+    `echo` from the prompt's start, the prompt's tokens placed in the prompt's text as decoded
+    (for a text prompt without the `[gMASK] sop` it never wrote: those two are at 0; a tokenizer.model
+    that normalizes nothing, as ChatGLM's, decodes to the prompt itself), the answer's after it; without
+    `echo` the answer's from the prompt's end, as OpenAI's answers count."""
+
+    def __init__(self, text_of, tokenizer, rows, prompts, from_text, n, echo):
+        self.text_of, self.tokenizer, self.rows, self.prompts, self.n, self.echo = text_of, tokenizer, rows, prompts, n, echo
+        self.from_text = from_text
         self.started = [False] * len(rows)
+        self.answer_offsets = [TextOffsets(tokenizer.decode_reply, len(prompts[index // n])) for index in range(len(rows))]
 
     def whole(self, index, text):
-        row, prompt = self.rows[index], self.prompts[index // self.n]
-        entries = row.token_logprobs
+        row = self.rows[index]
         if self.echo:
-            text = prompt + text
-            entries = (row.prompt_logprobs or []) + entries
-        if row.logprobs is None:
-            return text, None
-        return text, completion_logprobs(self.text_of, entries, self.offsets[index])
+            text = self.prompts[index // self.n] + text
+        return text, None if row.logprobs is None else self._logprobs(index, row.token_logprobs, first=True)
 
     def streamed(self, index, text, entries):
         row = self.rows[index]
-        if not self.started[index]:
-            self.started[index] = True
-            if self.echo:
-                text = self.prompts[index // self.n] + (text or "")
-                entries = (row.prompt_logprobs or []) + list(entries)
-        if row.logprobs is None or not entries:
+        first, self.started[index] = not self.started[index], True
+        if first and self.echo:
+            text = self.prompts[index // self.n] + (text or "")
+        if row.logprobs is None or not (entries or (first and self.echo)):
             return text, None
-        logprobs = completion_logprobs(self.text_of, entries, self.offsets[index])
-        self.offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-        return text, logprobs
+        return text, self._logprobs(index, entries, first)
+
+    def _logprobs(self, index, entries, first):
+        """The lists for the row's next `entries`; with `echo`, the row's first ones follow its prompt's."""
+        shown = completion_logprobs(self.text_of, entries, self.answer_offsets[index])
+        if not (first and self.echo):
+            return shown
+        skip_special = self.from_text[index // self.n]
+        offsets = TextOffsets(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip_special))
+        prompt = completion_logprobs(self.text_of, self.rows[index].prompt_logprobs or [], offsets)
+        return {name: prompt[name] + shown[name] for name in prompt}

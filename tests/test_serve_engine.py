@@ -339,6 +339,44 @@ def test_completion_echo_scores_the_prompt_as_a_harness_does(client, model, toke
     assert echoed.text == context + answer_only.text and echoed.logprobs is None
 
 
+def assert_offsets_index_the_text(text, logprobs, unwritten=("</s>",)):
+    """Each token's `text_offset` is where its text is in `text` (a piece's word marker may be the
+    start of a text, where no space is written); a byte piece's, where its character starts. Tokens
+    in `unwritten` have no text there."""
+    offsets = logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+    for token, offset in zip(logprobs.tokens, offsets):
+        if token in unwritten:
+            continue
+        if token.startswith("<0x"):
+            assert offset == len(text) or ord(text[offset]) > 0x7F, (token, offset)
+        else:
+            assert text[offset:].startswith(token) or text[offset:].startswith(token.removeprefix(" ")), (token, offset, text[offset:])
+
+
+def test_echo_text_offsets_index_the_returned_text(client, tokenizer):
+    prompt = "Hello world, 你好！"  # pieces with and without a word marker, characters of several bytes
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids[:2] == tokenizer.get_prefix_tokens()
+    request = {"model": MODEL, "echo": True, "logprobs": 1, "max_tokens": 5, "temperature": 0}
+    choice = client.completions.create(prompt=prompt, **request).choices[0]
+    # The user's text, and [gMASK] sop (which it does not hold) placed at its start.
+    assert choice.text.startswith(prompt) and len(choice.logprobs.tokens) == len(ids) + 5
+    assert choice.logprobs.tokens[:2] == ["[gMASK]", "sop"] and choice.logprobs.text_offset[:3] == [0, 0, 0]
+    assert_offsets_index_the_text(choice.text, choice.logprobs, unwritten=("[gMASK]", "sop", "</s>"))
+    streamed = [chunk.choices[0] for chunk in client.completions.create(prompt=prompt, stream=True, **request)]
+    assert "".join(part.text for part in streamed) == choice.text
+    assert [offset for part in streamed if part.logprobs for offset in part.logprobs.text_offset] == choice.logprobs.text_offset
+    # Token ids echo as their text, prefix tokens by name: there they have their text.
+    by_ids = client.completions.create(prompt=ids, **request).choices[0]
+    assert by_ids.text.startswith("[gMASK]sop") and by_ids.logprobs.text_offset[:3] == [0, 7, 10]
+    assert_offsets_index_the_text(by_ids.text, by_ids.logprobs)
+    # Without echo the answer's offsets count from the prompt's end.
+    answer = client.completions.create(prompt=prompt, **{**request, "echo": False}).choices[0]
+    assert answer.logprobs.text_offset == choice.logprobs.text_offset[len(ids) :]
+    assert_offsets_index_the_text(prompt + answer.text, answer.logprobs)
+
+
 def test_top_logprobs_need_logprobs(client):
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
