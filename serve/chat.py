@@ -10,6 +10,7 @@ import jinja2
 from fastapi import APIRouter, Request
 
 from . import chatglm3
+from .engine import IncrementalText
 from .logprobs import chat_logprobs
 from .protocol import ChatRequest
 from .serving import APIError, client_left, serving_of
@@ -20,20 +21,28 @@ router = APIRouter()
 class ReplyEvents(asyncio.Queue):
     """A ChatGLM3 chat job's events as the client gets them. The engine sends the raw reply, whose
     first line is ChatGLM3's metadata (a tool's name, or empty before text): deltas become those of
-    the visible text (log probabilities wait for the text they belong to), and a finished reply that
-    calls a tool becomes ("tool_call", row, call) and ("finish", row, "tool_calls", "", logprobs).
-    `prefix` is a reply's opening already in the prompt (a named `tool_choice`)."""
+    the visible text, and a finished reply that calls a tool becomes ("tool_call", row, call) and
+    ("finish", row, "tool_calls", "", []). `prefix` is a reply's opening already in the prompt (a
+    named `tool_choice`).
 
-    def __init__(self, tokenizer, tools, prefix=""):
+    Log probabilities cover the answer's tokens, as OpenAI's cover a message's content: those after
+    the first line (its tokens are no text of the message), and the end-of-answer token (one of
+    `end_ids`); none for a tool call, which has no content. They wait for the text they belong to;
+    `logprobs[row]` holds them all."""
+
+    def __init__(self, tokenizer, tools, end_ids, prefix=""):
         super().__init__()
-        self.tokenizer, self.tools, self.prefix = tokenizer, tools, prefix
-        self.raw, self.shown, self.pending, self.tool_calls = {}, {}, {}, {}
+        self.tokenizer, self.tools, self.end_ids, self.prefix = tokenizer, tools, end_ids, prefix
+        self.raw, self.shown, self.pending, self.tool_calls, self.logprobs = {}, {}, {}, {}, {}
+        self.first_lines = {}  # row -> the reply's text so far while its first line is open
 
     def put_nowait(self, event):
         if event[0] not in ("delta", "finish"):
             return super().put_nowait(event)
         index = event[1]
-        self.pending[index] = [*self.pending.get(index, ()), *event[-1]]
+        entries = self._answer_entries(index, event[-1])
+        self.pending[index] = [*self.pending.get(index, ()), *entries]
+        self.logprobs[index] = [*self.logprobs.get(index, ()), *entries]
         if event[0] == "delta":
             self.raw[index] = self.raw.get(index, self.prefix) + event[2]
             return self._show(index, chatglm3.visible_text(self.raw[index]))
@@ -43,9 +52,29 @@ class ReplyEvents(asyncio.Queue):
             self.tool_calls[index] = call
             super().put_nowait(("tool_call", index, call))
             text, reason = "", "tool_calls"
+            self.pending[index], self.logprobs[index] = [], []
         else:
             self._show(index, text)
         super().put_nowait(("finish", index, reason, text, self.pending.pop(index, [])))
+
+    def _answer_entries(self, index, entries):
+        """Of a row's next log-probability entries, those of the answer: not the tokens of the
+        reply's first line up to its newline (a token that goes on past the newline is the answer's)."""
+        if "\n" in self.prefix:
+            return list(entries)
+        kept = []
+        for entry in entries:
+            line = self.first_lines.setdefault(index, IncrementalText(self.tokenizer.decode_reply))
+            if line is None or entry[0] in self.end_ids:
+                kept.append(entry)
+                continue
+            text = line.add(entry[0])
+            newline = text.find("\n")
+            if newline >= 0:
+                self.first_lines[index] = None  # the line is closed: every later token is the answer's
+                if newline + 1 < len(text):
+                    kept.append(entry)
+        return kept
 
     def answer_start(self, reply):
         """`Job.answer_start` for the engine's text of a reply, which lacks `prefix`."""
@@ -86,10 +115,10 @@ def chat_messages(body, model_name):
     return messages
 
 
-def chat_request(body, tokenizer, model_name):
+def chat_request(body, tokenizer, model_name, end_ids):
     """(messages, tools, events, forced function) for the chat template: ChatGLM2's messages, or
     ChatGLM3's (`chatglm3.conversation`) with the tools offered (none with tool_choice "none")
-    and the job's ReplyEvents."""
+    and the job's ReplyEvents (`end_ids`: the engine's end-of-answer tokens)."""
     if getattr(tokenizer, "chat_format", "chatglm2") != "chatglm3":
         return chat_messages(body, model_name), None, None, None
     for name in ("functions", "function_call"):
@@ -103,7 +132,7 @@ def chat_request(body, tokenizer, model_name):
         raise APIError(400, str(error), param=error.param) from None
     if body.tool_choice == "none":
         tools = []
-    events = ReplyEvents(tokenizer, tools, prefix=f"{forced}\n" if forced else "")
+    events = ReplyEvents(tokenizer, tools, end_ids, prefix=f"{forced}\n" if forced else "")
     return messages, tools or None, events, forced
 
 
@@ -113,7 +142,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     tokenizer, model_name = serving.tokenizer, serving.settings.model_name
     serving.check_model(body.model)
     serving.check_supported(body)
-    messages, tools, events, forced = chat_request(body, tokenizer, model_name)
+    messages, tools, events, forced = chat_request(body, tokenizer, model_name, serving.engine.eos_ids)
     if forced:  # the reply opens with the named function's line, as ChatGLM3 writes a call
         messages = [*messages, {"role": "assistant", "metadata": forced, "content": ""}]
     try:
@@ -160,7 +189,7 @@ async def chat_completions(body: ChatRequest, request: Request):
             "message": {"role": "assistant", "content": None, "tool_calls": [calls[index]]}
             if index in calls
             else {"role": "assistant", "content": text},
-            "logprobs": None if row.logprobs is None else chat_logprobs(serving.text_of, row.token_logprobs),
+            "logprobs": None if row.logprobs is None else chat_logprobs(serving.text_of, row.token_logprobs if events is None else events.logprobs[index]),
             "finish_reason": "tool_calls" if index in calls else row.finish_reason,
         }
         for index, (row, text) in enumerate(zip(job.rows, texts))

@@ -221,3 +221,30 @@ def test_history_calls_are_written_so_that_the_tokenizer_reads_them_back(glm3_mo
         call_text('{"class": 1}', "x")
     with pytest.raises(RequestError, match="JSON object"):
         call_text("[1]", "x")
+
+
+def test_logprobs_cover_the_answer_not_the_line_naming_a_tool(client, glm3_model):
+    tokenizer = glm3_model[1]
+
+    def tokens_of(text, end):
+        """The token texts of `text` as ChatGLM3 writes a reply's content, then the turn's end token."""
+        return [tokenizer.token_text(token)[0] for token in tokenizer.encode(text, add_special_tokens=False)] + [end]
+
+    # A text answer: its content's tokens and the end of the turn, not the empty first line's.
+    answer = ask(client, [QUESTION], logprobs=True, top_logprobs=2)
+    assert answer.choices[0].message.content == NO_TOOLS_ANSWER
+    content = answer.choices[0].logprobs.content
+    assert [entry.token for entry in content] == tokens_of(NO_TOOLS_ANSWER, "<|user|>")
+    assert all(entry.logprob == entry.top_logprobs[0].logprob for entry in content)  # greedy
+    streamed = ask(client, [QUESTION], logprobs=True, top_logprobs=2, stream=True)
+    pieces = [entry for chunk in streamed if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(entry.token, entry.logprob) for entry in pieces] == [(entry.token, entry.logprob) for entry in content]
+    # A call that is not a literal comes back as text: the tool's name line is not in it.
+    bad = ask(client, [BAD_QUESTION], tools=TOOLS, logprobs=True).choices[0]
+    assert bad.message.content == BAD_CALL
+    assert [entry.token for entry in bad.logprobs.content] == tokens_of(BAD_CALL, "<|observation|>")
+    # A tool call has no content, so no content tokens (serve/README.md: a judgement call).
+    called = ask(client, [QUESTION], tools=TOOLS, logprobs=True).choices[0]
+    assert called.finish_reason == "tool_calls" and called.logprobs.content == []
+    chunks = list(ask(client, [QUESTION], tools=TOOLS, logprobs=True, stream=True))
+    assert not [chunk for chunk in chunks if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content]
