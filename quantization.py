@@ -650,13 +650,25 @@ class MatMulNBits:
         return out
 
 
+# The oldest chatglm_cpu these files call: 0.4's `FloatWeight` takes any number of rows.
+CHATGLM_CPU_MIN_VERSION = (0, 4)
+
+
 @functools.cache
 def _chatglm_cpu_or_why_not():
-    """(the chatglm_cpu package, None) when installed and able to run on this CPU; (None, the reason) when not."""
+    """(the chatglm_cpu package, None) when installed, recent enough and able to run on this CPU; (None, the
+    reason) when not."""
     try:
         import chatglm_cpu
     except ImportError as error:
         return None, f"needs the chatglm_cpu package (pip install ./cpu_kernels from this repository; {error})"
+    installed = getattr(chatglm_cpu, "__version__", "0.1")
+    if tuple(int(part) for part in installed.split(".")[:2]) < CHATGLM_CPU_MIN_VERSION:
+        wanted = ".".join(map(str, CHATGLM_CPU_MIN_VERSION))
+        return None, (
+            f"needs chatglm_cpu {wanted} or newer, found {installed} "
+            "(pip install --force-reinstall ./cpu_kernels from this repository)"
+        )
     if not chatglm_cpu.available():
         return None, "this CPU has no AVX2/FMA/F16C"
     return chatglm_cpu, None
@@ -664,7 +676,7 @@ def _chatglm_cpu_or_why_not():
 
 @functools.cache
 def _chatglm_cpu():
-    """The chatglm_cpu package when installed and able to run on this CPU; None, with one warning, when not."""
+    """The chatglm_cpu package when usable here (`_chatglm_cpu_or_why_not`); None, with one warning, when not."""
     package, why_not = _chatglm_cpu_or_why_not()
     if package is None:
         logger.warning(f"cpu_kernel='chatglm_cpu' {why_not}; quantized layers use the torch CPU kernels instead.")
@@ -673,25 +685,6 @@ def _chatglm_cpu():
 
 # What the chatglm_cpu kernel reads and writes; other dtypes (float64) take the exact path.
 _CHATGLM_CPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@functools.cache
-def _chatglm_cpu_since(version):
-    """The chatglm_cpu package where it is installed, runs on this CPU and is at least `version` (major, minor),
-    else None: 0.2 applies an RMSNorm on the way in; 0.3 has `FloatWeight`, `attend` and the SwiGLU; 0.4's
-    `FloatWeight` takes any number of rows."""
-    package = _chatglm_cpu()
-    if package is None:
-        return None
-    installed = tuple(int(part) for part in getattr(package, "__version__", "0.1").split(".")[:2])
-    if installed < version:
-        logger.warning(
-            f"chatglm_cpu {getattr(package, '__version__', '0.1')} is older than these model files use "
-            f"({version[0]}.{version[1]}); what needs it runs on torch's operators until you reinstall it: "
-            f"pip install --force-reinstall ./cpu_kernels from this repository"
-        )
-        return None
-    return package
 
 
 def _in_dual_level():
@@ -705,7 +698,7 @@ def _traced_or_transformed():
     traces (a trace would record only the kernel's empty output tensor)."""
     return (
         torch._C._are_functorch_transforms_active()
-        or _in_dual_level()
+        or torch.autograd.forward_ad._current_level >= 0  # `_in_dual_level()`, inline: it runs for every projection
         or torch._C._is_tracing()
     )
 
@@ -761,12 +754,12 @@ def _chatglm_cpu_linear(x, handle, **options):
 
 def chatglm_cpu_attention(query, key, value, mask, scaling):
     """chatglm_cpu's attention of one query per sequence (`chatglm_cpu.attend`): query [B, H, D], key and value
-    [B, G, T, D], mask None or boolean [B, T]; None where it cannot run (package missing or older than 0.3,
+    [B, G, T, D], mask None or boolean [B, T]; None where it cannot run (package missing or too old,
     float64, tensor subclasses, gradients wanted, compiling, autocast, tracing, torch.func, forward-mode AD), for
     the caller to compute it with torch."""
     if _takes_torchs_path_only():
         return None
-    package = _chatglm_cpu_since((0, 3))
+    package = _chatglm_cpu()
     if package is None:
         return None
     tensors = (query, key, value)
@@ -898,14 +891,6 @@ def _triton_linear(x2d, weight, scale, bias, bits, tiles=None):
 _triton_status = {}
 
 
-def _triton_fits(x2d, weight):
-    if not (_HAS_TRITON and weight.device.type == "cuda" and x2d.device == weight.device):
-        return False
-    # Tensor-core dots need Turing+ for float16 and Ampere+ for bfloat16.
-    minimum = {torch.float16: (7, 5), torch.bfloat16: (8, 0)}.get(x2d.dtype)
-    return minimum is not None and torch.cuda.get_device_capability(weight.device) >= minimum
-
-
 def _cuda_linear(x2d, weight, scale, bias, bits):
     key = (x2d.device, x2d.dtype, bits)
     if _triton_status.get(key) is False:
@@ -926,7 +911,7 @@ def _cuda_linear(x2d, weight, scale, bias, bits):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch and autograd
+# Backends: how one layer computes, chosen when its weights, device or kernel setting change
 # ---------------------------------------------------------------------------------------------
 
 
@@ -945,37 +930,205 @@ def _fallback_linear(x2d, weight, scale, bias, bits, cpu_layout=None):
     return F.linear(x2d, weight, bias.to(x2d.dtype) if bias is not None else None)
 
 
-def _quantized_linear(x2d, weight, scale, bias, bits, cpu_layout):
-    """x2d [M, in] -> [M, out]; `weight` is released int8, or uint8 in the CPU int4 kernel layout `cpu_layout`."""
-    if x2d.dtype not in _CPU_KERNEL_DTYPES and weight.device.type == "cpu":
-        return _fallback_linear(x2d, weight, scale, bias, bits, cpu_layout)
-    if weight.dtype == torch.uint8:
-        out = _cpu_int4_linear(x2d, weight, scale, cpu_layout)
-    elif weight.device.type == "cpu" and bits == 8 and _cpu_int8_kernel_fits(x2d.shape[1]):
-        out = _cpu_int8_linear(x2d, weight, scale)
-    elif _triton_fits(x2d, weight):
-        return _cuda_linear(x2d.contiguous(), weight.contiguous(), scale, bias, bits)
-    else:
-        return _fallback_linear(x2d, weight, scale, bias, bits)
+def _dequantized_linear(layer, x2d):
+    parameters = layer._parameters  # not through nn.Module.__getattr__: these run for every projection
+    return _fallback_linear(
+        x2d, parameters["weight"], parameters["weight_scale"], parameters["bias"], layer.bits, layer._cpu_layout
+    )
+
+
+def _with_bias(out, bias):
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def _quantized_linear_nd(x, weight, scale, bias, bits, cpu_layout):
-    out = _quantized_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, bits, cpu_layout)
-    return out.view(*x.shape[:-1], scale.shape[0])
+def _weight_key(weight):
+    """What a backend was made for: its weight's address and shape. Parameters assigned, loaded or moved through
+    the module drop the backend; this catches the rest (accelerate's `_parameters[name] = ...`, `.data = ...`)."""
+    return weight.data_ptr(), weight.shape
+
+
+class Dequantize:
+    """Exact on every device and dtype: the weight dequantized to the activations' dtype, then `F.linear` (a
+    float32 model gets the published CPU kernels' numerics). The reference the other backends are tested against."""
+
+    exact = True
+
+    @staticmethod
+    def fits(layer):
+        return True
+
+    def __init__(self, layer):
+        layer._use_cpu_layout(None)
+
+    def __call__(self, layer, x2d):
+        return _dequantized_linear(layer, x2d)
+
+
+class TorchInt4:
+    """torch's int4 weight-only CPU kernel for a few rows (decode) and, from CPU_GEMM_MIN_ROWS rows on, the integers
+    unpacked to bfloat16 for oneDNN's GEMM; the weight is rewritten once into the kernel's layout (`CpuInt4Layout`).
+    float32 activations take the exact path from that layout (a float32 model asked for float32 numerics)."""
+
+    exact = True
+
+    @staticmethod
+    def fits(layer):
+        return (
+            layer.bits == 4
+            and layer.weight.device.type == "cpu"
+            and _cpu_int4_kernel_fits(layer.out_features, layer.in_features)
+        )
+
+    def __init__(self, layer):
+        layer._use_cpu_layout(_cpu_int4_layout())
+
+    def __call__(self, layer, x2d):
+        if x2d.dtype not in _CPU_KERNEL_DTYPES:
+            return _dequantized_linear(layer, x2d)
+        parameters = layer._parameters
+        out = _cpu_int4_linear(x2d, parameters["weight"], parameters["weight_scale"], layer._cpu_layout)
+        return _with_bias(out, parameters["bias"])
+
+
+class TorchInt8:
+    """torch's int8 weight-only CPU kernel for a few rows, a bfloat16 GEMM from CPU_GEMM_MIN_ROWS rows on; float32
+    activations take the exact path."""
+
+    exact = True
+
+    @staticmethod
+    def fits(layer):
+        return (
+            layer.bits == 8
+            and layer.weight.device.type == "cpu"
+            and _cpu_int8_kernel_fits(layer.in_features)
+        )
+
+    def __init__(self, layer):
+        layer._use_cpu_layout(None)
+
+    def __call__(self, layer, x2d):
+        if x2d.dtype not in _CPU_KERNEL_DTYPES:
+            return _dequantized_linear(layer, x2d)
+        parameters = layer._parameters
+        return _with_bias(_cpu_int8_linear(x2d, parameters["weight"], parameters["weight_scale"]), parameters["bias"])
+
+
+class Triton:
+    """CUDA: one fused dequantize-and-multiply Triton kernel reading the released layout; where it fails to
+    compile (an unsupported GPU or toolchain), the exact path, with one warning."""
+
+    exact = True
+    # Tensor-core dots need Turing+ for float16 and Ampere+ for bfloat16.
+    MIN_CAPABILITY = {torch.float16: (7, 5), torch.bfloat16: (8, 0)}
+
+    @staticmethod
+    def fits(layer):
+        weight = layer.weight
+        return (
+            _HAS_TRITON
+            and weight.device.type == "cuda"
+            and any(torch.cuda.get_device_capability(weight.device) >= need for need in Triton.MIN_CAPABILITY.values())
+        )
+
+    def __init__(self, layer):
+        layer._use_cpu_layout(None)
+        capability = torch.cuda.get_device_capability(layer.weight.device)
+        self.dtypes = {dtype for dtype, need in self.MIN_CAPABILITY.items() if capability >= need}
+
+    def __call__(self, layer, x2d):
+        if x2d.dtype not in self.dtypes or x2d.device != layer.weight.device:
+            return _dequantized_linear(layer, x2d)
+        return _cuda_linear(x2d.contiguous(), layer.weight.contiguous(), layer.weight_scale, layer.bias, layer.bits)
+
+
+class OnnxRuntime:
+    """onnxruntime's MatMulNBits, when `cpu_kernel` is "onnxruntime": int8 activations per block of
+    MATMULNBITS_BLOCK inputs, integer dot products. Its session packs its own copy of the weight; the released
+    bytes stay the layer's `weight` (for `state_dict()`) and are paged out where a file backs them."""
+
+    exact = False
+
+    @staticmethod
+    def fits(layer):
+        return layer.cpu_kernel == "onnxruntime" and layer.weight.device.type == "cpu" and _onnxruntime() is not None
+
+    @torch.compiler.disable
+    def __init__(self, layer):
+        layer._use_cpu_layout(None)
+        with torch.inference_mode(False):
+            self.matmul = MatMulNBits(layer.weight, layer.weight_scale, layer.bits)
+        if self.matmul._kept is None:
+            _page_out(layer.weight)
+
+    def __call__(self, layer, x2d):
+        if _traced_or_transformed():
+            return _dequantized_linear(layer, x2d)
+        return _onnxruntime_linear(self.matmul, x2d, layer.bias)
+
+
+class ChatGLMCpu:
+    """This repository's AVX2 / AVX512-VNNI kernels (chatglm_cpu), when `cpu_kernel` is "chatglm_cpu": int8
+    activations per group of 128 inputs, reading the released bytes where they lie. Also applies an RMSNorm or
+    a SwiGLU to its input on the way in (`fused`). Inputs it cannot take (tensor subclasses, float64, torch.func,
+    forward-mode AD, torch.jit tracing) take the exact path."""
+
+    exact = False
+
+    @staticmethod
+    def fits(layer):
+        weight, scale, bias = layer.weight, layer.weight_scale, layer.bias
+        return (
+            layer.cpu_kernel == "chatglm_cpu"
+            and weight.device.type == "cpu"
+            and layer.in_features % 32 == 0
+            and scale.dtype in _CHATGLM_CPU_FLOATS
+            and (bias is None or bias.dtype in _CHATGLM_CPU_FLOATS)
+            and _plain(weight, scale, bias)
+            and _chatglm_cpu() is not None
+        )
+
+    def __init__(self, layer):
+        layer._use_cpu_layout(None)
+        # Under an accelerate hook, which may move the weights off after each call, the handle (which holds
+        # them) is made per call rather than kept.
+        self.handle = self.handle_for(layer) if _may_keep_kernel_handle(layer) else None
+
+    @staticmethod
+    def handle_for(layer):
+        return _chatglm_cpu().QuantizedWeight(layer.weight, layer.weight_scale, layer.bias, layer.bits)
+
+    @staticmethod
+    def takes(x):
+        return x.is_cpu and x.dtype in _CHATGLM_CPU_FLOATS and type(x) is torch.Tensor and not _traced_or_transformed()
+
+    def fused(self, layer, x, **options):
+        """`layer` applied to x [..., K] with chatglm_cpu's `options` (rms_norm=, swiglu=), or None where x is
+        not something the kernel takes."""
+        return _chatglm_cpu_linear(x, self.handle or self.handle_for(layer), **options) if self.takes(x) else None
+
+    def __call__(self, layer, x2d):
+        if self.takes(x2d):
+            return _chatglm_cpu_linear(x2d, self.handle or self.handle_for(layer))
+        return _dequantized_linear(layer, x2d)
+
+
+# Which backend a quantized layer computes with: the first that fits it, tried when its weights, device or
+# `cpu_kernel` change (never per call). The README's "Which kernel runs where" says why each one is here.
+QUANTIZED_BACKENDS = (OnnxRuntime, ChatGLMCpu, TorchInt4, TorchInt8, Triton, Dequantize)
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
-    """Frozen quantized weight: the forward runs a kernel, the backward gives grad @ dequantized W."""
+    """Frozen quantized weight: the forward runs an exact backend, the backward gives grad @ dequantized W."""
 
     @staticmethod
-    def forward(ctx, x, weight, scale, bias, bits, cpu_layout):
+    def forward(ctx, x2d, weight, scale, bias, layer, compute):
         ctx.save_for_backward(weight, scale)
-        ctx.bits = bits
-        ctx.cpu_layout = cpu_layout
+        ctx.bits = layer.bits
+        ctx.cpu_layout = layer._cpu_layout
         ctx.has_bias = bias is not None
-        ctx.in_features = x.shape[-1]
-        return _quantized_linear_nd(x, weight, scale, bias, bits, cpu_layout)
+        ctx.in_features = x2d.shape[1]
+        return compute(layer, x2d)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -985,7 +1138,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
             released = _as_released(weight, scale.shape[0], ctx.in_features, ctx.cpu_layout)
             grad_x = grad_out @ dequantize_weight(released, scale, ctx.bits).to(grad_out.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_bias = grad_out.sum(0)
         return grad_x, None, None, grad_bias, None, None
 
 
@@ -1094,19 +1247,14 @@ def _onnxruntime_linear(matmul, x, bias):
 
 
 # ---------------------------------------------------------------------------------------------
-# The module
+# The modules
 # ---------------------------------------------------------------------------------------------
 
 
-# The attributes where the modules keep their kernels' handles, built at the first forward that uses them.
-_KERNEL_HANDLES = ("_chatglm_cpu_weight", "_matmulnbits")
-
-
-def _without_kernel_handles(state):
-    """A module's state to pickle or deep-copy, its kernels' handles left out: C objects on the addresses of the
-    module's own tensors (a copy builds its own at its first forward), which would make unpickling need the
-    kernel packages."""
-    return {name: None if name in _KERNEL_HANDLES else value for name, value in state.items()}
+def _without_backend(state):
+    """A module's state to pickle or deep-copy without its backend, which may hold C objects on the addresses of
+    the module's own tensors (a copy chooses its own at its first forward; unpickling needs no kernel package)."""
+    return {**state, "_backend": None}
 
 
 class QuantizedLinear(nn.Module):
@@ -1116,12 +1264,12 @@ class QuantizedLinear(nn.Module):
     ([out], model dtype) and optional `bias` ([out], model dtype); `state_dict()` always holds them
     in that released format.
 
-    One copy of the weight: on the CPU, a 4-bit layer on the torch kernels converts `weight`, at its
-    first forward there, into PyTorch's int4 kernel layout (the other CPU kernels read the released
-    one): the same Parameter then holds flat uint8 data of the same size, written over the released bytes when no other tensor shares them (`_only_holder_of_storage`).
-    Saving converts back, and so does the first forward on any other device after `.to(...)`; the
-    kernel layout is never written anywhere. Its distinct dtype and shape mark it, so a loader that
-    writes a released tensor into a converted layer fails its shape check instead of mixing layouts.
+    It computes with one of QUANTIZED_BACKENDS, chosen when its parameters, device or `cpu_kernel` change
+    (`backend`). One copy of the weight: the `TorchInt4` backend rewrites `weight` into PyTorch's CPU int4
+    layout; the same Parameter then holds flat uint8 data of the same size, written over the released bytes
+    when no other tensor shares them (`_only_holder_of_storage`). Saving converts back, and so does choosing
+    any other backend; the kernel layout is never written anywhere. Its distinct dtype and shape mark it, so a
+    loader that writes a released tensor into a converted layer fails its shape check instead of mixing layouts.
     """
 
     def __init__(self, in_features, out_features, bits, bias=True, dtype=None, device=None):
@@ -1145,12 +1293,9 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
         # Which CPU int4 layout `weight` holds while it is uint8 (it travels with a pickled module).
         self._cpu_layout = None
-        # One of CPU_KERNELS but "auto" (`set_cpu_kernel` resolves it); "onnxruntime" builds `_matmulnbits`
-        # at the first CPU forward.
+        # One of CPU_KERNELS but "auto" (`set_cpu_kernel` resolves it).
         self.cpu_kernel = "torch"
-        self._matmulnbits = None
-        # "chatglm_cpu": (the parameters' addresses and dtypes, chatglm_cpu.QuantizedWeight checked for them).
-        self._chatglm_cpu_weight = None
+        self._backend = None
 
     @classmethod
     def from_linear(cls, linear, bits):
@@ -1190,7 +1335,7 @@ class QuantizedLinear(nn.Module):
     def __setattr__(self, name, value):
         # Loaders that assign tensors (transformers 5, `load_state_dict(assign=True)`, users) come
         # through here, the others through `_load_from_state_dict`: the stored tensors are checked
-        # once, where they enter the layer, and `forward` (112 calls per 6B token) checks nothing.
+        # once, where they enter the layer, and `forward` checks nothing.
         if name in ("weight", "weight_scale", "bias") and isinstance(value, torch.Tensor) and "bits" in self.__dict__:
             in_cpu_layout = (
                 name == "weight"
@@ -1200,34 +1345,24 @@ class QuantizedLinear(nn.Module):
             )
             if not in_cpu_layout:
                 self.check_loaded_tensor(name, value)
-            super().__setattr__(name, value)
-            self.__dict__["_matmulnbits"] = None  # built from the old weight: rebuild at the next forward
-            self.__dict__["_chatglm_cpu_weight"] = None
-            return
+            self.__dict__["_backend"] = None  # made for the old tensor
         super().__setattr__(name, value)
 
-    # -- layouts ------------------------------------------------------------------------------
+    # -- layouts and backend ------------------------------------------------------------------
 
     def released_weight(self):
         """The weight in the released layout (a converted copy while it is in the CPU kernel layout)."""
         return _as_released(self.weight.detach(), self.out_features, self.in_features, self._cpu_layout)
 
-    def _weight_for_forward(self):
-        weight = self.weight
-        on_cpu = weight.device.type == "cpu"
-        if weight.dtype == torch.uint8 and not (on_cpu and self._cpu_layout == _cpu_int4_layout()):
-            self._convert_weight(None)  # moved off the CPU, or unpickled where torch packs int4 otherwise
-        elif weight.dtype == torch.int8 and on_cpu and self.bits == 4:
-            if _cpu_int4_kernel_fits(self.out_features, self.in_features):
-                self._convert_weight(_cpu_int4_layout())
-        return self.weight
+    def _use_cpu_layout(self, cpu_layout):
+        """Put `weight` in torch's CPU int4 layout `cpu_layout`, or in the released layout for None."""
+        current = self._cpu_layout if self.weight.dtype == torch.uint8 else None
+        if current != cpu_layout:
+            self._convert_weight(cpu_layout)
 
-    @torch.compiler.disable  # runs once per layer; torch.compile resumes with the converted weight
     def _convert_weight(self, cpu_layout):
-        """Put `weight` in the released layout (`cpu_layout` None) or in torch's CPU int4 layout."""
         # A normal tensor even under inference_mode, so later training can still save it for backward;
         # `.data` keeps the Parameter object that optimizers, hooks and tied-weight maps may hold.
-        self._chatglm_cpu_weight = None  # its aliases of the weight would stop an in-place conversion
         with torch.inference_mode(False):
             if cpu_layout is None:
                 converted = self.released_weight()
@@ -1247,54 +1382,41 @@ class QuantizedLinear(nn.Module):
                 self.weight.data = converted
         self._cpu_layout = cpu_layout
 
-    def _onnxruntime_fits(self, x):
-        return x.device.type == "cpu" and self.weight.device.type == "cpu" and _onnxruntime() is not None
+    @property
+    def backend(self):
+        """The QUANTIZED_BACKENDS instance this layer computes with, chosen again only when its parameters changed."""
+        backend = self._backend
+        weight = self._parameters["weight"]
+        if backend is None or backend.key != (weight.data_ptr(), weight.shape):  # `_weight_key`, inline
+            backend = self._choose_backend()
+        return backend
 
-    def _chatglm_cpu_weight_for_forward(self):
-        """The chatglm_cpu kernel's checked handle on the parameters, made again when any of them changed
-        (assigned, `.data` replaced, moved, converted); None where the kernel cannot take them."""
-        # Read once: a parameter lookup goes through nn.Module.__getattr__, and a 6B decode step makes 112 of these calls.
-        weight, scale, bias = self.weight, self.weight_scale, self.bias
-        if not _plain(weight, scale, bias):
-            return None
-        signature = (weight.data_ptr(), weight.dtype, scale.data_ptr(), scale.dtype, bias is not None and (bias.data_ptr(), bias.dtype))
-        cached = self._chatglm_cpu_weight
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        if not (weight.is_cpu and self.in_features % 32 == 0 and _chatglm_cpu() is not None):
-            return None
-        floats = _CHATGLM_CPU_FLOATS
-        if scale.dtype not in floats or (bias is not None and bias.dtype not in floats):
-            return None
-        if weight.dtype == torch.uint8:
-            self._convert_weight(None)  # converted by a torch-kernel forward (training) before
-            return self._chatglm_cpu_weight_for_forward()
-        quantized_weight = _chatglm_cpu().QuantizedWeight(weight, scale, bias, self.bits)
-        if _may_keep_kernel_handle(self):
-            self._chatglm_cpu_weight = (signature, quantized_weight)
-        return quantized_weight
+    @torch.compiler.disable  # once per layer; torch.compile resumes with the chosen backend
+    def _choose_backend(self):
+        self._backend = None  # its handle may alias the weight: that would stop an in-place conversion
+        backend = next(kind for kind in QUANTIZED_BACKENDS if kind.fits(self))(self)
+        backend.key = _weight_key(self._parameters["weight"])  # after its layout conversion
+        self._backend = backend
+        return backend
 
     def _needs_grad(self, *inputs):
-        return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or (self.bias is not None and self.bias.requires_grad))
+        bias = self._parameters["bias"]
+        return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or (bias is not None and bias.requires_grad))
 
-    def _chatglm_cpu_weight_for(self, x, needs_grad):
-        """The chatglm_cpu handle where `x` takes that path (inference, the kernel chosen, float x on the CPU), else None."""
-        if needs_grad or self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype not in _CHATGLM_CPU_FLOATS:
+    def _fused(self, x, **options):
+        """`self` applied to x with chatglm_cpu's fused `options`, or None where that backend does not run it."""
+        if _is_compiling() or (torch.is_grad_enabled() and self._needs_grad(x, *options.get("rms_norm", ())[:1])):
             return None
-        if _traced_or_transformed() or type(x) is not torch.Tensor:
-            return None
-        return self._chatglm_cpu_weight_for_forward()
+        backend = self.backend
+        return backend.fused(self, x, **options) if type(backend) is ChatGLMCpu else None
 
     def forward_after_rms_norm(self, x, norm_weight, eps):
         """`self(rms_norm(x))` as one chatglm_cpu call that applies the norm while it quantizes x (float32
         throughout, the normed x never rounded to x's dtype); None where that path does not run (gradients
-        wanted, another kernel, not on the CPU): the caller then applies the norm itself."""
+        wanted, another backend, not on the CPU): the caller then applies the norm itself."""
         if x.shape[-1] != self.in_features or not norm_weight.is_cpu or norm_weight.dtype not in _CHATGLM_CPU_FLOATS:
             return None
-        quantized_weight = self._chatglm_cpu_weight_for(x, self._needs_grad(x, norm_weight))
-        if quantized_weight is None or _chatglm_cpu_since((0, 2)) is None:
-            return None
-        return _chatglm_cpu_linear(x, quantized_weight, rms_norm=(norm_weight, eps))
+        return self._fused(x, rms_norm=(norm_weight, eps))
 
     def forward_after_swiglu(self, x):
         """`self(silu(gate) * up)` for x = [gate | up] (2 * in_features wide), as one chatglm_cpu call that applies
@@ -1302,28 +1424,14 @@ class QuantizedLinear(nn.Module):
         that path does not run: the caller then computes the product itself."""
         if x.shape[-1] != 2 * self.in_features:
             return None
-        quantized_weight = self._chatglm_cpu_weight_for(x, self._needs_grad(x))
-        if quantized_weight is None or _chatglm_cpu_since((0, 3)) is None:
-            return None
-        return _chatglm_cpu_linear(x, quantized_weight, swiglu=True)
-
-    @torch.compiler.disable  # runs once per layer
-    def _matmulnbits_for_forward(self):
-        if self._matmulnbits is None:
-            # Weights loaded in place (`load_state_dict` writes into the parameters) must rebuild it too.
-            with torch.inference_mode(False):
-                self._matmulnbits = MatMulNBits(self.released_weight(), self.weight_scale, self.bits)
-            if self._matmulnbits._kept is None:
-                _page_out(self.weight)
-        return self._matmulnbits
+        return self._fused(x, swiglu=True)
 
     def __getstate__(self):
-        return _without_kernel_handles(super().__getstate__())
+        return _without_backend(super().__getstate__())
 
     def _apply(self, *args, **kwargs):
-        # Moved or converted: the kernels' handles keep the old tensors (or their own copies) alive.
-        self._chatglm_cpu_weight = None
-        self._matmulnbits = None
+        # Moved or converted: the backend keeps the old tensors (or its own copies) alive.
+        self._backend = None
         return super()._apply(*args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -1332,7 +1440,7 @@ class QuantizedLinear(nn.Module):
             destination[prefix + "weight"] = self.released_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        self._matmulnbits = None
+        self._backend = None  # weights written in place keep their addresses: made again at the next forward
         for name in ("weight", "weight_scale", "bias"):
             key = prefix + name
             if key in state_dict and getattr(self, name) is not None:
@@ -1346,93 +1454,134 @@ class QuantizedLinear(nn.Module):
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
-        needs_grad = self._needs_grad(x)
-        if not needs_grad and self.cpu_kernel == "onnxruntime" and self._onnxruntime_fits(x) and not _traced_or_transformed():
-            # Before `_weight_for_forward`: the torch int4 layout would rewrite (and so copy) every
-            # weight page that onnxruntime then packs its own copy of.
-            return _onnxruntime_linear(self._matmulnbits_for_forward(), x, self.bias)
-        quantized_weight = self._chatglm_cpu_weight_for(x, needs_grad)
-        if quantized_weight is not None:
-            return _chatglm_cpu_linear(x, quantized_weight)
-        weight = self._weight_for_forward()
-        if _in_dual_level():
+        backend = self._backend
+        # Inline, not `self.backend`: one check of the weight per call, and none while torch.compile traces.
+        weight = self._parameters["weight"]
+        if backend is None or (not _is_compiling() and backend.key != (weight.data_ptr(), weight.shape)):
+            backend = self._choose_backend()
+        x2d = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and self._needs_grad(x):
+            parameters = self._parameters
+            compute = backend if backend.exact else _dequantized_linear
+            out = _QuantizedLinearFunction.apply(
+                x2d, parameters["weight"], parameters["weight_scale"], parameters["bias"], self, compute
+            )
+        elif _in_dual_level():
             # The integer kernels have no tangent formula: dequantize and multiply, exactly, in torch's operators.
-            out = _fallback_linear(x.reshape(-1, x.shape[-1]), weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
-            return out.view(*x.shape[:-1], self.out_features)
-        if not needs_grad:
-            # Inference (generation runs without grad): no autograd node to build for each projection.
-            return _quantized_linear_nd(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
-        return _QuantizedLinearFunction.apply(x, weight, self.weight_scale, self.bias, self.bits, self._cpu_layout)
+            out = _dequantized_linear(self, x2d)
+        else:
+            out = backend(self, x2d)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class TorchLinear:
+    """`nn.Linear`'s own forward."""
+
+    @staticmethod
+    def fits(layer):
+        return True
+
+    def __init__(self, layer):
+        pass
+
+    def __call__(self, layer, x):
+        return F.linear(x, layer._parameters["weight"], layer._parameters["bias"])
+
+
+class ChatGLMCpuFloat:
+    """chatglm_cpu's float kernel, when `cpu_kernel` is "chatglm_cpu", for float16/bfloat16 weights and inference
+    (no gradient wanted) with x in the weight's dtype: decode steps (up to chatglm_cpu.FLOAT_PASS_ROWS rows) read
+    the weight at the memory's bandwidth, where torch's matmul of one row does not; prompts too where oneDNN has
+    no GEMM in the weight's dtype (`_cpu_has_gemm`). Products are exact, added in float32 in another order than
+    torch's. Everything else, and whatever torch must see (compile, autocast, tracing), is `nn.Linear`'s forward."""
+
+    @staticmethod
+    def fits(layer):
+        weight, bias = layer.weight, layer.bias
+        return (
+            layer.cpu_kernel == "chatglm_cpu"
+            and weight.is_cpu
+            and weight.is_contiguous()
+            and weight.dtype in _CPU_KERNEL_DTYPES
+            and layer.in_features % 32 == 0
+            and (bias is None or bias.dtype in _CHATGLM_CPU_FLOATS)
+            and _plain(weight, bias)
+            and _chatglm_cpu() is not None
+        )
+
+    def __init__(self, layer):
+        self.pass_rows = _chatglm_cpu().FLOAT_PASS_ROWS
+        self.prompts_too = not _cpu_has_gemm(layer.weight.dtype)
+        self.handle = self.handle_for(layer) if _may_keep_kernel_handle(layer) else None
+
+    @staticmethod
+    def handle_for(layer):
+        return _chatglm_cpu().FloatWeight(layer.weight, layer.bias)
+
+    def __call__(self, layer, x):
+        weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+        rows = x.numel() // layer.in_features
+        if (
+            x.dtype != weight.dtype
+            or not x.is_cpu
+            or type(x) is not torch.Tensor
+            or rows == 0
+            or (rows > self.pass_rows and not self.prompts_too)
+            or _takes_torchs_path_only()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+        ):
+            return F.linear(x, weight, bias)
+        return _chatglm_cpu_linear(x, self.handle or self.handle_for(layer))
+
+
+# Which backend a float linear layer (`FloatLinear`) computes with: the first that fits it.
+FLOAT_BACKENDS = (ChatGLMCpuFloat, TorchLinear)
 
 
 class FloatLinear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) that multiplies on chatglm_cpu's float kernel when
-    `cpu_kernel` is "chatglm_cpu" (`set_cpu_kernel`, as for the quantized layers): float16/bfloat16 weights,
-    no gradient wanted (inference, or a frozen layer of a model in training), x in the weight's dtype on the
-    CPU. Decode steps (up to chatglm_cpu.FLOAT_PASS_ROWS rows) read the weight at the memory's bandwidth,
-    where torch's matmul of one row reaches 0.73-0.78 of it in float16 and 0.63-0.68 in bfloat16 on a Zen 3
-    EPYC (AVX2): the 6B vocabulary projection, 533 MB per token, took a fifth of an int4 decode step, and a
-    float model's projections are the whole of its step. Prompts take it
-    where oneDNN has no GEMM in the weight's dtype (`_cpu_has_gemm`: AVX2 CPUs), since torch multiplies
-    those matrices in a loop there at a third of its speed. The products are exact and added in float32 in
-    another order than torch's; everything else (prompts where oneDNN has a GEMM, training, other devices
-    and dtypes) is `nn.Linear`'s own forward.
-    """
+    """`nn.Linear` (same parameters, same state dict) that computes with one of FLOAT_BACKENDS, chosen when its
+    parameters, device or `cpu_kernel` (`set_cpu_kernel`, as for the quantized layers) change."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cpu_kernel = "torch"
-        # (the parameters' addresses, dtypes and shapes, chatglm_cpu.FloatWeight checked for them), made at first use.
-        self._chatglm_cpu_weight = None
+        self._backend = None
 
-    def _chatglm_cpu_weight_for(self, x):
-        """The chatglm_cpu handle where `x` takes that path, else None."""
-        weight, bias = self.weight, self.bias
-        if self.cpu_kernel != "chatglm_cpu" or not x.is_cpu or x.dtype != weight.dtype or x.shape[-1] != self.in_features:
-            return None
-        if x.dtype not in _CPU_KERNEL_DTYPES or type(x) is not torch.Tensor or not _plain(weight, bias):
-            return None
-        if _takes_torchs_path_only():
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-            return None
-        package = _chatglm_cpu_since((0, 4))
-        rows = x.numel() // self.in_features
-        if package is None or rows == 0 or (rows > package.FLOAT_PASS_ROWS and _cpu_has_gemm(weight.dtype)):
-            return None
-        signature = tuple((t.data_ptr(), t.dtype, t.shape) if t is not None else None for t in (weight, bias))
-        cached = self._chatglm_cpu_weight
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        self._chatglm_cpu_weight = None  # the old handle would keep the old tensors alive
-        if not self._chatglm_cpu_fits(weight, bias):
-            return None
-        handle = package.FloatWeight(weight, bias)
-        if _may_keep_kernel_handle(self):
-            self._chatglm_cpu_weight = (signature, handle)
-        return handle
+    @property
+    def backend(self):
+        """The FLOAT_BACKENDS instance this layer computes with, chosen again only when its parameters changed."""
+        backend = self._backend
+        if backend is None or backend.key != _weight_key(self._parameters["weight"]):
+            backend = self._choose_backend()
+        return backend
 
-    def _chatglm_cpu_fits(self, weight, bias):
-        return (
-            weight.is_cpu
-            and weight.is_contiguous()
-            and self.in_features % 32 == 0
-            and (bias is None or bias.dtype in _CHATGLM_CPU_FLOATS)
-        )
+    def _choose_backend(self):
+        self._backend = None  # the old handle would keep the old tensors alive
+        backend = next(kind for kind in FLOAT_BACKENDS if kind.fits(self))(self)
+        backend.key = _weight_key(self._parameters["weight"])
+        self._backend = backend
+        return backend
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias"):
+            self.__dict__["_backend"] = None  # made for the old tensor
+        super().__setattr__(name, value)
 
     def __getstate__(self):
-        return _without_kernel_handles(super().__getstate__())
+        return _without_backend(super().__getstate__())
 
     def _apply(self, *args, **kwargs):
-        # Moved or converted (`.to`, `.float()`, `.cuda()`): drop the handle, which keeps the old tensors alive.
-        self._chatglm_cpu_weight = None
+        # Moved or converted (`.to`, `.float()`, `.cuda()`): drop the backend, which keeps the old tensors alive.
+        self._backend = None
         return super()._apply(*args, **kwargs)
 
     def forward(self, x):
-        handle = self._chatglm_cpu_weight_for(x)
-        if handle is None:
+        if _is_compiling():
             return super().forward(x)
-        return _chatglm_cpu_linear(x, handle)
+        backend, weight = self._backend, self._parameters["weight"]
+        if backend is None or backend.key != (weight.data_ptr(), weight.shape):  # `_weight_key`, inline
+            backend = self._choose_backend()
+        return backend(self, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1523,8 +1672,8 @@ def set_cpu_kernel(model, kernel=None):
         # The model's own modules that choose a CPU kernel declare `cpu_kernel` too (its attention).
         if hasattr(module, "cpu_kernel") and module.cpu_kernel != kernel:
             module.cpu_kernel = kernel
-            if isinstance(module, QuantizedLinear):
-                module._matmulnbits = None
+            if hasattr(module, "_backend"):
+                module._backend = None
     return model
 
 

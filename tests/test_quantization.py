@@ -4,6 +4,7 @@ The module is loaded from its file, as transformers loads remote code, so these 
 package layout. Triton kernels are tested separately (tests/test_triton_kernels.py).
 """
 
+import copy
 import importlib.util
 import io
 import os
@@ -312,14 +313,14 @@ def test_cpu_int4_layout_is_recognised_and_inverted_on_other_cpu_capabilities(ca
         Q = importlib.util.module_from_spec(spec); spec.loader.exec_module(Q)
         assert Q.detect_cpu_int4_layout() is not None, torch.backends.cpu.get_cpu_capability()
         for out_features in (16, 48, 176, 272):
-            weight = torch.randn(out_features, 64)
-            layer = Q.QuantizedLinear(64, out_features, 4, bias=False)
+            weight = torch.randn(out_features, 64, dtype=torch.bfloat16)
+            layer = Q.QuantizedLinear(64, out_features, 4, bias=False, dtype=torch.bfloat16)
             layer.weight.data, layer.weight_scale.data = Q.quantize_weight(weight, 4)
             released = layer.weight.detach().clone()
-            x = torch.randn(3, 64)
-            expected = x @ Q.dequantize_weight(released, layer.weight_scale, 4).t()
-            out = layer(x)
-            assert layer.weight.dtype == torch.uint8
+            x = torch.randn(3, 64, dtype=torch.bfloat16)
+            expected = x.float() @ Q.dequantize_weight(released, layer.weight_scale, 4).float().t()
+            out = layer(x).float()
+            assert type(layer.backend) is Q.TorchInt4 and layer.weight.dtype == torch.uint8
             assert torch.equal(layer.state_dict()["weight"], released)
             assert (out - expected).abs().max() <= 1e-2 * expected.abs().max(), out_features
         """
@@ -494,7 +495,9 @@ def test_a_kernel_layout_from_another_torch_build_is_converted_back_by_its_recor
     released = layer.weight.detach().clone()
     x = torch.randn(2, KERNEL_SHAPE[1])
     layer(x)
+    assert layer.weight.dtype == torch.uint8
     monkeypatch.setattr(Q, "_cpu_int4_layout", lambda: None)
+    layer = copy.deepcopy(layer)  # as unpickled where torch has no int4 kernel layout (the same state)
     out = layer(x)
     assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, released)
     assert_close_relative(out, reference_output(layer, x), 1e-5)
@@ -793,7 +796,7 @@ def test_module_imports_and_runs_without_triton(monkeypatch):
     for bits in (4, 8):
         layer = without_triton.QuantizedLinear.from_linear(nn.Linear(64, 48), bits)
         x = torch.randn(2, 64)
-        assert not without_triton._triton_fits(x, layer.weight)
+        assert not without_triton.Triton.fits(layer)
         assert layer(x).shape == (2, 48)
 
 
@@ -851,7 +854,7 @@ def test_onnxruntime_kernel_stays_within_int8_activation_error_and_keeps_the_rel
     assert out.dtype == dtype and out.shape == (rows, 48)
     # int8 activations per 128-input block: about 0.5% here, as ggml's q8_0; bfloat16 output rounding on top.
     assert_close_relative(out, reference_output(layer, x), 2e-2)
-    assert layer._matmulnbits._kept is None  # onnxruntime packed its own copy; the converted buffer is gone
+    assert layer.backend.matmul._kept is None  # onnxruntime packed its own copy; the converted buffer is gone
     assert layer.weight.dtype == torch.int8 and torch.equal(layer.state_dict()["weight"], released)
 
 
@@ -864,7 +867,7 @@ def test_onnxruntime_layer_never_takes_the_torch_int4_layout(monkeypatch):
     monkeypatch.setattr(Q.CpuInt4Layout, "pack_into", lambda *args: pytest.fail("converted to the torch int4 layout"))
     with torch.no_grad():
         layer(torch.randn(2, KERNEL_SHAPE[1]))
-    assert layer.weight.dtype == torch.int8 and layer._matmulnbits is not None
+    assert layer.weight.dtype == torch.int8 and type(layer.backend) is Q.OnnxRuntime
 
 
 @needs_onnxruntime
@@ -878,7 +881,7 @@ def test_onnxruntime_kernel_rebuilds_after_new_weights_are_loaded():
         layer.load_state_dict(other.state_dict())
         assert_close_relative(layer(x), reference_output(other, x), 2e-2)
         layer.weight = nn.Parameter(make_layer(*KERNEL_SHAPE, 4, seed=2).weight.detach(), requires_grad=False)
-        assert layer._matmulnbits is None
+        assert layer._backend is None
 
 
 @needs_onnxruntime
@@ -886,8 +889,10 @@ def test_onnxruntime_kernel_is_not_used_for_training():
     layer = make_layer(*KERNEL_SHAPE, 4)
     Q.set_cpu_kernel(layer, "onnxruntime")
     x = torch.randn(2, KERNEL_SHAPE[1], requires_grad=True)
-    layer(x).sum().backward()
-    assert layer._matmulnbits is None and x.grad is not None
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(out, Q._fallback_linear(x.detach(), layer.weight, layer.weight_scale, layer.bias, 4))
+    assert torch.equal(x.grad, torch.ones(2, KERNEL_SHAPE[0]) @ Q.dequantize_weight(layer.weight, layer.weight_scale, 4))
 
 
 @pytest.mark.parametrize(
@@ -905,7 +910,7 @@ def test_an_optional_kernel_without_its_package_warns_and_keeps_the_torch_kernel
             without.set_cpu_kernel(layer, kernel)
         assert hint in caplog.text and "torch CPU kernels instead" in caplog.text
         assert torch.equal(layer(x), expected)
-    assert layer._matmulnbits is None
+    assert type(layer.backend) is without.TorchInt4
 
 
 def test_the_default_kernel_without_chatglm_cpu_is_torch_without_a_warning(monkeypatch, caplog):
@@ -978,13 +983,14 @@ def test_chatglm_cpu_kernel_leaves_float64_to_the_exact_path():
 
 @needs_chatglm_cpu
 def test_chatglm_cpu_kernel_takes_a_weight_back_from_the_torch_int4_layout():
-    # A training forward (gradients: the torch kernels) converts the weight; inference then
-    # converts it back for the kernel that reads the released bytes.
+    # The torch kernels converted the weight; switched to the kernel that reads the released bytes, the
+    # layer converts it back.
     layer = make_layer(*KERNEL_SHAPE, 4, torch.bfloat16)
     x = torch.randn(3, KERNEL_SHAPE[1], dtype=torch.bfloat16)
-    Q.set_cpu_kernel(layer, "chatglm_cpu")
-    layer(x.clone().requires_grad_()).sum().backward()
+    with torch.no_grad():
+        layer(x)
     assert layer.weight.dtype == torch.uint8
+    Q.set_cpu_kernel(layer, "chatglm_cpu")
     with torch.no_grad():
         out = layer(x)
     assert layer.weight.dtype == torch.int8
@@ -1018,17 +1024,21 @@ def test_chatglm_cpu_kernel_follows_parameters_changed_after_its_first_call():
 
 
 @needs_chatglm_cpu
-def test_a_training_forward_after_chatglm_cpu_inference_still_converts_the_weight_in_place():
-    # The kernel's handle holds aliases of the weight; the conversion to the torch int4 layout drops it
-    # first, so that it still writes over the released bytes instead of a second copy of the weight.
+def test_a_training_forward_after_chatglm_cpu_inference_is_exact_and_leaves_the_weight_where_it_lies():
+    # Gradients take the exact path, which reads the released bytes the kernel reads too: no conversion.
     layer = make_layer(*KERNEL_SHAPE, 4, torch.bfloat16)
     Q.set_cpu_kernel(layer, "chatglm_cpu")
     x = torch.randn(3, KERNEL_SHAPE[1], dtype=torch.bfloat16)
     with torch.no_grad():
         layer(x)
     stored = layer.weight.data_ptr()
-    layer(x.clone().requires_grad_()).sum().backward()
-    assert layer.weight.dtype == torch.uint8 and layer.weight.data_ptr() == stored
+    trained = x.clone().requires_grad_()
+    out = layer(trained)
+    out.float().sum().backward()
+    assert layer.weight.dtype == torch.int8 and layer.weight.data_ptr() == stored
+    assert torch.equal(out, Q._fallback_linear(x, layer.weight, layer.weight_scale, layer.bias, 4))
+    dequantized = Q.dequantize_weight(layer.weight, layer.weight_scale, 4)
+    assert torch.equal(trained.grad, torch.ones(3, KERNEL_SHAPE[0], dtype=torch.bfloat16) @ dequantized)
 
 
 @needs_chatglm_cpu

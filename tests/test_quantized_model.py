@@ -145,7 +145,8 @@ def test_int4_weights_of_a_mapped_bin_checkpoint_convert_where_they_were_loaded(
     # on disk stays the released bytes.
     quantized, state = write_released_int4_file(float_folder, tmp_path)
     file_bytes = (tmp_path / "pytorch_model.bin").read_bytes()
-    loaded = load(tmp_path, dtype="auto")
+    loaded = load(tmp_path, dtype="auto", quantization_cpu_kernel="torch")  # the kernel with its own int4 layout
+    quantized.quantize(4, cpu_kernel="torch")
     weights = [
         module.weight for module in loaded.modules() if type(module).__name__ == "QuantizedLinear"
     ]
@@ -491,11 +492,11 @@ def test_a_model_pickles_and_deep_copies_without_its_kernels_handles(float_folde
     ids = ids_of()
     with torch.no_grad():
         logits = model(ids).logits  # builds the handles of the quantized projections and the output layer
-    assert model.transformer.output_layer._chatglm_cpu_weight is not None
+    assert model.transformer.output_layer._backend.handle is not None
     data = pickle.dumps(model)
     # unpickling needs no kernel package (and a copy never shares the original's raw addresses)
     assert b"QuantizedWeight" not in data and b"FloatWeight" not in data
-    assert model.transformer.output_layer._chatglm_cpu_weight is not None  # the original keeps its own
+    assert model.transformer.output_layer._backend.handle is not None  # the original keeps its own
     for copied in (pickle.loads(data), copy.deepcopy(model)):
         chatglm_cpu_calls.clear()
         with torch.no_grad():
@@ -568,7 +569,7 @@ def test_an_offloaded_model_keeps_no_weights_in_its_kernel_handles(float_folder,
         assert torch.equal(model(ids).logits, reference(ids).logits)
     assert "float" in chatglm_cpu_calls
     # a kept handle would hold the weights the hook brought in, all of them after one forward
-    assert all(module._chatglm_cpu_weight is None for module in model.modules() if hasattr(module, "_chatglm_cpu_weight"))
+    assert all(getattr(module._backend, "handle", None) is None for module in model.modules() if hasattr(module, "_backend"))
 
 
 def test_an_older_chatglm_cpu_warns_and_leaves_the_matrices_to_torch(float_folder, chatglm_cpu_calls, monkeypatch, caplog):
@@ -577,14 +578,16 @@ def test_an_older_chatglm_cpu_warns_and_leaves_the_matrices_to_torch(float_folde
     model = load(float_folder, dtype=torch.bfloat16)
     quantization = importlib.import_module(type(model.transformer.output_layer).__module__)
     monkeypatch.setattr(chatglm_cpu, "__version__", "0.3.0")
-    quantization._chatglm_cpu_since.cache_clear()
+    quantization._chatglm_cpu_or_why_not.cache_clear()
+    quantization._chatglm_cpu.cache_clear()
     try:
         with torch.no_grad(), caplog.at_level("WARNING"):
             model(ids_of())
     finally:
-        quantization._chatglm_cpu_since.cache_clear()
+        quantization._chatglm_cpu_or_why_not.cache_clear()
+        quantization._chatglm_cpu.cache_clear()
     assert chatglm_cpu_calls == []  # no matrix on the old package (and a prompt has no decode attention)
-    assert "chatglm_cpu 0.3.0 is older than these model files use (0.4)" in caplog.text
+    assert "needs chatglm_cpu 0.4 or newer, found 0.3.0" in caplog.text
     assert "pip install --force-reinstall ./cpu_kernels" in caplog.text
 
 
@@ -593,11 +596,11 @@ def test_the_output_layers_kernel_follows_its_weight_and_steps_aside_for_compile
     x = torch.randn(1, head.in_features, dtype=torch.float16)
     with torch.no_grad():
         head(x)
-        assert head._chatglm_cpu_weight is not None and chatglm_cpu_calls == ["float"]
+        assert head._backend.handle is not None and chatglm_cpu_calls == ["float"]
         head.weight = torch.nn.Parameter(head.weight[:100])  # a view from the same address, fewer rows
         assert torch.equal(head(x), torch.nn.functional.linear(x, head.weight))
         head.float()  # converted: the handle on the old tensors goes with them
-        assert head._chatglm_cpu_weight is None
+        assert head._backend is None
         head.half()
         chatglm_cpu_calls.clear()
         compiled = torch.compile(head, fullgraph=True, backend="eager")  # our kernel would break the graph
