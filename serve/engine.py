@@ -97,8 +97,9 @@ class Job:
     """A request's rows and the channel back to it. `events` receives, from the worker thread:
     ("delta", row_index, text, logprob_entries), ("finish", row_index, finish_reason,
     text_of_the_whole_row, logprob_entries), ("done",) once every row has finished, or ("error",
-    message, HTTP status, error code or None): 500 when a step failed, 503 at shutdown. `logprob_entries` are the row's `token_logprobs` not sent with an earlier event
-    (empty without `logprobs`). `answer_start(text)` is where stop strings are looked for in a row's
+    message, HTTP status, error code or None): 500 when a step failed, 503 at shutdown.
+    `logprob_entries` are the row's `token_logprobs` not sent with an earlier event (empty without
+    `logprobs`). `answer_start(text)` is where stop strings are looked for in a row's
     text (None: not yet), for replies that open with a line of the format's own (ChatGLM3's metadata)."""
 
     def __init__(self, rows, loop, events, postprocess=None, kind="generate", answer_start=None):
@@ -232,8 +233,8 @@ def prefill_plan(prefills, chunk, patience):
     """The (prompt, tokens) to read in this step, at most `chunk` tokens in all (always one chunk):
     the prompts passed over for `patience` steps in a row first, longest passed over first, then the
     others, fewest tokens left first (a short prompt gets its first token soon). Counts in each
-    prompt's `passed_over` the steps it was not read, so that no stream of short prompts can keep a
-    long one waiting more than `patience` steps for each of its chunks."""
+    prompt's `passed_over` the steps it was not read: a stream of short prompts cannot starve a long
+    one, which is read before them once passed over `patience` times."""
     budget, plan = chunk, []
 
     def order(prefill):
