@@ -1,4 +1,5 @@
 """The ChatGLM2 network, its generation helpers (`chat`, `stream_chat`) and its task heads.
+The transformers 4.57 / 5.x differences it meets are named in compat_chatglm.
 
 Module and parameter names match the released ChatGLM2-6B checkpoints, so the published weights load
 unchanged. Attention runs through transformers' attention interface (SDPA by default, `eager` on request)
@@ -29,6 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
+from .compat_chatglm import given_cache, is_chatglm_config, static_cache_length
 from .configuration_chatglm import CACHE_FIELD, ChatGLMConfig
 from .quantization import (
     FloatLinear,
@@ -43,26 +45,6 @@ from .quantization import (
 )
 
 logger = logging.get_logger(__name__)
-
-# --- transformers 4.57 / 5.x differences ---
-# Helpers here; the other places that differ say so where they stand: ChatGLMPreTrainedModel.from_pretrained
-# (5.x loads the config class from its own module copy, and re-creates parameters as trainable).
-# The KV-cache argument and output field is `past_key_values` on 4.57 and `cache` on 5.x: CACHE_FIELD
-# (configuration_chatglm) names this version's; `forward`, `generate` and `stream_chat` take either.
-
-
-def given_cache(cache, past_key_values):
-    """The KV cache a caller passed under either name (`cache` on 5.x; `past_key_values` on 4.57 and in
-    the published API)."""
-    return past_key_values if cache is None else cache
-
-
-def static_cache_length(cache):
-    """Slots a compileable (static) cache hands every layer, written or not; None for a growing cache."""
-    if cache is None or not cache.is_compileable:
-        return None
-    return cache.get_max_length() if hasattr(cache, "get_max_length") else cache.get_max_cache_shape()
-
 
 INITIALIZER_STD = 0.02
 PREFIX_DROPOUT = 0.1
@@ -607,9 +589,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         if Path(pretrained_model_name_or_path).is_dir():
-            # transformers 5.x imports the config class from its own module copy, so test by attribute.
             config = kwargs.get("config")
-            if not hasattr(config, "quantization_bit"):
+            if not is_chatglm_config(config):
                 config = ChatGLMConfig.from_pretrained(pretrained_model_name_or_path)
             overrides = {name: kwargs[name] for name in QUANTIZATION_SETTINGS if name in kwargs}
             if overrides:
@@ -931,7 +912,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             step_input = model_inputs["inputs_embeds"]
         step_length = step_input.shape[1]
         padding_mask = kwargs.get("attention_mask")
-        cache = model_inputs.get(CACHE_FIELD, model_inputs.get("past_key_values"))
+        cache = given_cache(model_inputs.get("cache"), model_inputs.get("past_key_values"))
         past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         total_length = past_length + step_length
         if given_positions is not None:

@@ -29,7 +29,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Every Python module at the repository root (tests/test_model_folder.py checks that none is left
 # out), and the json files that go beside them. Not config.json: a checkpoint keeps its own shapes
 # and takes only `auto_map` from the repository's.
-MODEL_MODULES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py", "tokenization_chatglm.py")
+MODEL_MODULES = (
+    "configuration_chatglm.py",
+    "modeling_chatglm.py",
+    "compat_chatglm.py",
+    "quantization.py",
+    "tokenization_chatglm.py",
+)
 PACKAGE_JSON_FILES = ("tokenizer_config.json", "generation_config.json")
 PACKAGE_FILES = MODEL_MODULES + PACKAGE_JSON_FILES
 CONFIG_FILE = "config.json"

@@ -1,0 +1,1 @@
+../../compat_chatglm.py
