@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_MODULES = (
     "configuration_chatglm.py",
     "modeling_chatglm.py",
+    "chat_chatglm.py",
     "checkpoint_chatglm.py",
     "compat_chatglm.py",
     "quantization.py",
