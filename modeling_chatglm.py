@@ -19,7 +19,6 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
@@ -477,6 +476,42 @@ def positions_from_mask(padding_mask):
     return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def head_output(output_class, base_output, **fields):
+    """A head's `output_class`: its `fields` and the cache, hidden states and attentions of the base model."""
+    return output_class(
+        hidden_states=base_output.hidden_states,
+        attentions=base_output.attentions,
+        **{CACHE_FIELD: getattr(base_output, CACHE_FIELD)},
+        **fields,
+    )
+
+
+def as_requested(output, return_dict, config):
+    """`output`, or with `return_dict=False` (given, else the config's) the tuple of its fields that are not
+    None, in order."""
+    return_dict = return_dict if return_dict is not None else config.return_dict
+    return output if return_dict else output.to_tuple()
+
+
+def classification_loss(logits, labels, config):
+    """The loss of `config.problem_type`, which the first labels decide where unset, as transformers'
+    ForSequenceClassificationLoss does; that one refuses the integer 0/1 targets this takes for multi-label."""
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.float().view(-1))
+        return F.mse_loss(logits, labels.float())
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
@@ -615,7 +650,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         checkpointing = any(layer.gradient_checkpointing for layer in self.encoder.layers)
@@ -671,15 +705,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        cache = cache if use_cache else None
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
-            **{CACHE_FIELD: cache},
+            **{CACHE_FIELD: cache if use_cache else None},
         )
+        return as_requested(output, return_dict, self.config)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, ChatGLMChatMixin):
@@ -723,7 +755,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
         `logits_to_keep=n` computes logits for the last n positions only (`return_last_logit` is the
         published spelling of n=1): the vocabulary projection dominates prefill cost otherwise.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.transformer(
             input_ids=input_ids,
@@ -751,19 +782,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
 
         loss = None
         if labels is not None:
-            loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
-
-        cache = getattr(outputs, CACHE_FIELD)
-        if not return_dict:
-            output = tuple(v for v in (logits, cache, outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{CACHE_FIELD: cache},
-        )
+            loss = self.loss_function(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        return as_requested(head_output(CausalLMOutputWithPast, outputs, loss=loss, logits=logits), return_dict, self.config)
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         """transformers' preparation, with position ids continued by +1 per generated token.
@@ -823,7 +843,6 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         cache=None,
         **kwargs,
     ):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -850,35 +869,6 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
             pooled = self.dropout(pooled)
         logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype))
 
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            problem_type = self.config.problem_type
-            if problem_type is None:
-                if self.num_labels == 1:
-                    problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    problem_type = "single_label_classification"
-                else:
-                    problem_type = "multi_label_classification"
-                self.config.problem_type = problem_type
-            if problem_type == "regression":
-                loss = F.mse_loss(logits.float().squeeze(-1), labels.float().view(-1)) if self.num_labels == 1 else (
-                    F.mse_loss(logits.float(), labels.float())
-                )
-            elif problem_type == "single_label_classification":
-                loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-
-        cache = getattr(outputs, CACHE_FIELD)
-        if not return_dict:
-            output = tuple(v for v in (logits, cache, outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{CACHE_FIELD: cache},
-        )
+        loss = None if labels is None else classification_loss(logits.float(), labels.to(logits.device), self.config)
+        output = head_output(SequenceClassifierOutputWithPast, outputs, loss=loss, logits=logits)
+        return as_requested(output, return_dict, self.config)

@@ -309,6 +309,25 @@ def test_hidden_states_and_tuple_outputs(model):
     torch.testing.assert_close(attentions[0].sum(-1), torch.ones(1, heads, length))
 
 
+def test_tuple_outputs_are_the_set_fields_in_order_and_follow_the_config(model):
+    # As transformers' models return them: loss first where labels were given, then what was asked for.
+    ids = prompt_ids()
+    out = model(ids, labels=ids, output_hidden_states=True)
+    loss, logits, cache, hidden_states = model(ids, labels=ids, output_hidden_states=True, return_dict=False)
+    torch.testing.assert_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits)
+    assert cache.get_seq_length() == ids.shape[1]
+    assert len(hidden_states) == model.config.num_layers + 1
+    (last_hidden_state,) = model.transformer(ids, use_cache=False, return_dict=False)
+    torch.testing.assert_close(last_hidden_state, model.transformer(ids).last_hidden_state)
+    model.config.return_dict = False
+    try:
+        assert isinstance(model(ids, use_cache=False), tuple)
+        assert not isinstance(model(ids, use_cache=False, return_dict=True), tuple)
+    finally:
+        model.config.return_dict = True
+
+
 def test_logits_to_keep_computes_only_the_last_positions(model):
     ids = prompt_ids()
     full = model(ids).logits

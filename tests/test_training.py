@@ -199,6 +199,17 @@ def test_classification_losses_by_problem_type(base_folder, problem_type, num_la
     torch.testing.assert_close(out.loss, loss_fn(out.logits, labels))
 
 
+def test_classification_tuple_output_puts_the_loss_first(base_folder):
+    model = classifier(base_folder, num_labels=3)
+    labels = torch.tensor([2, 0])
+    out = model(ids_of(), labels=labels)
+    loss, logits, cache = model(ids_of(), labels=labels, return_dict=False)
+    torch.testing.assert_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits)
+    assert cache.get_seq_length() == ids_of().shape[1]
+    assert len(model(ids_of(), use_cache=False, return_dict=False)) == 1
+
+
 def test_lora_on_query_key_value_trains_and_merges_back_to_released_names(base_folder):
     peft = pytest.importorskip("peft")
     model = AutoModel.from_pretrained(base_folder, trust_remote_code=True)
