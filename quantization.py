@@ -5,16 +5,10 @@ Checkpoint format (the released THUDM int4 format, spec section 6): per output r
 8-bit weights are stored as that int8 [out, in] matrix; 4-bit weights as int8 [out, in/2] where byte
 `j` holds `q[2j]` in the high nibble and `q[2j+1]` in the low nibble (signed two's complement).
 
-Compute paths of `QuantizedLinear`, picked per call from where the weight lives and the activations' dtype:
-- CPU, bfloat16/float16 activations: PyTorch's weight-only kernels (`_weight_int8pack_mm`,
-  `_weight_int4pack_mm_for_cpu`) for a few rows (decode); from `CPU_GEMM_MIN_ROWS` rows on (prompts),
-  the layer's integers unpacked to bfloat16 and a GEMM.
-- CPU with `cpu_kernel` "chatglm_cpu" (the default where its package is installed) or "onnxruntime"
-  (opt-in), inference: int8 activations and integer dot products (see CPU_KERNELS).
-- CPU, float32 activations: dequantize to float32 and a float32 matmul, the published CPU kernels'
-  numerics (the bfloat16 kernels would round activations and results: 1-3% off).
-- CUDA with Triton: one fused dequantize-and-multiply kernel that reads the released layout directly.
-- Anything else (MPS, CUDA without Triton, shapes a kernel cannot take): dequantize and `F.linear`.
+A `QuantizedLinear` computes with one backend, the first of QUANTIZED_BACKENDS that fits it, chosen when its
+weights, device or `cpu_kernel` change: chatglm_cpu or onnxruntime (int8 activations, opt-in by `cpu_kernel`;
+chatglm_cpu is what "auto" picks where installed), PyTorch's int4/int8 weight-only CPU kernels, the Triton kernel
+on CUDA, and the exact dequantize-and-multiply everywhere else (float32 and float64 activations take it too).
 Quantized weights are frozen; gradients flow to the inputs, so LoRA / P-Tuning train on top.
 
 Importing this module has no side effects: nothing is compiled and no global flag is set.
@@ -675,6 +669,17 @@ def _chatglm_cpu_or_why_not():
 
 
 @functools.cache
+def _chatglm_cpu_ops():
+    """chatglm_cpu's torch operators (`torch.ops.chatglm_cpu`), registered at first use; None where the installed
+    package has none (before 0.4.2): torch.compile then traces the exact path instead."""
+    try:
+        import chatglm_cpu.ops  # noqa: F401 (registers them)
+    except ImportError:
+        return None
+    return torch.ops.chatglm_cpu
+
+
+@functools.cache
 def _chatglm_cpu():
     """The chatglm_cpu package when usable here (`_chatglm_cpu_or_why_not`); None, with one warning, when not."""
     package, why_not = _chatglm_cpu_or_why_not()
@@ -726,20 +731,6 @@ def _may_keep_kernel_handle(module):
     return getattr(module, "_hf_hook", None) is None
 
 
-def _outside_compile(function):
-    """`function`, which torch.compile must not trace (a C call on raw addresses): while compiling, its
-    `torch.compiler.disable` wrapper (a graph break); otherwise the plain function, since the wrapper costs
-    every eager call what 8 small Python calls do, and a 6B decode step makes 141 of these calls."""
-    disabled = torch.compiler.disable(function)
-
-    @functools.wraps(function)
-    def call(*args, **kwargs):
-        return disabled(*args, **kwargs) if _is_compiling() else function(*args, **kwargs)
-
-    return call
-
-
-@_outside_compile
 def _chatglm_cpu_linear(x, handle, **options):
     """`handle` (a chatglm_cpu QuantizedWeight or FloatWeight) applied to the rows of x [..., K]."""
     rows = x.reshape(-1, x.shape[-1])
@@ -772,7 +763,6 @@ def chatglm_cpu_attention(query, key, value, mask, scaling):
     return _chatglm_cpu_attend(package, query, key, value, mask, scaling)
 
 
-@_outside_compile
 def _chatglm_cpu_attend(package, query, key, value, mask, scaling):
     if torch.autograd._profiler_enabled():
         with torch.profiler.record_function("chatglm_cpu::attend"):
@@ -1093,6 +1083,7 @@ class ChatGLMCpu:
         # Under an accelerate hook, which may move the weights off after each call, the handle (which holds
         # them) is made per call rather than kept.
         self.handle = self.handle_for(layer) if _may_keep_kernel_handle(layer) else None
+        self.ops = _chatglm_cpu_ops()
 
     @staticmethod
     def handle_for(layer):
@@ -1108,13 +1099,22 @@ class ChatGLMCpu:
         return _chatglm_cpu_linear(x, self.handle or self.handle_for(layer), **options) if self.takes(x) else None
 
     def __call__(self, layer, x2d):
+        if _is_compiling():
+            return self.traced(layer, x2d)
         if self.takes(x2d):
             return _chatglm_cpu_linear(x2d, self.handle or self.handle_for(layer))
         return _dequantized_linear(layer, x2d)
 
+    def traced(self, layer, x2d):
+        """While torch.compile traces: the kernel as the operator `chatglm_cpu::linear`, which its graph keeps."""
+        if self.ops is None or x2d.dtype not in _CHATGLM_CPU_FLOATS:
+            return _dequantized_linear(layer, x2d)
+        parameters = layer._parameters
+        return self.ops.linear(x2d, parameters["weight"], parameters["weight_scale"], parameters["bias"], layer.bits)
+
 
 # Which backend a quantized layer computes with: the first that fits it, tried when its weights, device or
-# `cpu_kernel` change (never per call). The README's "Which kernel runs where" says why each one is here.
+# `cpu_kernel` change (never per call). The README's "Quantization: which backend runs where" says why each is here.
 QUANTIZED_BACKENDS = (OnnxRuntime, ChatGLMCpu, TorchInt4, TorchInt8, Triton, Dequantize)
 
 
@@ -1191,9 +1191,10 @@ def prefault_mapped_weights(model):
     the first forward took a page fault for every few pages of it, in the kernels' threads; this thread maps
     them in forward order while the caller goes on (tokenizer, prompt, the first forward itself). Weights
     converted at load are anonymous memory, resident already, and are left alone. The thread holds the
-    tensors until it is done, so their mapping cannot go away under it. At exit it is stopped and joined
-    before the interpreter shuts down: a daemon thread still running then is ended wherever it stands,
-    which aborted a process that exited right after loading ("terminate called without an active exception").
+    tensors until it is done, so their mapping cannot go away under it. `stop_prefaulting` stops it: at exit,
+    since a daemon thread still running at shutdown is ended wherever it stands (which aborted a process that
+    exited right after loading: "terminate called without an active exception"), and before a layout
+    conversion in place.
     """
     spans = _file_mappings()
     embedding = model.get_input_embeddings()
@@ -1211,15 +1212,32 @@ def prefault_mapped_weights(model):
     if not tensors:
         return None
     stop = threading.Event()
-    thread = threading.Thread(target=populate, args=(tensors, stop), name=PREFAULT_THREAD_NAME, daemon=True)
-
-    def stop_and_join():
-        stop.set()
-        thread.join()
-
-    atexit.register(stop_and_join)
+    thread = threading.Thread(target=_prefault, args=(tensors, stop), name=PREFAULT_THREAD_NAME, daemon=True)
+    if not _prefault_threads:
+        atexit.register(stop_prefaulting)  # (registering it again would only run it twice)
+    _prefault_threads[thread] = stop
     thread.start()
     return thread
+
+
+# The running threads of `prefault_mapped_weights`, each with the event that stops it.
+_prefault_threads = {}
+
+
+def _prefault(tensors, stop):
+    try:
+        populate(tensors, stop)
+    finally:
+        _prefault_threads.pop(threading.current_thread(), None)
+
+
+def stop_prefaulting():
+    """Stop the threads of `prefault_mapped_weights` between two tensors and wait for them. They hold the
+    tensors they map, which an in-place layout conversion would count as other holders of the weight (and so
+    copy it), and must not run into the interpreter's shutdown (at exit, this runs before it)."""
+    for thread, stop in list(_prefault_threads.items()):
+        stop.set()
+        thread.join()
 
 
 def _page_out(tensor):
@@ -1367,6 +1385,7 @@ class QuantizedLinear(nn.Module):
             if cpu_layout is None:
                 converted = self.released_weight()
             else:
+                stop_prefaulting()  # its thread holds the weight too
                 in_place = _only_holder_of_storage(self.weight)  # before `detach` adds a holder
                 released = self.weight.detach()
                 if in_place:

@@ -1042,6 +1042,27 @@ def test_a_training_forward_after_chatglm_cpu_inference_is_exact_and_leaves_the_
 
 
 @needs_chatglm_cpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_torch_compile_keeps_the_chatglm_cpu_kernel_as_an_operator_of_one_graph(bits):
+    # A direct call on raw addresses ended the graph (fullgraph=True refused it); the operator is traced.
+    layer = make_layer(*KERNEL_SHAPE, bits, torch.bfloat16)
+    Q.set_cpu_kernel(layer, "chatglm_cpu")
+    x = torch.randn(3, KERNEL_SHAPE[1], dtype=torch.bfloat16)
+    traced_ops = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced_ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend=recording_backend)(x)
+    assert type(layer.backend) is Q.ChatGLMCpu
+    assert traced_ops == ["chatglm_cpu.linear"]
+    assert torch.equal(compiled, eager)
+
+
+@needs_chatglm_cpu
 def test_chatglm_cpu_calls_are_named_in_torch_profiler_traces():
     # bench.profile_decode reads the kernel's share of a step from this name; outside a profiler
     # the name is not entered (it cost ~8 us per call, ~1 ms per 6B decode step).
@@ -1085,6 +1106,28 @@ def page_faults_reading(tensors):
             ctypes.c_char.from_address(address).value
     after = resource.getrusage(resource.RUSAGE_THREAD)
     return after.ru_minflt - before.ru_minflt + after.ru_majflt - before.ru_majflt
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory-mapped files are read through /proc/self/maps")
+def test_a_layout_conversion_stops_the_prefault_thread_and_still_converts_in_place(tmp_path, monkeypatch):
+    # The mapping thread holds the weights it maps: counted as other holders, they made the conversion copy
+    # the weight (a second copy of the model) whenever the first forward came before the thread was done.
+    layer = make_layer(*KERNEL_SHAPE, 4, torch.bfloat16)
+    torch.save(layer.state_dict(), tmp_path / "w.bin")
+    mapped = torch.load(tmp_path / "w.bin", mmap=True, weights_only=True)
+    layer.load_state_dict(mapped, assign=True)
+    del mapped
+    monkeypatch.setattr(Q, "populate", lambda tensors, stop: stop.wait(60))  # a mapping that takes its time
+    owner = nn.Module()
+    owner.layer = layer
+    owner.get_input_embeddings = lambda: None
+    thread = Q.prefault_mapped_weights(owner)
+    assert thread is not None and thread.is_alive()
+    address = layer.weight.data_ptr()
+    with torch.no_grad():
+        layer(torch.randn(1, KERNEL_SHAPE[1], dtype=torch.bfloat16))
+    assert not thread.is_alive()
+    assert layer.weight.dtype == torch.uint8 and layer.weight.data_ptr() == address
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_READ and per-thread fault counts are Linux's")
