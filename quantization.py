@@ -396,29 +396,18 @@ def _as_released(weight, out_features, in_features, cpu_layout):
     return CpuInt4Layout(*cpu_layout).to_released(weight, out_features, in_features)
 
 
-# The fp32 and fp16 CPU kernels are scalar loops, 15-30x slower than the bfloat16 ones (torch 2.13);
-# rounding float16 activations to bfloat16 costs far less accuracy than the int8/int4 weights already
-# do. (A float32 model takes the exact float32 path instead: its users asked for float32 numerics.)
-# The weight-only kernels are vector loops that re-read the weight for every row (time grows
-# linearly with the rows): right for decode, up to 10x slower than a bfloat16 GEMM for a prompt.
-# From CPU_GEMM_MIN_ROWS[bits] rows on, the layer's integers are unpacked to a temporary bfloat16
-# matrix (exact: |q| <= 127) and multiplied by oneDNN's GEMM (AMX / AVX512-BF16 where the CPU has
-# them). Unpacking costs about what a 60-row (int8) or 150-row (int4) kernel call does on the 6B shapes
-# on the AVX-512 benchmark machine (bench/README.md); the thresholds sit at or above those break-evens.
-# Only where oneDNN has bfloat16 GEMMs (`_cpu_has_bfloat16_gemm`): elsewhere torch multiplies
-# bfloat16 matrices in a scalar loop, 3-100x slower than the kernels, and float32 GEMMs on 2 AVX2
-# cores are no faster than the kernels either (both measured in bench/README.md), so prompts stay
-# on the kernels there.
+# torch's weight-only kernels re-read the weight for every row: from CPU_GEMM_MIN_ROWS[bits] rows on,
+# the integers are unpacked to bfloat16 (exact: |q| <= 127) for oneDNN's GEMM instead, where oneDNN has
+# one (`_cpu_has_bfloat16_gemm`). The break-evens: bench/README.md, "Figures behind quantization.py".
 CPU_GEMM_MIN_ROWS = {8: 64, 4: 192}
-# Activation dtypes that take those bfloat16 paths. A float32 model computes in float32 instead, as
-# the published CPU kernels do (dequantize to float32, float32 matmul): exact, not 1-3% off.
+# Activation dtypes that take torch's bfloat16 kernels (float16 rounded to bfloat16: its own kernels are
+# scalar loops). A float32 model computes in float32, as the published CPU kernels do.
 _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _cpu_has_gemm(dtype):
     """Whether oneDNN multiplies `dtype` (bfloat16 or float16) matrices on this CPU: bfloat16 on AVX-512 and
-    newer, float16 with AVX512-FP16 or AMX-FP16. Elsewhere torch multiplies them in a loop: measured on AVX2
-    (22-28 GFLOP/s on 2 Zen 3 cores); float16 on AVX-512 CPUs without FP16 (Zen 4, Ice Lake) was never measured."""
+    newer, float16 with AVX512-FP16 or AMX-FP16. Elsewhere torch multiplies them in a loop."""
     check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     supported = getattr(torch.ops.mkldnn, check, None)
     return bool(supported is not None and supported())
@@ -481,14 +470,12 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
 
 # The CPU kernels a quantized layer may use (`set_cpu_kernel`; config `quantization_cpu_kernel`):
 # - "auto" (the default, `DEFAULT_CPU_KERNEL`): "chatglm_cpu" where its package is installed and the CPU
-#   runs it, else "torch", silently: its int8 activations cost next to nothing in accuracy next to the
-#   weights' own rounding, measured by bench/quantization_accuracy.py before it became the default, and
-#   spare the int4 file its conversion at the first forward (README, "Fast CPU inference").
+#   runs it, else "torch", silently: its int8 activations cost little next to the weights' own rounding
+#   (bench/quantization_accuracy.py) and spare the int4 file a layout conversion.
 # - "torch": the PyTorch paths above; exact weight-only numerics, what the conformance tests use.
 # - "onnxruntime": onnxruntime's MatMulNBits (com.microsoft) with accuracy_level 4. It quantizes
 #   activations to int8 per block of `MATMULNBITS_BLOCK` inputs and multiplies with integer dot
 #   products (ggml's q4_0 x q8_0 numerics), in prebuilt AVX2 / AVX512 / VNNI / AMX / Arm kernels.
-#   Weights stay exact; the activation rounding is measured by bench/quantization_accuracy.py.
 #   Optional: `pip install onnxruntime onnx`; without them layers keep the "torch" kernels.
 # - "chatglm_cpu": this repository's AVX2 / AVX512-VNNI kernels (`pip install ./cpu_kernels`): the same int8
 #   activation numerics (per group of 128 inputs), reading the released bytes where they lie: no
@@ -496,8 +483,7 @@ def _cpu_int4_linear(x2d, packed, scale, layout):
 #   package, or on a CPU without AVX2, layers keep the "torch" kernels (with a warning when asked for by name).
 CPU_KERNELS = ("auto", "torch", "onnxruntime", "chatglm_cpu")
 DEFAULT_CPU_KERNEL = "auto"
-# Inputs per MatMulNBits block: one (repeated) row scale and one activation scale per block. Scales
-# are float32 per block: 4 bytes per 128 weights, 6% on top of the int4 bytes.
+# Inputs per MatMulNBits block: one (repeated) float32 row scale and one activation scale per block.
 MATMULNBITS_BLOCK = 128
 
 
@@ -530,8 +516,8 @@ def _matmulnbits_bytes(weight, width, bits):
 
     int4: input 2c goes to the LOW nibble and nibbles become unsigned (+8, i.e. XOR 8); int8: bytes
     become unsigned (XOR 0x80). Padding converts from 0, so it holds the zero point (value 0).
-    Computed on int32 words, 4 bytes per lane (AVX2 has 32-bit shifts, not 64-bit arithmetic ones):
-    1.5x faster than byte-wise ops.
+    Computed on int32 words, 4 bytes per lane (AVX2 has 32-bit shifts, not 64-bit arithmetic ones),
+    faster than byte-wise ops.
     """
     out_features, stored = weight.shape
     converted = torch.empty(out_features, width, dtype=torch.uint8)
@@ -563,8 +549,8 @@ def _call_linux_libc(function, *args):
 def _release_free_heap():
     """Give the C heap's free pages back to the OS (glibc `malloc_trim`); best effort.
 
-    onnxruntime's packing frees its temporaries into the C heap, which keeps them: measured, 112
-    sessions left 2.3 GB resident that nothing used, on top of the 4.1 GB the packed weights need.
+    onnxruntime's packing frees its temporaries into the C heap, which keeps them resident (bench/README.md,
+    "Figures behind quantization.py").
     """
     _call_linux_libc("malloc_trim", 0)
 
@@ -577,9 +563,8 @@ class MatMulNBits:
     128), input 2c in the LOW nibble, rows padded to whole blocks, and a float32 scale per block (the
     row scale repeated). onnxruntime packs that into its own kernel layout when the session is
     created; the converted temporary is then dropped, so the session holds the one working copy
-    while the layer's `weight` keeps the released bytes for `state_dict()`. Measured: 1.24x the int4
-    bytes per matrix, plus a fixed cost per session that makes 112 sessions too heavy for the 6B
-    model yet (bench/README.md), which is why this kernel is opt-in.
+    while the layer's `weight` keeps the released bytes for `state_dict()`. Its memory per matrix and per
+    session (bench/README.md) make it opt-in.
     """
 
     def __init__(self, weight, scale, bits):
@@ -614,7 +599,7 @@ class MatMulNBits:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no spinning against torch
         options.enable_cpu_mem_arena = False
-        # Graph optimizations stay on: without them the batch-1 call took twice as long (measured).
+        # Graph optimizations stay on: without them a batch-1 call is slower.
         initializers = [onnxruntime.OrtValue.ortvalue_from_numpy(values[name].view(shapes[name]).numpy()) for name in shapes]
         options.add_external_initializers(list(shapes), initializers)
         self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -734,7 +719,7 @@ def _may_keep_kernel_handle(module):
 def _chatglm_cpu_linear(x, handle, **options):
     """`handle` (a chatglm_cpu QuantizedWeight or FloatWeight) applied to the rows of x [..., K]."""
     rows = x.reshape(-1, x.shape[-1])
-    # Named for torch.profiler, only while one runs: entering a name costs ~8 us per call otherwise.
+    # Named for torch.profiler only while one runs: entering a name costs every call otherwise.
     if torch.autograd._profiler_enabled():
         with torch.profiler.record_function("chatglm_cpu::linear"):
             out = handle(rows, **options)

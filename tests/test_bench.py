@@ -305,3 +305,17 @@ def test_the_llama_cpp_peer_needs_no_torch_and_names_a_missing_llama_cpp_in_one_
     assert completed.returncode == 1
     assert completed.stderr.strip().count("\n") == 0 and "cannot import llama_cpp" in completed.stderr  # first and only line
     assert "install llama-cpp-python" in completed.stderr and not (tmp_path / "out.json").exists()
+
+
+def test_dispatch_calls_counts_a_decode_steps_python_calls_by_file(tmp_path):
+    from bench import dispatch_calls
+
+    out = tmp_path / "calls.json"
+    dispatch_calls.main(["--precisions", "int4", "--cpu-kernels", "torch", "--steps", "2", "--cache-dir", str(tmp_path), "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    counts = row["calls_per_step"]
+    assert row["precision"] == "int4" and row["cpu_kernel"] == "torch"
+    # every projection of both layers runs through quantization.py, the layers through modeling_chatglm.py
+    assert counts["quantization.py"] >= 4 * result["layers"] and counts["modeling_chatglm.py"] >= result["layers"]
+    assert counts["total"] == sum(value for key, value in counts.items() if key != "total")
