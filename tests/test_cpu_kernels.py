@@ -15,7 +15,7 @@ chatglm_cpu = pytest.importorskip("chatglm_cpu")
 if not chatglm_cpu.available():
     pytest.skip("this CPU has no AVX2/FMA/F16C", allow_module_level=True)
 
-from test_quantization import Q  # noqa: E402  (the released packing, from quantization.py)
+from quantization_helpers import Q  # noqa: E402  (the released packing, from quantization.py)
 
 
 def released_weight(q, bits):

@@ -11,24 +11,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATION_PY = Path(__file__).resolve().parent.parent / "quantization.py"
-
-
-def load_quantization(name="chatglm_quantization_under_test"):
-    spec = importlib.util.spec_from_file_location(name, QUANTIZATION_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-Q = load_quantization()
+from quantization_helpers import QUANTIZATION_PY, Q, chatglm_cpu_runs, load_quantization, page_faults_reading
 
 # (out_features, in_features): shapes the CPU kernels take, and shapes only the fallback takes
 # (40 rows are not a multiple of 16; 66 inputs are not a multiple of 16 or 32).
@@ -928,15 +917,7 @@ def test_the_default_kernel_without_chatglm_cpu_is_torch_without_a_warning(monke
 # ---------------------------------------------------------------------------------------------
 
 
-def _chatglm_cpu_runs():
-    if importlib.util.find_spec("chatglm_cpu") is None:
-        return False
-    import chatglm_cpu
-
-    return chatglm_cpu.available()
-
-
-needs_chatglm_cpu = pytest.mark.skipif(not _chatglm_cpu_runs(), reason="chatglm_cpu is optional and needs AVX2")
+needs_chatglm_cpu = pytest.mark.skipif(not chatglm_cpu_runs(), reason="chatglm_cpu is optional and needs AVX2")
 
 
 @needs_chatglm_cpu
@@ -1091,21 +1072,6 @@ def test_paging_out_a_weight_never_changes_its_bytes(tmp_path):
         assert torch.equal(tensor, expected)  # resident now
         Q._page_out(tensor)
         assert torch.equal(tensor, expected)
-
-
-def page_faults_reading(tensors):
-    """The page faults this thread takes reading one byte of every page under `tensors` (Linux)."""
-    import ctypes
-    import mmap
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_THREAD)
-    for tensor in tensors:
-        start, end = Q._page_span(tensor)
-        for address in range(start, end, mmap.PAGESIZE):
-            ctypes.c_char.from_address(address).value
-    after = resource.getrusage(resource.RUSAGE_THREAD)
-    return after.ru_minflt - before.ru_minflt + after.ru_majflt - before.ru_majflt
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory-mapped files are read through /proc/self/maps")

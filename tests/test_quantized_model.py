@@ -1,7 +1,7 @@
 """Quantization at the model level (spec §6): quantize(), pre-quantized checkpoints, errors, training."""
 
 import copy
-import importlib.util
+import importlib
 import json
 import pickle
 import subprocess
@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from quantization_helpers import Q, chatglm_cpu_runs, page_faults_reading
 from tiny_checkpoint import copy_code, random_model, write_config
 
 VOCAB = 160
@@ -277,12 +278,10 @@ def chatglm_cpu_calls(monkeypatch):
     """A list that gets one entry per chatglm_cpu kernel call: "normed" where a quantized projection applied an
     RMSNorm to its input, "swiglu" where it took [gate | up], "plain" where neither, "float" for a float weight,
     "attend" for a decode step's attention; skips where the package cannot run."""
-    if importlib.util.find_spec("chatglm_cpu") is None:
-        pytest.skip("chatglm_cpu is optional")
+    if not chatglm_cpu_runs():
+        pytest.skip("chatglm_cpu is optional and needs AVX2")
     import chatglm_cpu
 
-    if not chatglm_cpu.available():
-        pytest.skip("chatglm_cpu needs AVX2")
     calls = []
     kernel = chatglm_cpu.QuantizedWeight.__call__
     def counted(*args, **kwargs):
@@ -615,8 +614,6 @@ def test_a_checkpoint_loaded_as_stored_has_its_weight_pages_mapped_before_the_fi
     """The first forward of the 6B int4 file took its ~3.4 GB of mapped pages as page faults in the kernels'
     threads; from_pretrained maps them on a thread instead (all but the embedding, read a row per token).
     Widths of 512 and 2048 make a 3 MB file, of which the first reads took 16 faults without this."""
-    from test_quantization import Q, page_faults_reading
-
     shapes = {"hidden_size": 512, "ffn_hidden_size": 2048, "num_attention_heads": 8, "kv_channels": 64}
     random_model(tmp_path / "float", VOCAB, **shapes).quantize(4).save_pretrained(tmp_path / "int4", safe_serialization=False)
     copy_code(tmp_path / "int4")
@@ -632,8 +629,6 @@ def test_a_checkpoint_loaded_as_stored_has_its_weight_pages_mapped_before_the_fi
 def test_the_prefault_thread_is_stopped_before_the_interpreter_shuts_down(tmp_path):
     """A process that exited right after loading (the CLI refusing an option) aborted now and then, its mapping
     thread ended mid-call by the shutting-down interpreter; at-exit handlers now find it stopped and joined."""
-    from test_quantization import Q
-
     shapes = {"hidden_size": 512, "ffn_hidden_size": 2048, "num_attention_heads": 8, "kv_channels": 64}
     random_model(tmp_path / "float", VOCAB, **shapes).quantize(4).save_pretrained(tmp_path / "int4")
     copy_code(tmp_path / "int4")
