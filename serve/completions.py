@@ -28,7 +28,7 @@ async def completions(body: CompletionRequest, request: Request):
     for index, prompt in enumerate(prompts):
         name = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
         encoded.append(await serving.encode(prompt, name) if isinstance(prompt, str) else serving.check_length(serving.token_ids(prompt, name), name))
-    job = serving.submit(serving.rows_for(body, encoded, body.max_tokens, "max_tokens"))
+    job = serving.submit(serving.rows_for(body, encoded, body.max_tokens, "max_tokens", continues_prompt=True))
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(ids) for ids in encoded)
     prompt_texts = [prompt if isinstance(prompt, str) else serving.tokenizer.decode(prompt) for prompt in prompts]

@@ -79,6 +79,7 @@ class Row:
     min_tokens: int = 0  # eos is not sampled before this many tokens
     logprobs: Optional[int] = None  # None: no log probabilities; k: each token's and the k likeliest
     echo_logprobs: bool = False  # also the prompt's tokens' (`prompt_logprobs`)
+    continues_prompt: bool = False  # the text is what the tokens add to the prompt's (`text_context`)
     tokens: list = field(default_factory=list)  # generated ids, eos excluded
     sent: str = ""  # text already sent to the client
     finish_reason: str = None  # "stop", "length", or "cancelled"
@@ -91,6 +92,13 @@ class Row:
     @property
     def done(self):
         return self.finish_reason is not None
+
+    @property
+    def text_context(self):
+        """The prompt tokens the row's text is decoded after (their own text not part of it): a text
+        completion's first token keeps its word marker (" I" after "你好！"); a chat reply, which
+        starts after the format's newline, is decoded alone."""
+        return self.prompt_ids[-1:] if self.continues_prompt else []
 
 
 class Job:
@@ -148,14 +156,17 @@ class IncrementalText:
 
     `decode` of a window starts a new SentencePiece text, which drops a leading word marker; the
     window starts one emitted piece back so that both decodes drop the same one and their difference
-    is the new text. A window ending inside a character (U+FFFD) waits for the rest of it."""
+    is the new text. A window ending inside a character (U+FFFD) waits for the rest of it. `context`
+    (tokens before the text, not part of it) is the first window's start: the first token keeps its
+    marker, as in a text that goes on after the context's."""
 
-    def __init__(self, decode):
+    def __init__(self, decode, context=()):
         self.decode = decode
-        self.ids = []
+        self.ids = list(context)
         self.text = ""
         self.start = 0  # the window: ids[start:] decoded, of which ids[start:read] are in `text`
-        self.read = 0
+        self.read = len(self.ids)
+        self.context_text = decode(self.ids)
 
     def add(self, token):
         self.ids.append(token)
@@ -165,6 +176,10 @@ class IncrementalText:
             self.text += after[len(before) :]
             self.start, self.read = self.read, len(self.ids)
         return self.text
+
+    def whole(self):
+        """The text of all the tokens decoded at once (it may end in a character `text` still holds back)."""
+        return self.decode(self.ids)[len(self.context_text) :]
 
 
 class Histogram:
@@ -206,7 +221,7 @@ class _Live:
         self.row = job.rows[index]
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.row.seed)
-        self.text = IncrementalText(decode)
+        self.text = IncrementalText(decode, self.row.text_context)
         self.last_token = None
         self.last_token_at = None
         self.unsent_logprobs = []
@@ -595,7 +610,7 @@ class Engine:
     def _final_text(self, live):
         """The row's whole text, decoded once from all its tokens (it may end in a character that the
         incremental text still holds back)."""
-        text = self.tokenizer.decode_reply(live.row.tokens)
+        text = live.text.whole()
         return live.job.postprocess(text) if live.job.postprocess else text
 
     def _unsent(self, live):

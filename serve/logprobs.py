@@ -50,10 +50,11 @@ class TextOffsets:
     `text[offset:]` starts where the token's text does; a token that adds no characters of its own
     (`[gMASK]` and `sop` when they are not shown, an end-of-answer token, the first bytes of a
     character) is placed where the next text starts, and a piece's word marker counts only where
-    the decoded text has the space (not at the start of a text)."""
+    the decoded text has the space (not at the start of a text, but after a `context`: the tokens
+    before it, as `IncrementalText` takes them)."""
 
-    def __init__(self, decode, start=0):
-        self.text, self.start = IncrementalText(decode), start
+    def __init__(self, decode, start=0, context=()):
+        self.text, self.start = IncrementalText(decode, context), start
 
     def place(self, token):
         offset = self.start + len(self.text.text)
@@ -88,7 +89,7 @@ class CompletionChoices:
         self.text_of, self.tokenizer, self.rows, self.prompts, self.n, self.echo = text_of, tokenizer, rows, prompts, n, echo
         self.from_text = from_text
         self.started = [False] * len(rows)
-        self.answer_offsets = [TextOffsets(tokenizer.decode_reply, len(prompts[index // n])) for index in range(len(rows))]
+        self.answer_offsets = [TextOffsets(tokenizer.decode_reply, len(prompts[index // n]), row.text_context) for index, row in enumerate(rows)]
 
     def whole(self, index, text):
         row = self.rows[index]

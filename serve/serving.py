@@ -106,8 +106,9 @@ class Serving:
             )
         return max_tokens
 
-    def rows_for(self, request, prompts, max_tokens, param):
-        """The engine's rows for a chat or text completion request: `n` per prompt, each with its seed."""
+    def rows_for(self, request, prompts, max_tokens, param, continues_prompt=False):
+        """The engine's rows for a chat or text completion request: `n` per prompt, each with its seed;
+        `continues_prompt` for a text completion, whose text is what its tokens add to the prompt's."""
         settings, max_batch_size = self.settings, self.engine.max_batch_size
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stops) > 4 or any(not stop for stop in stops):
@@ -133,7 +134,9 @@ class Serving:
         for ids in prompts:
             new_tokens = self.new_tokens_for(ids, max_tokens, param)
             for choice in range(request.n):
-                rows.append(Row(ids, new_tokens, temperature, top_p, (seed + choice) % 2**63, tuple(stops), min(request.min_tokens, new_tokens), **logprobs))
+                rows.append(
+                    Row(ids, new_tokens, temperature, top_p, (seed + choice) % 2**63, tuple(stops), min(request.min_tokens, new_tokens), continues_prompt=continues_prompt, **logprobs)
+                )
         return rows
 
     def submit(self, rows, kind="generate", postprocess=None, events=None, answer_start=None):

@@ -252,6 +252,26 @@ def test_incremental_text_equals_decoding_the_whole_row(tokenizer):
     assert len(sequences) == 204
 
 
+def test_incremental_text_after_a_context_is_what_the_tokens_add_to_it(tokenizer):
+    # A completion's text continues its prompt: decoded after the prompt's last token, a first piece
+    # keeps its word marker ("▁I" after "！" is " I"), where decoded alone it would lose it.
+    contexts = [tokenizer(text, add_special_tokens=False)["input_ids"][-1:] for text in ("你好！", "Hello world", "a\n")]
+    generator = random.Random(1)
+    sequences = [tokenizer.convert_tokens_to_ids(["▁I", "▁am"]), tokenizer("你好！我是", add_special_tokens=False)["input_ids"]]
+    sequences += [[generator.randrange(len(tokenizer)) for _ in range(generator.randrange(1, 20))] for _ in range(60)]
+    for context in contexts:
+        before = tokenizer.decode_reply(context)
+        for ids in sequences:
+            text = IncrementalText(tokenizer.decode_reply, context)
+            for count, token in enumerate(ids, 1):
+                so_far = text.add(token)
+                whole = tokenizer.decode_reply(context + ids[:count])
+                assert whole.startswith(before + so_far), (context, ids[:count], so_far, whole)
+                assert before + so_far == whole or whole.endswith("\ufffd"), (context, ids[:count], so_far, whole)
+            assert text.whole() == tokenizer.decode_reply(context + ids)[len(before) :]
+    assert IncrementalText(tokenizer.decode_reply, contexts[0]).add(sequences[0][0]) == " I"
+
+
 def reference_logprobs(model, ids):
     """The model's log-softmax at every position of `ids` (one forward, no cache)."""
     with torch.no_grad():
@@ -375,6 +395,34 @@ def test_echo_text_offsets_index_the_returned_text(client, tokenizer):
     answer = client.completions.create(prompt=prompt, **{**request, "echo": False}).choices[0]
     assert answer.logprobs.text_offset == choice.logprobs.text_offset[len(ids) :]
     assert_offsets_index_the_text(prompt + answer.text, answer.logprobs)
+
+
+def test_a_completion_is_what_its_tokens_add_to_the_prompt(client, tokenizer):
+    # The demo model answers this prompt with "▁I ▁am": after "！" that is " I am", not "I am", so a
+    # client joining prompt and completion gets the text the model wrote. Chat replies stay stripped.
+    prompt = "Hello world, 你好！"
+    ids = tokenizer(prompt)["input_ids"]
+    generated = tokenizer.convert_tokens_to_ids(["▁I", "▁am"])
+    expected = tokenizer.decode_reply(ids + generated)[len(tokenizer.decode_reply(ids)) :]
+    assert expected == " I am"
+    request = {"model": MODEL, "max_tokens": 2, "temperature": 0, "logprobs": 0}
+    for sent, sent_text in ((prompt, prompt), (ids, tokenizer.decode(ids))):  # ids: offsets after their text, "[gMASK]sop…"
+        choice = client.completions.create(prompt=sent, **request).choices[0]
+        assert choice.text == expected and choice.logprobs.tokens == [" I", " am"]
+        assert choice.logprobs.text_offset == [len(sent_text), len(sent_text) + 2]
+        streamed = [chunk.choices[0] for chunk in client.completions.create(prompt=sent, stream=True, **request)]
+        assert "".join(part.text for part in streamed) == expected
+    echoed = client.completions.create(prompt=prompt, echo=True, **{**request, "logprobs": 1}).choices[0]
+    assert echoed.text == prompt + expected and echoed.logprobs.tokens[-2:] == [" I", " am"]
+    assert echoed.logprobs.text_offset[-2:] == [len(prompt), len(prompt) + 2]
+    assert_offsets_index_the_text(echoed.text, echoed.logprobs, unwritten=("[gMASK]", "sop"))
+    streamed = [chunk.choices[0] for chunk in client.completions.create(prompt=prompt, echo=True, stream=True, **{**request, "logprobs": 1})]
+    assert "".join(part.text for part in streamed) == echoed.text
+    assert [offset for part in streamed if part.logprobs for offset in part.logprobs.text_offset] == echoed.logprobs.text_offset
+    # A stop string is looked for in that text: " I am" cut before "am".
+    stopped = {"model": MODEL, "max_tokens": 5, "temperature": 0, "stop": ["am"]}
+    assert client.completions.create(prompt=prompt, **stopped).choices[0].text == " I "
+    assert "".join(chunk.choices[0].text for chunk in client.completions.create(prompt=prompt, stream=True, **stopped)) == " I "
 
 
 def test_top_logprobs_need_logprobs(client):
