@@ -15,11 +15,7 @@ chatglm_cpu = pytest.importorskip("chatglm_cpu")
 if not chatglm_cpu.available():
     pytest.skip("this CPU has no AVX2/FMA/F16C", allow_module_level=True)
 
-from quantization_helpers import Q  # noqa: E402  (the released packing, from quantization.py)
-
-
-def released_weight(q, bits):
-    return Q.pack_int4(q) if bits == 4 else q
+from quantization_helpers import released_bytes  # noqa: E402  (the released packing, written in the tests)
 
 
 def random_q(out_features, in_features, bits, seed=0):
@@ -71,7 +67,7 @@ def test_integer_activations_give_the_exact_integer_products(isa, bits, rows, th
     # the one-row and the several-row paths are exact here: any slip changes an integer.
     q = random_q(out_features, in_features, bits)
     x = integer_activations(rows, in_features)
-    out = chatglm_cpu.linear(x, released_weight(q, bits), torch.ones(out_features), None, bits, threads, isa)
+    out = chatglm_cpu.linear(x, released_bytes(q, bits), torch.ones(out_features), None, bits, threads, isa)
     assert torch.equal(out, (x.long() @ q.long().T).float())
 
 
@@ -85,7 +81,7 @@ def test_float_activations_match_the_int8_activation_reference(bits, dtype, in_f
     scale = (torch.rand(36, generator=generator) * 0.01 + 0.001).to(dtype)
     bias = torch.randn(36, generator=generator).to(dtype)
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
-    out = chatglm_cpu.linear(x, released_weight(q, bits), scale, bias, bits)
+    out = chatglm_cpu.linear(x, released_bytes(q, bits), scale, bias, bits)
     assert out.dtype == dtype and out.shape == (rows, 36)
     expected = int8_activation_reference(x, q, scale, bias)
     # float32 sums in another order; float16 / bfloat16 results are rounded once at the end.
@@ -134,7 +130,7 @@ def test_every_instruction_set_gives_the_same_result_bit_for_bit(bits, dtype, in
     q = random_q(70, in_features, bits)
     scale = (torch.rand(70, generator=generator) * 0.01).to(dtype)
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
-    outs = [chatglm_cpu.linear(x, released_weight(q, bits), scale, None, bits, isa=isa) for isa in chatglm_cpu.isas()]
+    outs = [chatglm_cpu.linear(x, released_bytes(q, bits), scale, None, bits, isa=isa) for isa in chatglm_cpu.isas()]
     assert all(torch.equal(out, outs[0]) for out in outs)
 
 
@@ -148,7 +144,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_batched_with_it(isa, bits, in
     q = random_q(37, in_features, bits)
     scale = (torch.rand(37, generator=generator) * 0.01).to(torch.float16)
     x = torch.randn(12, in_features, generator=generator).to(torch.float16)
-    weight = released_weight(q, bits)
+    weight = released_bytes(q, bits)
     alone = chatglm_cpu.linear(x[:1], weight, scale, None, bits, isa=isa)
     for rows in (3, 12):
         assert torch.equal(chatglm_cpu.linear(x[:rows], weight, scale, None, bits, isa=isa)[:1], alone)
@@ -159,14 +155,14 @@ def test_a_non_finite_input_makes_its_own_row_nan_and_no_other():
     x = torch.randn(3, 64)
     x[0, 5] = float("inf")
     x[2, 63] = float("nan")
-    out = chatglm_cpu.linear(x, released_weight(q, 4), torch.ones(8), None, 4)
+    out = chatglm_cpu.linear(x, released_bytes(q, 4), torch.ones(8), None, 4)
     assert out[0].isnan().all() and out[2].isnan().all()
     assert torch.isfinite(out[1]).all()
 
 
 def test_zero_activations_give_the_bias():
     bias = torch.randn(8)
-    out = chatglm_cpu.linear(torch.zeros(2, 64), released_weight(random_q(8, 64, 4), 4), torch.ones(8), bias, 4)
+    out = chatglm_cpu.linear(torch.zeros(2, 64), released_bytes(random_q(8, 64, 4), 4), torch.ones(8), bias, 4)
     assert torch.equal(out, bias.expand(2, 8))
 
 
@@ -196,7 +192,7 @@ def test_a_checked_weight_gives_linears_results_and_its_copies_own_their_tensors
     import pickle
 
     q = random_q(13, 128, 4)
-    weight, scale, bias = released_weight(q, 4), torch.rand(13, dtype=torch.float16), torch.randn(13, dtype=torch.float16)
+    weight, scale, bias = released_bytes(q, 4), torch.rand(13, dtype=torch.float16), torch.randn(13, dtype=torch.float16)
     x = torch.randn(3, 128, dtype=torch.float16)
     checked = chatglm_cpu.QuantizedWeight(weight, scale, bias, 4)
     expected = chatglm_cpu.linear(x, weight, scale, bias, 4)
@@ -218,7 +214,7 @@ def test_an_rms_norm_given_to_the_call_is_torchs_float32_norm_applied_to_x(isa, 
     # for bit, and the normed rows (float32, never rounded to x's dtype) must quantize to the same integers.
     in_features = 256
     q = random_q(13, in_features, bits)
-    weight, scale, bias = released_weight(q, bits), torch.rand(13, dtype=torch.float16), torch.randn(13, dtype=torch.float16)
+    weight, scale, bias = released_bytes(q, bits), torch.rand(13, dtype=torch.float16), torch.randn(13, dtype=torch.float16)
     x = integer_activations(rows, in_features).to(dtype)
     x[0] *= 2  # rows of different norms
     norm_weight = (torch.rand(in_features) + 0.5).to(dtype)
@@ -238,7 +234,7 @@ def test_an_rms_norm_given_to_the_call_is_torchs_float32_norm_applied_to_x(isa, 
 def test_swiglu_given_to_the_call_multiplies_silu_of_the_gate_times_up(isa, bits, dtype, rows):
     in_features = 384
     q = random_q(13, in_features, bits)
-    weight, scale = released_weight(q, bits), torch.rand(13, dtype=torch.float16)
+    weight, scale = released_bytes(q, bits), torch.rand(13, dtype=torch.float16)
     generator = torch.Generator().manual_seed(rows)
     gate_up = (torch.randn(rows, 2 * in_features, generator=generator) * 3).to(dtype)
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, -20.0, 0.0]).to(dtype)  # silu's far ends and its zero
@@ -264,7 +260,7 @@ def relative_error(out, reference):
 def test_callers_on_several_threads_at_once_all_get_their_own_results():
     # Each caller's OpenMP team is its own.
     q = random_q(512, 1024, 4)
-    weight = released_weight(q, 4)
+    weight = released_bytes(q, 4)
     inputs = [integer_activations(2, 1024, seed=seed) for seed in range(6)]
     expected = [(x.long() @ q.long().T).float() for x in inputs]
     results = [None] * len(inputs)
@@ -286,14 +282,14 @@ def _compute_in_child(queue):
     torch.set_num_threads(1)  # what DataLoader workers do: torch's own OpenMP ops hang in a fork otherwise
     q = random_q(64, 256, 4)
     x = integer_activations(1, 256)
-    out = chatglm_cpu.linear(x, released_weight(q, 4), torch.ones(64), None, 4)
+    out = chatglm_cpu.linear(x, released_bytes(q, 4), torch.ones(64), None, 4)
     queue.put(torch.equal(out, (x.long() @ q.long().T).float()))
 
 
 def test_a_forked_child_with_one_torch_thread_computes_without_the_parents_threads():
     # The kernels follow torch's thread count: with one thread they never enter the OpenMP runtime,
     # whose threads a forked child does not have.
-    chatglm_cpu.linear(torch.randn(1, 256), released_weight(random_q(64, 256, 4), 4), torch.ones(64), None, 4, 2)
+    chatglm_cpu.linear(torch.randn(1, 256), released_bytes(random_q(64, 256, 4), 4), torch.ones(64), None, 4, 2)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_compute_in_child, args=(queue,))

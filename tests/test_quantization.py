@@ -11,13 +11,22 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantization_helpers import QUANTIZATION_PY, Q, chatglm_cpu_runs, load_quantization, page_faults_reading
+from quantization_helpers import (
+    Q,
+    chatglm_cpu_runs,
+    dequantized_weight,
+    load_quantization,
+    page_faults_reading,
+    released_bytes,
+    released_integers,
+)
 
 # (out_features, in_features): shapes the CPU kernels take, and shapes only the fallback takes
 # (40 rows are not a multiple of 16; 66 inputs are not a multiple of 16 or 32).
@@ -36,8 +45,9 @@ def make_layer(out_features, in_features, bits, dtype=torch.float32, bias=True, 
 
 
 def reference_output(layer, x):
-    """float32 F.linear with the dequantized weight: what every compute path must agree with."""
-    weight = Q.dequantize_weight(layer.released_weight(), layer.weight_scale.float(), layer.bits)
+    """float32 F.linear with the released weight dequantized by the tests' own integer arithmetic: what every
+    compute path must agree with."""
+    weight = dequantized_weight(layer.released_weight(), layer.weight_scale.float(), layer.bits)
     bias = layer.bias.float() if layer.bias is not None else None
     return F.linear(x.float(), weight, bias)
 
@@ -65,11 +75,9 @@ def test_unpack_int4_reads_every_byte_back_to_its_two_nibbles():
     every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).view(16, 16)
     q = Q.unpack_int4(every_byte)
     assert q.shape == (16, 32) and q.dtype == torch.int8
-    high, low = q[:, 0::2].to(torch.int32), q[:, 1::2].to(torch.int32)
-    unsigned = every_byte.view(torch.uint8).to(torch.int32)
-    assert torch.equal(high, ((unsigned >> 4) ^ 8) - 8)  # signed value of the high nibble
-    assert torch.equal(low, ((unsigned & 0xF) ^ 8) - 8)
+    assert torch.equal(q.to(torch.int32), released_integers(every_byte, 4))
     assert torch.equal(Q.pack_int4(q), every_byte)
+    assert torch.equal(released_bytes(q, 4), every_byte)  # the tests' own packing agrees
 
 
 def test_pack_unpack_round_trip_on_odd_row_counts():
@@ -104,6 +112,17 @@ def test_quantized_projection_names_the_projection_of_a_weight_key_and_nothing_e
 # ---------------------------------------------------------------------------------------------
 # quantize_weight / dequantize_weight
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_weight_is_each_released_integer_times_its_row_scale(bits, dtype):
+    generator = torch.Generator().manual_seed(3)
+    top = 7 if bits == 4 else 127
+    q = torch.randint(-top - 1, top + 1, (6, 16), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(6, generator=generator) + 0.01).to(dtype)
+    released = released_bytes(q, bits)
+    assert torch.equal(Q.dequantize_weight(released, scale, bits), dequantized_weight(released, scale, bits))
 
 
 def test_quantize_weight_int8_uses_absmax_over_127_and_round_half_to_even():
@@ -297,9 +316,9 @@ def test_cpu_int4_layout_is_recognised_and_inverted_on_other_cpu_capabilities(ca
     # torch lays CPU int4 weights out by vector width; check the narrower builds too.
     script = textwrap.dedent(
         f"""
-        import importlib.util, torch
-        spec = importlib.util.spec_from_file_location("q", {str(QUANTIZATION_PY)!r})
-        Q = importlib.util.module_from_spec(spec); spec.loader.exec_module(Q)
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from quantization_helpers import Q, dequantized_weight
         assert Q.detect_cpu_int4_layout() is not None, torch.backends.cpu.get_cpu_capability()
         for out_features in (16, 48, 176, 272):
             weight = torch.randn(out_features, 64, dtype=torch.bfloat16)
@@ -307,7 +326,7 @@ def test_cpu_int4_layout_is_recognised_and_inverted_on_other_cpu_capabilities(ca
             layer.weight.data, layer.weight_scale.data = Q.quantize_weight(weight, 4)
             released = layer.weight.detach().clone()
             x = torch.randn(3, 64, dtype=torch.bfloat16)
-            expected = x.float() @ Q.dequantize_weight(released, layer.weight_scale, 4).float().t()
+            expected = x.float() @ dequantized_weight(released, layer.weight_scale.float(), 4).t()
             out = layer(x).float()
             assert type(layer.backend) is Q.TorchInt4 and layer.weight.dtype == torch.uint8
             assert torch.equal(layer.state_dict()["weight"], released)
@@ -605,7 +624,7 @@ def test_input_and_bias_gradients_match_the_dequantized_float_layer(bits, shape)
     layer = make_layer(*shape, bits)
     float_layer = nn.Linear(shape[1], shape[0])
     with torch.no_grad():
-        float_layer.weight.copy_(Q.dequantize_weight(layer.released_weight(), layer.weight_scale, bits))
+        float_layer.weight.copy_(dequantized_weight(layer.released_weight(), layer.weight_scale, bits))
         float_layer.bias.copy_(layer.bias)
     x = torch.randn(2, 3, shape[1])
     upstream = torch.randn(2, 3, shape[0])
@@ -643,7 +662,7 @@ def test_kernel_conversion_under_inference_mode_leaves_a_weight_training_can_use
     assert not layer.weight.is_inference()
     x = torch.randn(2, KERNEL_SHAPE[1], requires_grad=True)
     layer(x).sum().backward()
-    weight = Q.dequantize_weight(layer.released_weight(), layer.weight_scale.float(), 4)
+    weight = dequantized_weight(layer.released_weight(), layer.weight_scale.float(), 4)
     torch.testing.assert_close(x.grad, torch.ones(2, KERNEL_SHAPE[0]) @ weight, rtol=1e-4, atol=1e-4)
 
 
@@ -881,7 +900,7 @@ def test_onnxruntime_kernel_is_not_used_for_training():
     out = layer(x)
     out.sum().backward()
     assert torch.equal(out, Q._fallback_linear(x.detach(), layer.weight, layer.weight_scale, layer.bias, 4))
-    assert torch.equal(x.grad, torch.ones(2, KERNEL_SHAPE[0]) @ Q.dequantize_weight(layer.weight, layer.weight_scale, 4))
+    assert torch.equal(x.grad, torch.ones(2, KERNEL_SHAPE[0]) @ dequantized_weight(layer.weight, layer.weight_scale, 4))
 
 
 @pytest.mark.parametrize(
@@ -1018,7 +1037,7 @@ def test_a_training_forward_after_chatglm_cpu_inference_is_exact_and_leaves_the_
     out.float().sum().backward()
     assert layer.weight.dtype == torch.int8 and layer.weight.data_ptr() == stored
     assert torch.equal(out, Q._fallback_linear(x, layer.weight, layer.weight_scale, layer.bias, 4))
-    dequantized = Q.dequantize_weight(layer.weight, layer.weight_scale, 4)
+    dequantized = dequantized_weight(layer.weight, layer.weight_scale, 4)
     assert torch.equal(trained.grad, torch.ones(3, KERNEL_SHAPE[0], dtype=torch.bfloat16) @ dequantized)
 
 

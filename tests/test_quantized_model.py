@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from quantization_helpers import Q, chatglm_cpu_runs, page_faults_reading
+from quantization_helpers import Q, chatglm_cpu_runs, dequantized_weight, page_faults_reading
 from tiny_checkpoint import copy_code, random_model, write_config
 
 VOCAB = 160
@@ -85,9 +85,8 @@ def test_float32_quantized_model_matches_float32_layers_with_the_dequantized_wei
         for path in PROJECTIONS:
             layer = quantized_layer.get_submodule(path)
             with torch.no_grad():
-                weight = layer.released_weight()
-                q = weight if bits == 8 else torch.stack((weight >> 4, (weight << 4) >> 4), -1).flatten(-2)
-                float_layer.get_submodule(path).weight.copy_(q.float() * layer.weight_scale.float()[:, None])
+                weight = dequantized_weight(layer.released_weight(), layer.weight_scale.float(), bits)
+                float_layer.get_submodule(path).weight.copy_(weight)
     ids = ids_of(batch=2, length=12)
     with torch.no_grad():
         for _ in range(2):  # the first call also moves CPU int4 weights into their kernel layout
@@ -551,8 +550,7 @@ def test_forward_mode_ad_through_the_cpu_kernels_keeps_its_tangents(float_folder
     assert chatglm_cpu_calls == []  # the kernels are no differentiable operators
     # the layer is linear: its tangent is the layer (without bias) applied to the tangent, by its exact weight
     if bits:
-        quantization = importlib.import_module(type(module).__module__)
-        weight = quantization.dequantize_weight(module.released_weight(), module.weight_scale.to(tangent.dtype), bits)
+        weight = dequantized_weight(module.released_weight(), module.weight_scale.to(tangent.dtype), bits)
     else:
         weight = module.weight
     assert torch.equal(out.tangent, torch.nn.functional.linear(tangent, weight))
