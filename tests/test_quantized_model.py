@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import weakref
 
 import pytest
 import torch
@@ -432,9 +433,11 @@ def test_the_output_layer_runs_on_chatglm_cpu_through_the_module_and_on_torch_fo
     with torch.no_grad():
         logits = model(ids).logits.float()
         assert chatglm_cpu_calls.count("float") == 1 and len(seen) == 1  # through the module: hooks see it
-        head.cpu_kernel = "torch"
+        quantization = importlib.import_module(type(head).__module__)
+        quantization.set_cpu_kernel(head, "torch")
         reference = model(ids).logits.float()
-        head.cpu_kernel = "chatglm_cpu"
+        assert chatglm_cpu_calls.count("float") == 1  # the reference is torch's
+        quantization.set_cpu_kernel(head, "chatglm_cpu")
         # float32 sums in another order than torch's: within float16's rounding
         assert torch.allclose(logits, reference, rtol=2e-3, atol=2e-3) and not torch.equal(logits, torch.zeros_like(logits))
     chatglm_cpu_calls.clear()
@@ -490,11 +493,12 @@ def test_a_model_pickles_and_deep_copies_without_its_kernels_handles(float_folde
     ids = ids_of()
     with torch.no_grad():
         logits = model(ids).logits  # builds the handles of the quantized projections and the output layer
-    assert model.transformer.output_layer._backend.handle is not None
+    kept = model.transformer.output_layer.backend
+    assert kept.handle is not None
     data = pickle.dumps(model)
     # unpickling needs no kernel package (and a copy never shares the original's raw addresses)
     assert b"QuantizedWeight" not in data and b"FloatWeight" not in data
-    assert model.transformer.output_layer._backend.handle is not None  # the original keeps its own
+    assert model.transformer.output_layer.backend is kept and kept.handle is not None  # the original keeps its own
     for copied in (pickle.loads(data), copy.deepcopy(model)):
         chatglm_cpu_calls.clear()
         with torch.no_grad():
@@ -593,11 +597,12 @@ def test_the_output_layers_kernel_follows_its_weight_and_steps_aside_for_compile
     x = torch.randn(1, head.in_features, dtype=torch.float16)
     with torch.no_grad():
         head(x)
-        assert head._backend.handle is not None and chatglm_cpu_calls == ["float"]
+        assert head.backend.handle is not None and chatglm_cpu_calls == ["float"]
         head.weight = torch.nn.Parameter(head.weight[:100])  # a view from the same address, fewer rows
         assert torch.equal(head(x), torch.nn.functional.linear(x, head.weight))
+        before = weakref.ref(head.backend)
         head.float()  # converted: the handle on the old tensors goes with them
-        assert head._backend is None
+        assert before() is None
         head.half()
         chatglm_cpu_calls.clear()
         compiled = torch.compile(head, fullgraph=True, backend="eager")  # our kernel would break the graph
