@@ -65,10 +65,10 @@ def runs_only_its_forward(module):
 
 def may_apply_norm_in_projection(norm, sublayer, projection, states):
     """Whether `sublayer` may get `states` before `norm`, for its first `projection` to apply the norm in
-    its own call: a quantized projection on chatglm_cpu applies an RMSNorm while it quantizes its input.
-    The norm's nine torch operators, 56 times per step, cost a 6B int4 decode step 6.6 ms of its 37.6
-    outside the matrices (Zen 3). Only where nothing can tell: none of the three modules is hooked,
-    subclassed or has its forward replaced; the projection decides the rest (kernel, gradients, dtypes)."""
+    its own call: a quantized projection on chatglm_cpu applies an RMSNorm while it quantizes its input,
+    sparing a decode step the norm's operators (bench/README.md, "Figures behind the model's CPU paths").
+    Only where nothing can tell: none of the three modules is hooked, subclassed or has its forward
+    replaced; the projection decides the rest (kernel, gradients, dtypes)."""
     if states.device.type != "cpu" or type(norm) is not RMSNorm or type(projection) is not QuantizedLinear:
         return False
     return all(map(runs_only_its_forward, (norm, sublayer, projection)))
@@ -211,10 +211,9 @@ def single_query_attention_on_cpu(query, key, value, attention_mask, scaling):
     query [batch, heads, 1, dim], key/value [batch, groups, keys, dim], attention_mask None or boolean
     [batch, 1, 1, keys] (True = attend); returns the context [batch, 1, heads, dim] in the query's dtype.
     The heads sharing a key group are its rows of one matmul, so no key is repeated. Torch's CPU
-    flash-attention kernel takes a single query 6-10x longer in half precision than in float32 on a CPU
-    without native half arithmetic, and even in float32 is slower than this: per ChatGLM2-6B layer, 2
-    threads, 113 against 93 us over 190 cached keys, 3.3 ms against 0.8 ms over 2000 (Zen 4) -- 70 ms of
-    every token at that length. Prompts keep SDPA: there the float32 copies would double their memory.
+    flash-attention kernel is slower for a single query, most of all in half precision (bench/README.md,
+    "Figures behind the model's CPU paths"). Prompts keep SDPA: there the float32 copies would double
+    their memory.
     """
     batch, heads, _, dim = query.shape
     groups, keys = key.shape[1:3]
@@ -303,8 +302,7 @@ class SelfAttention(nn.Module):
 
     def single_query_attention(self, query, key, value, attention_mask):
         """`single_query_attention_on_cpu`, in chatglm_cpu's kernel where `cpu_kernel` chose it: one call instead
-        of a dozen operators and float copies of the cache, 43 against 114 us a layer over 190 keys, 332 against
-        476 over 2000 (Zen 3, 2 threads)."""
+        of a dozen operators and float copies of the cache."""
         if self.cpu_kernel == "chatglm_cpu":
             mask = attention_mask[:, 0, 0] if attention_mask is not None else None
             context = chatglm_cpu_attention(query[:, :, 0], key, value, mask, self.scaling)
