@@ -939,54 +939,56 @@ class Dequantize:
         return _dequantized_linear(layer, x2d)
 
 
-class TorchInt4:
-    """torch's int4 weight-only CPU kernel for a few rows (decode) and, from CPU_GEMM_MIN_ROWS rows on, the integers
-    unpacked to bfloat16 for oneDNN's GEMM; the weight is rewritten once into the kernel's layout (`CpuInt4Layout`).
-    float32 activations take the exact path from that layout (a float32 model asked for float32 numerics)."""
+class _TorchWeightOnly:
+    """torch's weight-only CPU kernels for a few rows (decode) and, from CPU_GEMM_MIN_ROWS rows on, the integers
+    unpacked to bfloat16 for oneDNN's GEMM. float32 activations take the exact path (a float32 model asked for
+    float32 numerics)."""
 
     exact = True
 
+    @classmethod
+    def fits(cls, layer):
+        return layer.bits == cls.bits and layer.weight.device.type == "cpu" and cls.kernel_fits(layer)
+
+    def __call__(self, layer, x2d):
+        if x2d.dtype not in _CPU_KERNEL_DTYPES:
+            return _dequantized_linear(layer, x2d)
+        parameters = layer._parameters
+        return _with_bias(self.multiply(layer, x2d, parameters["weight"], parameters["weight_scale"]), parameters["bias"])
+
+
+class TorchInt4(_TorchWeightOnly):
+    """4 bits: the weight is rewritten once into the kernel's layout (`CpuInt4Layout`)."""
+
+    bits = 4
+
     @staticmethod
-    def fits(layer):
-        return (
-            layer.bits == 4
-            and layer.weight.device.type == "cpu"
-            and _cpu_int4_kernel_fits(layer.out_features, layer.in_features)
-        )
+    def kernel_fits(layer):
+        return _cpu_int4_kernel_fits(layer.out_features, layer.in_features)
 
     def __init__(self, layer):
         layer._use_cpu_layout(_cpu_int4_layout())
 
-    def __call__(self, layer, x2d):
-        if x2d.dtype not in _CPU_KERNEL_DTYPES:
-            return _dequantized_linear(layer, x2d)
-        parameters = layer._parameters
-        out = _cpu_int4_linear(x2d, parameters["weight"], parameters["weight_scale"], layer._cpu_layout)
-        return _with_bias(out, parameters["bias"])
+    @staticmethod
+    def multiply(layer, x2d, weight, scale):
+        return _cpu_int4_linear(x2d, weight, scale, layer._cpu_layout)
 
 
-class TorchInt8:
-    """torch's int8 weight-only CPU kernel for a few rows, a bfloat16 GEMM from CPU_GEMM_MIN_ROWS rows on; float32
-    activations take the exact path."""
+class TorchInt8(_TorchWeightOnly):
+    """8 bits, on the released bytes."""
 
-    exact = True
+    bits = 8
 
     @staticmethod
-    def fits(layer):
-        return (
-            layer.bits == 8
-            and layer.weight.device.type == "cpu"
-            and _cpu_int8_kernel_fits(layer.in_features)
-        )
+    def kernel_fits(layer):
+        return _cpu_int8_kernel_fits(layer.in_features)
 
     def __init__(self, layer):
         layer._use_cpu_layout(None)
 
-    def __call__(self, layer, x2d):
-        if x2d.dtype not in _CPU_KERNEL_DTYPES:
-            return _dequantized_linear(layer, x2d)
-        parameters = layer._parameters
-        return _with_bias(_cpu_int8_linear(x2d, parameters["weight"], parameters["weight_scale"]), parameters["bias"])
+    @staticmethod
+    def multiply(layer, x2d, weight, scale):
+        return _cpu_int8_linear(x2d, weight, scale)
 
 
 class Triton:
