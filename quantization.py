@@ -656,10 +656,11 @@ def _chatglm_cpu_or_why_not():
 @functools.cache
 def _chatglm_cpu_ops():
     """chatglm_cpu's torch operators (`torch.ops.chatglm_cpu`), registered at first use; None where the installed
-    package has none (before 0.4.2): torch.compile then traces the exact path instead."""
+    package has none (before 0.4.2) or torch cannot define them (before 2.4): torch.compile then traces the exact
+    path instead."""
     try:
         import chatglm_cpu.ops  # noqa: F401 (registers them)
-    except ImportError:
+    except (ImportError, AttributeError):
         return None
     return torch.ops.chatglm_cpu
 
