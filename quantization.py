@@ -573,7 +573,7 @@ class MatMulNBits:
         in_features = stored * 8 // bits
         blocks = -(-in_features // MATMULNBITS_BLOCK)
         converted = _matmulnbits_bytes(weight.detach(), blocks * MATMULNBITS_BLOCK * bits // 8, bits)
-        scales = scale.detach().float()[:, None].expand(out_features, blocks).contiguous()
+        scales = scale.detach().float()[:, None].expand(out_features, blocks).clone(memory_format=torch.contiguous_format)
         shapes = {"B": [out_features, blocks, MATMULNBITS_BLOCK * bits // 8], "scales": [out_features * blocks]}
         values = {"B": converted, "scales": scales}
         types = {"B": onnx.TensorProto.UINT8, "scales": onnx.TensorProto.FLOAT}

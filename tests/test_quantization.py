@@ -906,13 +906,25 @@ def test_onnxruntime_kernel_rebuilds_after_new_weights_are_loaded():
 
 @needs_onnxruntime
 def test_onnxruntime_kernel_is_not_used_for_training():
-    layer = make_layer(*KERNEL_SHAPE, 4)
+    layer, same = make_layer(*KERNEL_SHAPE, 4), make_layer(*KERNEL_SHAPE, 4)
     Q.set_cpu_kernel(layer, "onnxruntime")
     x = torch.randn(2, KERNEL_SHAPE[1], requires_grad=True)
     out = layer(x)
     out.sum().backward()
-    assert torch.equal(out, exact_output(layer, x.detach()))
-    assert torch.equal(x.grad, torch.ones(2, KERNEL_SHAPE[0]) @ dequantized_weight(layer.weight, layer.weight_scale, 4))
+    assert torch.equal(out, exact_output(same, x.detach()))
+    assert torch.equal(x.grad, torch.ones(2, KERNEL_SHAPE[0]) @ dequantized_weight(same.weight, same.weight_scale, 4))
+
+
+@needs_onnxruntime
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [64, 200])  # one MatMulNBits block of inputs; two
+def test_onnxruntime_kernel_leaves_the_layers_tensors_as_they_were(dtype, in_features):
+    layer = make_layer(48, in_features, 4, dtype)
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    Q.set_cpu_kernel(layer, "onnxruntime")
+    with torch.no_grad():
+        layer(torch.randn(2, in_features).to(dtype))
+    assert all(torch.equal(layer.state_dict()[key], value) for key, value in before.items())
 
 
 @pytest.mark.parametrize(
