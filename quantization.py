@@ -917,10 +917,12 @@ def _with_bias(out, bias):
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def _weight_key(weight):
-    """What a backend was made for: its weight's address and shape. Parameters assigned, loaded or moved through
-    the module drop the backend; this catches the rest (accelerate's `_parameters[name] = ...`, `.data = ...`)."""
-    return weight.data_ptr(), weight.shape
+def _parameters_key(module):
+    """What a backend was made for: its parameters' addresses, and the weight's shape. Parameters assigned,
+    loaded or moved through the module drop the backend; this catches the rest (accelerate's
+    `_parameters[name] = ...`, `.data = ...`), whose new tensors a kept handle would not see."""
+    weight, *others = module._parameters.values()
+    return weight.data_ptr(), weight.shape, *[0 if other is None else other.data_ptr() for other in others]
 
 
 class Dequantize:
@@ -1393,8 +1395,7 @@ class QuantizedLinear(nn.Module):
     def backend(self):
         """The QUANTIZED_BACKENDS instance this layer computes with, chosen again only when its parameters changed."""
         backend = self._backend
-        weight = self._parameters["weight"]
-        if backend is None or backend.key != (weight.data_ptr(), weight.shape):  # `_weight_key`, inline
+        if backend is None or backend.key != _parameters_key(self):
             backend = self._choose_backend()
         return backend
 
@@ -1402,7 +1403,7 @@ class QuantizedLinear(nn.Module):
     def _choose_backend(self):
         self._backend = None  # its handle may alias the weight: that would stop an in-place conversion
         backend = next(kind for kind in QUANTIZED_BACKENDS if kind.fits(self))(self)
-        backend.key = _weight_key(self._parameters["weight"])  # after its layout conversion
+        backend.key = _parameters_key(self)  # after its layout conversion
         self._backend = backend
         return backend
 
@@ -1462,9 +1463,8 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear expects inputs of width {self.in_features}, got shape {tuple(x.shape)}")
         backend = self._backend
-        # Inline, not `self.backend`: one check of the weight per call, and none while torch.compile traces.
-        weight = self._parameters["weight"]
-        if backend is None or (not _is_compiling() and backend.key != (weight.data_ptr(), weight.shape)):
+        # Not `self.backend`: no check of the parameters while torch.compile traces.
+        if backend is None or (not _is_compiling() and backend.key != _parameters_key(self)):
             backend = self._choose_backend()
         x2d = x.reshape(-1, self.in_features)
         if torch.is_grad_enabled() and self._needs_grad(x):
@@ -1558,14 +1558,14 @@ class FloatLinear(nn.Linear):
     def backend(self):
         """The FLOAT_BACKENDS instance this layer computes with, chosen again only when its parameters changed."""
         backend = self._backend
-        if backend is None or backend.key != _weight_key(self._parameters["weight"]):
+        if backend is None or backend.key != _parameters_key(self):
             backend = self._choose_backend()
         return backend
 
     def _choose_backend(self):
         self._backend = None  # the old handle would keep the old tensors alive
         backend = next(kind for kind in FLOAT_BACKENDS if kind.fits(self))(self)
-        backend.key = _weight_key(self._parameters["weight"])
+        backend.key = _parameters_key(self)
         self._backend = backend
         return backend
 
@@ -1585,8 +1585,8 @@ class FloatLinear(nn.Linear):
     def forward(self, x):
         if _is_compiling():
             return super().forward(x)
-        backend, weight = self._backend, self._parameters["weight"]
-        if backend is None or backend.key != (weight.data_ptr(), weight.shape):  # `_weight_key`, inline
+        backend = self._backend
+        if backend is None or backend.key != _parameters_key(self):
             backend = self._choose_backend()
         return backend(self, x)
 
