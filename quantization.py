@@ -921,8 +921,9 @@ def _parameters_key(module):
     """What a backend was made for: its parameters' addresses, and the weight's shape. Parameters assigned,
     loaded or moved through the module drop the backend; this catches the rest (accelerate's
     `_parameters[name] = ...`, `.data = ...`), whose new tensors a kept handle would not see."""
-    weight, *others = module._parameters.values()
-    return weight.data_ptr(), weight.shape, *[0 if other is None else other.data_ptr() for other in others]
+    parameters = module._parameters  # no comprehension: this runs for every projection
+    weight, scale, bias = parameters["weight"], parameters.get("weight_scale"), parameters["bias"]
+    return weight.data_ptr(), weight.shape, scale is not None and scale.data_ptr(), bias is not None and bias.data_ptr()
 
 
 class Dequantize:
