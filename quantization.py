@@ -1260,13 +1260,39 @@ def _onnxruntime_linear(matmul, x, bias):
 # ---------------------------------------------------------------------------------------------
 
 
-def _without_backend(state):
-    """A module's state to pickle or deep-copy without its backend, which may hold C objects on the addresses of
-    the module's own tensors (a copy chooses its own at its first forward; unpickling needs no kernel package)."""
-    return {**state, "_backend": None}
+class _ChoosesBackend:
+    """A module that computes with the first of its class's BACKENDS that fits it, made again when its parameters,
+    device or `cpu_kernel` change (`set_cpu_kernel` and the loaders drop `_backend`; `_parameters_key` catches
+    tensors swapped behind the module's back)."""
+
+    @property
+    def backend(self):
+        """The BACKENDS instance this layer computes with, chosen again only when its parameters changed."""
+        backend = self._backend
+        if backend is None or backend.key != _parameters_key(self):
+            backend = self._choose_backend()
+        return backend
+
+    @torch.compiler.disable  # once per layer; torch.compile resumes with the chosen backend
+    def _choose_backend(self):
+        self._backend = None  # its handle may alias the weight (an in-place conversion) or keep old tensors alive
+        backend = next(kind for kind in self.BACKENDS if kind.fits(self))(self)
+        backend.key = _parameters_key(self)  # after its layout conversion
+        self._backend = backend
+        return backend
+
+    def __getstate__(self):
+        # Without the backend, which may hold C objects on the addresses of the module's own tensors: a copy
+        # chooses its own at its first forward, and unpickling needs no kernel package.
+        return {**super().__getstate__(), "_backend": None}
+
+    def _apply(self, *args, **kwargs):
+        # Moved or converted (`.to`, `.float()`, `.cuda()`): the backend keeps the old tensors alive.
+        self._backend = None
+        return super()._apply(*args, **kwargs)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(_ChoosesBackend, nn.Module):
     """`nn.Linear` with a frozen int8 / int4 weight in the released checkpoint format.
 
     Parameters: `weight` (int8 [out, in] for 8 bits, [out, in/2] for 4 bits), `weight_scale`
@@ -1280,6 +1306,8 @@ class QuantizedLinear(nn.Module):
     any other backend; the kernel layout is never written anywhere. Its distinct dtype and shape mark it, so a
     loader that writes a released tensor into a converted layer fails its shape check instead of mixing layouts.
     """
+
+    BACKENDS = QUANTIZED_BACKENDS
 
     def __init__(self, in_features, out_features, bits, bias=True, dtype=None, device=None):
         super().__init__()
@@ -1392,22 +1420,6 @@ class QuantizedLinear(nn.Module):
                 self.weight.data = converted
         self._cpu_layout = cpu_layout
 
-    @property
-    def backend(self):
-        """The QUANTIZED_BACKENDS instance this layer computes with, chosen again only when its parameters changed."""
-        backend = self._backend
-        if backend is None or backend.key != _parameters_key(self):
-            backend = self._choose_backend()
-        return backend
-
-    @torch.compiler.disable  # once per layer; torch.compile resumes with the chosen backend
-    def _choose_backend(self):
-        self._backend = None  # its handle may alias the weight: that would stop an in-place conversion
-        backend = next(kind for kind in QUANTIZED_BACKENDS if kind.fits(self))(self)
-        backend.key = _parameters_key(self)  # after its layout conversion
-        self._backend = backend
-        return backend
-
     def _needs_grad(self, *inputs):
         bias = self._parameters["bias"]
         return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or (bias is not None and bias.requires_grad))
@@ -1434,14 +1446,6 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != 2 * self.in_features:
             return None
         return self._fused(x, swiglu=True)
-
-    def __getstate__(self):
-        return _without_backend(super().__getstate__())
-
-    def _apply(self, *args, **kwargs):
-        # Moved or converted: the backend keeps the old tensors (or its own copies) alive.
-        self._backend = None
-        return super()._apply(*args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -1546,42 +1550,21 @@ class ChatGLMCpuFloat:
 FLOAT_BACKENDS = (ChatGLMCpuFloat, TorchLinear)
 
 
-class FloatLinear(nn.Linear):
+class FloatLinear(_ChoosesBackend, nn.Linear):
     """`nn.Linear` (same parameters, same state dict) that computes with one of FLOAT_BACKENDS, chosen when its
     parameters, device or `cpu_kernel` (`set_cpu_kernel`, as for the quantized layers) change."""
+
+    BACKENDS = FLOAT_BACKENDS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cpu_kernel = "torch"
         self._backend = None
 
-    @property
-    def backend(self):
-        """The FLOAT_BACKENDS instance this layer computes with, chosen again only when its parameters changed."""
-        backend = self._backend
-        if backend is None or backend.key != _parameters_key(self):
-            backend = self._choose_backend()
-        return backend
-
-    def _choose_backend(self):
-        self._backend = None  # the old handle would keep the old tensors alive
-        backend = next(kind for kind in FLOAT_BACKENDS if kind.fits(self))(self)
-        backend.key = _parameters_key(self)
-        self._backend = backend
-        return backend
-
     def __setattr__(self, name, value):
         if name in ("weight", "bias"):
             self.__dict__["_backend"] = None  # made for the old tensor
         super().__setattr__(name, value)
-
-    def __getstate__(self):
-        return _without_backend(super().__getstate__())
-
-    def _apply(self, *args, **kwargs):
-        # Moved or converted (`.to`, `.float()`, `.cuda()`): drop the backend, which keeps the old tensors alive.
-        self._backend = None
-        return super()._apply(*args, **kwargs)
 
     def forward(self, x):
         if _is_compiling():
