@@ -1420,13 +1420,15 @@ class QuantizedLinear(_ChoosesBackend, nn.Module):
                 self.weight.data = converted
         self._cpu_layout = cpu_layout
 
-    def _needs_grad(self, *inputs):
+    def _requires_grad(self, inputs):
+        """Whether any of `inputs` or the bias wants a gradient; the callers ask only in grad mode."""
         bias = self._parameters["bias"]
-        return torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or (bias is not None and bias.requires_grad))
+        return any(t.requires_grad for t in inputs) or (bias is not None and bias.requires_grad)
 
-    def _fused(self, x, **options):
-        """`self` applied to x with chatglm_cpu's fused `options`, or None where that backend does not run it."""
-        if _is_compiling() or (torch.is_grad_enabled() and self._needs_grad(x, *options.get("rms_norm", ())[:1])):
+    def _fused(self, x, inputs, **options):
+        """`self` applied to x with chatglm_cpu's fused `options`, or None where that backend does not run it or
+        one of `inputs` (x and what the options read) wants a gradient."""
+        if _is_compiling() or (torch.is_grad_enabled() and self._requires_grad(inputs)):
             return None
         backend = self.backend
         return backend.fused(self, x, **options) if type(backend) is ChatGLMCpu else None
@@ -1437,7 +1439,7 @@ class QuantizedLinear(_ChoosesBackend, nn.Module):
         wanted, another backend, not on the CPU): the caller then applies the norm itself."""
         if x.shape[-1] != self.in_features or not norm_weight.is_cpu or norm_weight.dtype not in _CHATGLM_CPU_FLOATS:
             return None
-        return self._fused(x, rms_norm=(norm_weight, eps))
+        return self._fused(x, (x, norm_weight), rms_norm=(norm_weight, eps))
 
     def forward_after_swiglu(self, x):
         """`self(silu(gate) * up)` for x = [gate | up] (2 * in_features wide), as one chatglm_cpu call that applies
@@ -1445,7 +1447,7 @@ class QuantizedLinear(_ChoosesBackend, nn.Module):
         that path does not run: the caller then computes the product itself."""
         if x.shape[-1] != 2 * self.in_features:
             return None
-        return self._fused(x, swiglu=True)
+        return self._fused(x, (x,), swiglu=True)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -1472,7 +1474,7 @@ class QuantizedLinear(_ChoosesBackend, nn.Module):
         if backend is None or (not _is_compiling() and backend.key != _parameters_key(self)):
             backend = self._choose_backend()
         x2d = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and self._needs_grad(x):
+        if torch.is_grad_enabled() and self._requires_grad((x,)):
             parameters = self._parameters
             compute = backend if backend.exact else _dequantized_linear
             out = _QuantizedLinearFunction.apply(
