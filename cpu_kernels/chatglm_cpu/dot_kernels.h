@@ -54,10 +54,8 @@ static inline __attribute__((always_inline)) void KERNEL(int4_rows)(const int8_t
     for (int64_t g = 0; g < K / group; g++) {
         __m256i even_sums[4], odd_sums[4];
         for (int r = 0; r < R; r++) even_sums[r] = odd_sums[r] = _mm256_setzero_si256();
-        /* Into L2 (T1), not L1: the L1's few miss buffers hold the requests back. A block of 4 rows fetches the
-         * next block's rows; a single row, one sequential stream, the bytes SINGLE_ROW_AHEAD further on, which
-         * the AVX2 code fetches non-temporal (NTA), so the weights evict less of the rest of a decode step; the
-         * VNNI code keeps T1, where NTA is unmeasured. Timings: bench/README.md, "Tuning constants". */
+        /* Into L2 (T1), not L1, whose few miss buffers hold requests back; a single row's stream SINGLE_ROW_AHEAD on,
+         * non-temporal (NTA) on AVX2 so the weights evict less of the step (bench/README.md, "Tuning constants"). */
         if (!unpacked)
             for (int r = 0; r < R; r++)
                 for (int64_t line = 0; line < group / 2; line += 64)
