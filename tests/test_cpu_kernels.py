@@ -309,14 +309,15 @@ def test_a_forked_child_with_one_torch_thread_computes_without_the_parents_threa
 @pytest.mark.parametrize("rows", [1, 3, chatglm_cpu.FLOAT_PASS_ROWS, 2 * chatglm_cpu.FLOAT_PASS_ROWS + 3])  # + passes over the weight
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 301])  # a remainder; at one row, chunks of over 32 rows, shrinking
-def test_float_weights_times_integers_give_the_exact_products(weight_dtype, x_dtype, rows, threads, out_features):
+@pytest.mark.parametrize("isa", ISAS)
+def test_float_weights_times_integers_give_the_exact_products(weight_dtype, x_dtype, rows, threads, out_features, isa):
     # Small integers are exact in every dtype and their products add up exactly in float32 in any order:
     # any slip in a row, a column, a chunk or the dtype conversions changes an integer.
     generator = torch.Generator().manual_seed(3)
     weight = torch.randint(-8, 9, (out_features, 256), generator=generator).to(weight_dtype)
     bias = torch.randint(-100, 100, (out_features,), generator=generator).to(weight_dtype)
     x = torch.randint(-8, 9, (rows, 256), generator=generator).to(x_dtype)
-    out = chatglm_cpu.FloatWeight(weight, bias)(x, threads)
+    out = chatglm_cpu.FloatWeight(weight, bias, isa=isa)(x, threads)
     assert out.dtype == x_dtype
     assert torch.equal(out, (x.long() @ weight.long().T + bias.long()).to(x_dtype))
 
@@ -335,16 +336,35 @@ def test_float_weights_match_torchs_linear_to_its_rounding(dtype):
     assert (out == torch.nn.functional.linear(x, weight)).float().mean() > 0.95
 
 
-def test_a_float_weights_output_row_does_not_depend_on_the_other_rows_of_the_call():
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_float_weights_output_row_does_not_depend_on_the_other_rows_of_the_call(isa):
     # Every row of every pass adds its products in one order: a sequence decodes alike alone and in a batch,
     # and a prompt's positions alike in any pass.
     generator = torch.Generator().manual_seed(6)
     weight = torch.randn(70, 4096, generator=generator).to(torch.bfloat16)
     # float32 activations, so the outputs keep every bit of the float32 sums: any other order of additions shows
     x = torch.randn(2 * chatglm_cpu.FLOAT_PASS_ROWS + 5, 4096, generator=generator)
-    together = chatglm_cpu.FloatWeight(weight)(x)
-    alone = torch.cat([chatglm_cpu.FloatWeight(weight)(row[None]) for row in x])
+    together = chatglm_cpu.FloatWeight(weight, isa=isa)(x)
+    alone = torch.cat([chatglm_cpu.FloatWeight(weight, isa=isa)(row[None]) for row in x])
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, chatglm_cpu.FLOAT_PASS_ROWS + 1])  # one weight row at a time; blocks; two passes
+def test_float_weights_give_the_same_bits_on_every_instruction_set(weight_dtype, rows):
+    # float32 activations keep every bit of the sums: the 512-bit code must add in the AVX2 code's order.
+    if len(chatglm_cpu.isas()) < 2:
+        pytest.skip(f"this CPU runs only {chatglm_cpu.isas()}")
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(70, 4096, generator=generator).to(weight_dtype)
+    x = torch.randn(rows, 4096, generator=generator)
+    outs = [chatglm_cpu.FloatWeight(weight, isa=isa)(x) for isa in chatglm_cpu.isas()]
+    assert all(torch.equal(out, outs[0]) for out in outs)
+
+
+def test_a_float_weight_refuses_an_instruction_set_this_cpu_does_not_run():
+    with pytest.raises(ValueError, match=r"chatglm_cpu.FloatWeight: isa must be one this CPU runs, .*; got 'avx9'"):
+        chatglm_cpu.FloatWeight(torch.zeros(8, 64, dtype=torch.float16), isa="avx9")
 
 
 @pytest.mark.parametrize(
@@ -396,6 +416,21 @@ def test_attend_is_the_softmax_attention_of_each_head_on_its_group(dtype, keys, 
         # float32 sums: within the output dtype's rounding (float32: a few of its ulps)
         tolerance = 4 * torch.finfo(dtype).eps if dtype == torch.float32 else torch.finfo(dtype).eps
         assert ((out.double() - expected).abs() <= tolerance * expected.abs().clamp_min(1)).all()
+
+
+@pytest.mark.parametrize("padding", [1, 3, 8, 19, 32])  # into the same block of 8 keys or tile of 32, or past them
+def test_a_sequences_attention_is_the_same_bits_left_padded_in_a_batch(padding):
+    # A server's decode batch pads each sequence's cache on the left to the longest one: its attention must add
+    # in the order of the sequence alone, or its greedy answer changes with whatever shares the batch.
+    # float32, so the outputs keep every bit of the sums (rounding to float16 hides most of a difference, not all)
+    generator = torch.Generator().manual_seed(padding)
+    query = torch.randn(2, 4, 128, generator=generator)
+    key, value = (torch.randn(2, 2, 45 + padding, 128, generator=generator) for _ in range(2))
+    mask = torch.ones(2, 45 + padding, dtype=torch.bool)
+    mask[0, :padding] = False
+    alone = chatglm_cpu.attend(query[:1], key[:1, :, padding:], value[:1, :, padding:], None, 128**-0.5)
+    batched = chatglm_cpu.attend(query, key, value, mask, 128**-0.5)
+    assert torch.equal(batched[:1], alone)
 
 
 def test_attend_without_a_key_left_attends_to_all_alike_and_a_nan_spoils_only_its_sequence():

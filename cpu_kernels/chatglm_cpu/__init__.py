@@ -31,7 +31,9 @@ __all__ = [
 # 0.4: `FloatWeight` takes any number of rows, FLOAT_PASS_ROWS per pass over the weight.
 # 0.4.1: batches on VNNI in blocks of activation rows (the same results, bit for bit).
 # 0.4.2: the constants below come from the C module (the same results, bit for bit).
-__version__ = "0.4.2"
+# 0.4.3: VNNI batches and float weights on 512-bit registers, one activation row streams int8 rows one at a time on
+# VNNI (the same bits); `FloatWeight(..., isa=)`; `attend` adds from each sequence's first attended key.
+__version__ = "0.4.3"
 
 # Defined in _kernels.c only, read from the built module. GROUP_SIZES: inputs per activation scale, largest first (a
 # weight takes the largest that divides its width). FLOAT_PASS_ROWS: activation rows per pass of a `FloatWeight` call
@@ -198,11 +200,16 @@ class FloatWeight:
     FLOAT_PASS_ROWS take a pass each FLOAT_PASS_ROWS. Against torch: bench/README.md, "Tuning constants".
     """
 
-    __slots__ = ("in_features", "out_features", "_tensors", "_weight_arguments")
+    __slots__ = ("isa", "in_features", "out_features", "_tensors", "_isa_code", "_weight_arguments")
 
-    def __init__(self, weight, bias=None):
+    def __init__(self, weight, bias=None, isa=None):
         if not available():
             raise RuntimeError("chatglm_cpu.FloatWeight: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
+        if isa is None:
+            isa = _ISAS[0]
+        elif isa not in _ISAS:
+            raise ValueError(f"chatglm_cpu.FloatWeight: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
+        self.isa, self._isa_code = isa, _ISA_CODES[isa]
         _check_plain("chatglm_cpu.FloatWeight", weight=weight, bias=bias)
         if weight.dtype not in (torch.float16, torch.bfloat16) or weight.dim() != 2 or not weight.is_cpu or not weight.is_contiguous():
             raise ValueError(
@@ -224,7 +231,7 @@ class FloatWeight:
         )
 
     def __reduce__(self):
-        return FloatWeight, self._tensors
+        return FloatWeight, (*self._tensors, self.isa)
 
     def __call__(self, x, threads=None):
         """x [M, K] (float32/float16/bfloat16, CPU) -> [M, N] in x's dtype."""
@@ -242,6 +249,7 @@ class FloatWeight:
             *self._weight_arguments,
             out.data_ptr(), dtype_code,
             threads if threads is not None else torch.get_num_threads(),
+            self._isa_code,
         )
         return out
 

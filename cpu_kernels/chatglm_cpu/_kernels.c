@@ -8,7 +8,7 @@
  * place, so decode runs at the memory bandwidth instead of at the speed of unpacking nibbles to floats.
  * Beside them: float16/bfloat16 weights times float activations (float_linear: a decode step's float
  * matrices at the memory's bandwidth, and prompts on CPUs where torch has no fast GEMM in those dtypes) and
- * the attention of one query per sequence over a key/value cache (attend), both in float32, AVX2 code only.
+ * the attention of one query per sequence over a key/value cache (attend), both in float32 (attend in AVX2 code only).
  *
  * The module builds with default compiler flags and selects its code at run time: AVX2 (with FMA and
  * F16C), or AVX512-VNNI's one-instruction byte dot products where the CPU has them (AVX512-F/BW/VL/VNNI:
@@ -290,6 +290,8 @@ static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float 
 /* How far ahead a single-row stream prefetches, in bytes: the distance that streamed fastest (bench/README.md,
  * "Tuning constants"). */
 #define SINGLE_ROW_AHEAD 4096
+/* The same for one activation row's float weights in the 512-bit code (the AVX2 code leaves them to the hardware). */
+#define FLOAT_ROW_AHEAD 8192
 
 typedef struct {
     const Job *job;
@@ -316,63 +318,11 @@ static inline int64_t claim_rows(Work *work, int64_t *end) {
     }
 }
 
-/* Float weights (float16 or bfloat16, [N, K]) times float32 activations, added in float32: the products are
- * exact (11- or 8-bit significands), only the order of the additions differs from torch's. Each weight row is
- * read once, one row after another, and serves every activation row from the L1. One sequential stream per
- * thread, which the hardware prefetchers follow alone: software prefetches only slowed it (bench/README.md,
- * "Tuning constants"). With several activation rows, `count` (1 or FLOAT_BLOCK_ROWS, a constant once inlined)
- * weight rows share each activation load: one row at a time reads every activation row again from the L2 for each
- * weight row. Each output gets the same four sums, added in the same order, whatever `count`: a row's result never
- * depends on how the call was cut. */
-static inline __attribute__((always_inline)) void float_rows(const Job *job, const uint16_t *rows, const int dtype,
-                                                             const int count, float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS]) {
-    const int64_t K = job->K;
-    for (int64_t m = 0; m < job->M; m++) {
-        const float *x = job->xf + m * K;
-        __m256 acc[FLOAT_BLOCK_ROWS][4];
-        for (int r = 0; r < count; r++)
-            for (int i = 0; i < 4; i++) acc[r][i] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K; k += FLOAT_WIDTH_MULTIPLE)
-            for (int i = 0; i < 4; i++) {
-                const __m256 xv = _mm256_loadu_ps(x + k + 8 * i);
-                for (int r = 0; r < count; r++)
-                    acc[r][i] = _mm256_fmadd_ps(load8(rows + r * K, dtype, k + 8 * i), xv, acc[r][i]);
-            }
-        for (int r = 0; r < count; r++)
-            sums[r][m] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
-    }
-}
-
 static inline void store_float_sums(const Job *job, int64_t n, const float *sums) {
     for (int64_t m = 0; m < job->M; m++) {
         float value = sums[m];
         if (job->bias) value += load_float(job->bias, job->bias_dtype, n);
         store_float(job->out, job->out_dtype, m * job->N + n, value);
-    }
-}
-
-static void run_float_chunks(void *argument) {
-    Work *work = (Work *)argument;
-    const Job *job = work->job;
-    const int fp16 = job->weight_dtype == DTYPE_FLOAT16;
-    float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS];
-    for (;;) {
-        int64_t end = 0, begin = claim_rows(work, &end);
-        if (begin >= job->N) break;
-        int64_t n = begin;
-        if (job->M >= FLOAT_BLOCK_FROM_ROWS)
-            for (; n + FLOAT_BLOCK_ROWS <= end; n += FLOAT_BLOCK_ROWS) {
-                const uint16_t *rows = (const uint16_t *)job->weight + n * job->K;
-                if (fp16) float_rows(job, rows, DTYPE_FLOAT16, FLOAT_BLOCK_ROWS, sums);
-                else float_rows(job, rows, DTYPE_BFLOAT16, FLOAT_BLOCK_ROWS, sums);
-                for (int r = 0; r < FLOAT_BLOCK_ROWS; r++) store_float_sums(job, n + r, sums[r]);
-            }
-        for (; n < end; n++) {
-            const uint16_t *row = (const uint16_t *)job->weight + n * job->K;
-            if (fp16) float_rows(job, row, DTYPE_FLOAT16, 1, sums);
-            else float_rows(job, row, DTYPE_BFLOAT16, 1, sums);
-            store_float_sums(job, n, sums[0]);
-        }
     }
 }
 
@@ -410,9 +360,9 @@ static void run_job(const Job *job) {
     int64_t chunks = (job->N + CHUNK_ROWS - 1) / CHUNK_ROWS;
     unsigned threads = (unsigned)(job->threads < chunks ? job->threads : chunks);
     Work work = {job, 0, threads};
-    void (*run_chunks)(void *) = job->bits == 16                  ? run_float_chunks
-                                 : job->isa == ISA_AVX512_VNNI ? run_chunks_avx512_vnni
-                                                               : run_chunks_avx2;
+    const int wide = job->isa == ISA_AVX512_VNNI;
+    void (*run_chunks)(void *) = job->bits == 16 ? (wide ? run_float_chunks_avx512_vnni : run_float_chunks_avx2)
+                                                 : (wide ? run_chunks_avx512_vnni : run_chunks_avx2);
     if (parallel_entry && threads > 1)
         parallel_entry(run_chunks, &work, threads, 0);
     else
@@ -546,12 +496,19 @@ static void run_attention(void *argument) {
         const char *keys = (const char *)a->key + (size_t)item * T * D * kv_element;
         const char *values = (const char *)a->value + (size_t)item * T * D * kv_element;
         const __m256 scaling = _mm256_set1_ps(a->scaling);
+        /* From the sequence's first attended key: the keys a left-padded batch puts before it get no weight, and
+         * skipping them keeps every sum in the order of the sequence alone (its answer does not change with the
+         * batch it shares). A sequence with no key attended attends to all. */
+        const uint8_t *mask = a->mask ? a->mask + b * T : NULL;
+        int64_t start = 0;
+        while (mask && start < T && !mask[start]) start++;
+        if (start == T) start = 0;
         for (int64_t h = 0; h < heads; h++) {
             const char *q = (const char *)a->query + (size_t)(b * a->H + first_head + h) * D * q_element;
             for (int64_t d = 0; d < D; d += 8)
                 _mm256_storeu_ps(queries + h * D + d, _mm256_mul_ps(load8(q, a->query_dtype, d), scaling));
         }
-        for (int64_t t0 = 0; t0 < T; t0 += ATTENTION_TILE) {
+        for (int64_t t0 = start; t0 < T; t0 += ATTENTION_TILE) {
             const int64_t n = T - t0 < ATTENTION_TILE ? T - t0 : ATTENTION_TILE;
             to_float32(tile, keys, a->kv_dtype, t0 * D, n * D);
             for (int64_t h = 0; h < heads; h++) {
@@ -561,10 +518,10 @@ static void run_attention(void *argument) {
                 for (; t < n; t++) row[t] = dot_row(queries + h * D, tile + t * D, D);
             }
         }
-        const uint8_t *mask = a->mask ? a->mask + b * T : NULL;
-        for (int64_t h = 0; h < heads; h++) finite[h] = (float)softmax_in_place(scores + h * T, mask, T);
+        for (int64_t h = 0; h < heads; h++)
+            finite[h] = (float)softmax_in_place(scores + h * T + start, mask ? mask + start : NULL, T - start);
         memset(sums, 0, sizeof(float) * (size_t)(heads * D));
-        for (int64_t t0 = 0; t0 < T; t0 += ATTENTION_TILE) {
+        for (int64_t t0 = start; t0 < T; t0 += ATTENTION_TILE) {
             const int64_t n = T - t0 < ATTENTION_TILE ? T - t0 : ATTENTION_TILE;
             to_float32(tile, values, a->kv_dtype, t0 * D, n * D);
             for (int64_t h = 0; h < heads; h++) {
@@ -670,20 +627,20 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* float_linear(x, x_dtype, M, K, weight, weight_dtype, N, bias, bias_dtype, out, out_dtype, threads): float16 or
+/* float_linear(x, x_dtype, M, K, weight, weight_dtype, N, bias, bias_dtype, out, out_dtype, threads, isa): float16 or
  * bfloat16 weights [N, K]; K a multiple of FLOAT_WIDTH_MULTIPLE. Checked by the caller, as for linear. */
 static PyObject *py_float_linear(PyObject *self, PyObject *args) {
-    int x_dtype, weight_dtype, bias_dtype, out_dtype, threads;
+    int x_dtype, weight_dtype, bias_dtype, out_dtype, threads, isa;
     Py_ssize_t x, M, K, weight, N, bias, out;
-    if (!PyArg_ParseTuple(args, "ninnninninii", &x, &x_dtype, &M, &K, &weight, &weight_dtype, &N, &bias, &bias_dtype,
-                          &out, &out_dtype, &threads) ||
-        !can_run(ISA_AVX2))
+    if (!PyArg_ParseTuple(args, "ninnninniniii", &x, &x_dtype, &M, &K, &weight, &weight_dtype, &N, &bias, &bias_dtype,
+                          &out, &out_dtype, &threads, &isa) ||
+        !can_run(isa))
         return NULL;
 #ifdef HAVE_AVX2_BUILD
     if (M == 0 || N == 0) Py_RETURN_NONE;
     Job job = {.bits = 16, .M = M, .N = N, .K = K, .weight = (const int8_t *)weight, .weight_dtype = weight_dtype,
                .bias = (const void *)bias, .bias_dtype = bias_dtype, .out = (void *)out, .out_dtype = out_dtype,
-               .threads = threads < 1 ? 1 : threads, .isa = ISA_AVX2};
+               .threads = threads < 1 ? 1 : threads, .isa = isa};
     return run_unlocked(float_linear, &job, (const void *)x, x_dtype);
 #endif
     Py_RETURN_NONE;

@@ -1,9 +1,10 @@
 /* The dot-product kernels, compiled once per instruction set: _kernels.c includes this file under
  * each `#pragma GCC target`, with KERNEL(name) giving the functions that set's suffix and VNNI saying
- * whether `vpdpbusd` (AVX512-VNNI, on 256-bit registers with AVX512-VL) is there. Without it an
- * unsigned-by-signed byte dot product takes three AVX2 instructions (`vpmaddubsw` into 16-bit sums,
- * an add, and `vpmaddwd` into 32-bit sums at the end of a group); with it, one that adds straight
- * into 32-bit sums. Both give the same integers, so both paths give the same results bit for bit. */
+ * whether `vpdpbusd` (AVX512-VNNI) and 512-bit registers are there. Without it an unsigned-by-signed
+ * byte dot product takes three AVX2 instructions (`vpmaddubsw` into 16-bit sums, an add, and `vpmaddwd`
+ * into 32-bit sums at the end of a group); with it, one that adds straight into 32-bit sums (on 256-bit
+ * registers for one activation row, a stream from memory; on 512-bit ones for batches and float weights).
+ * Every path gives the same integers and adds them in the same order: the same results bit for bit. */
 
 #if VNNI
 /* 32-bit lanes += four u8 x s8 products each. */
@@ -103,7 +104,7 @@ static inline __attribute__((always_inline)) void KERNEL(int8_rows)(const int8_t
         for (int r = 0; r < R; r++) partial[r] = _mm256_setzero_si256();
         for (int r = 0; r < R; r++)
             for (int64_t line = 0; line < group; line += 64)
-                _mm_prefetch((const char *)(weight + (r + 4) * K + g * group + line), _MM_HINT_T1);
+                _mm_prefetch((const char *)(weight + (R == 1 ? SINGLE_ROW_AHEAD : (r + 4) * K) + g * group + line), _MM_HINT_T1);
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + k));
             for (int r = 0; r < R; r++) {
@@ -206,11 +207,94 @@ static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *
         for (int r = 0; r < R; r++) sums[m][r] = horizontal_sum(acc[m][r]);
 }
 
+/* The upper 8 floats of a 512-bit register (with AVX512-F alone: no AVX512-DQ). */
+static inline __m256 KERNEL(upper_half)(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+/* block_rows on 512-bit registers, for groups of whole 64-byte spans: a span's 64 inputs in one register (int4: its
+ * 32 even inputs, then its 32 odd ones; int8: two 32-byte blocks), so one `vpdpbusd` where block_rows issues two. At
+ * the end of a group the two halves' int32 lanes are added: the same integers as block_rows' lanes, added into the
+ * float sums in the same order, so the same bits. CPUs with 512-bit vector units run twice the products per
+ * instruction; on those that split them in two, the instructions are still halved. */
+static inline __attribute__((always_inline)) void KERNEL(wide_block_rows)(const Job *job, const int8_t *weight,
+                                                                           int64_t row_bytes, const uint8_t *unpacked,
+                                                                           const __m256i *corrections, const int bits,
+                                                                           const int R, const int MB, int64_t m0,
+                                                                           int prefetch, float sums[4][4]) {
+    const int64_t K = job->K, group = job->group, groups = K / group;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    /* Float sums of weight rows 2p and 2p + 1 side by side (R 4), or of row 0 in the low half (R 1): a group's
+     * epilogue converts and adds two rows' lanes per instruction, and every register fits (no spills). */
+    __m512 acc[4][2];
+    for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i lanes[4][4];
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < MB; m++) lanes[m][r] = _mm512_setzero_si512();
+        if (prefetch && R == 4)
+            for (int r = 0; r < R; r++)
+                for (int64_t line = 0; line < group * bits / 8; line += 64)
+                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group * bits / 8 + line), _MM_HINT_T1);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+            __m512i w[4];
+            for (int r = 0; r < R; r++) {
+                if (bits == 8) {
+                    w[r] = _mm512_loadu_si512((const void *)(weight + r * row_bytes + k));
+                } else if (unpacked) {
+                    w[r] = _mm512_loadu_si512((const void *)(unpacked + r * K + k));
+                } else {
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(weight + r * row_bytes + k / 2));
+                    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(packed, 4)), packed, 1);
+                    w[r] = _mm512_ternarylogic_epi32(halves, _mm512_set1_epi8((char)0x88), _mm512_set1_epi8(0x0F), 0x28);
+                }
+            }
+            for (int m = 0; m < MB; m++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(job->xq + (m0 + m) * K + k));
+                if (bits == 8) {
+                    const __m512i shifted = _mm512_xor_si512(x, bias);
+                    for (int r = 0; r < R; r++) lanes[m][r] = _mm512_dpbusd_epi32(lanes[m][r], shifted, w[r]);
+                } else {
+                    for (int r = 0; r < R; r++) lanes[m][r] = _mm512_dpbusd_epi32(lanes[m][r], w[r], x);
+                }
+            }
+        }
+        /* [row a's low half | row b's low half] + [a's high half | b's high half]: both rows' folded lanes at once. */
+        __m512i folded[2];
+        if (R == 4) {
+            for (int m = 0; m < MB; m++) {
+                const __m512 d = _mm512_set1_ps(job->xd[(m0 + m) * groups + g]);
+                for (int p = 0; p < 2; p++) {
+                    const __m512i a = lanes[m][2 * p], b = lanes[m][2 * p + 1];
+                    folded[p] = _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
+                    if (bits == 8)
+                        folded[p] = _mm512_sub_epi32(
+                            folded[p], _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(corrections + 2 * p * groups + g)),
+                                                          _mm256_loadu_si256(corrections + (2 * p + 1) * groups + g), 1));
+                    acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(folded[p]), d, acc[m][p]);
+                }
+            }
+        } else {
+            for (int m = 0; m < MB; m++) {
+                const __m512 d = _mm512_set1_ps(job->xd[(m0 + m) * groups + g]);
+                __m512i one = _mm512_add_epi32(lanes[m][0], _mm512_shuffle_i64x2(lanes[m][0], lanes[m][0], 0xEE));
+                if (bits == 8) one = _mm512_sub_epi32(one, _mm512_castsi256_si512(_mm256_loadu_si256(corrections + g)));
+                acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(one), d, acc[m][0]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            const __m512 pair = acc[m][r / 2];
+            sums[m][r] = horizontal_sum(r % 2 ? KERNEL(upper_half)(pair) : _mm512_castps512_ps256(pair));
+        }
+}
+
 /* block_rows with its weight kind, R and MB constants, each combination its own inlined copy. */
 static void KERNEL(block_dot)(const Job *job, const int8_t *weight, int64_t row_bytes, const uint8_t *unpacked,
                               const __m256i *corrections, int R, int MB, int64_t m0, int prefetch, float sums[4][4]) {
-#define BLOCK(bits, buffer, rows, batch) \
-    KERNEL(block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums)
+#define BLOCK(bits, buffer, rows, batch)                                                                               \
+    (job->group % 64 == 0                                                                                               \
+         ? KERNEL(wide_block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums) \
+         : KERNEL(block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums))
 #define BLOCKS(bits, buffer)                                                                                            \
     switch (MB * 4 + R) {                                                                                               \
     case 5: BLOCK(bits, buffer, 1, 1); break;                                                                           \
@@ -253,8 +337,8 @@ static inline void KERNEL(dot_rows)(const Job *job, const int8_t *weight, const 
 }
 
 /* Output columns [n_begin, n_end) for every activation row (a chunk of claim_rows: CHUNK_ROWS of them from
- * two activation rows on). One activation row: each weight row is read once, straight from memory (int4 one
- * row after another, int8 in blocks of 4). Several: the chunk's weight rows
+ * two activation rows on). One activation row: each weight row is read once, straight from memory (one row
+ * after another; int8 on AVX2 in blocks of 4). Several: the chunk's weight rows
  * (for int4 from UNPACK_ONCE_FROM_ROWS rows, unpacked once into `unpacked`, CHUNK_ROWS rows of K bytes) stay
  * in the cache while every activation row passes over them. Every path adds the same products in the same
  * order, so a row's result does not depend on the rows batched with it. */
@@ -276,9 +360,9 @@ static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, 
                 }
             }
         }
-    /* A single activation row reads int4 weight rows one at a time: one sequential stream per thread, which
-     * the prefetchers keep ahead of, where 4 interleaved rows are 4 short ones. Batches keep the blocks: there
-     * each weight byte serves every row. So do int8 weights, whose rows are twice as long, a stream already.
+    /* A single activation row reads weight rows one at a time: one sequential stream per thread, which the
+     * prefetchers keep ahead of, where 4 interleaved rows are 4 short ones. Batches keep the blocks: there each
+     * weight byte serves every row. So do int8 weights on AVX2, where their longer rows streamed as well in blocks.
      * Timings: bench/README.md, "Tuning constants". */
 #if VNNI
     if (job->M > 1 && (job->bits == 8 ? corrections != NULL : job->span == 64)) {
@@ -299,7 +383,7 @@ static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, 
         return;
     }
 #endif
-    const int single_rows = job->bits == 4 && job->M == 1 && !unpacked;
+    const int single_rows = job->M == 1 && !unpacked && (VNNI || job->bits == 4);
     for (int64_t m = 0; m < job->M; m++) {
         for (int64_t n = n_begin; n < n_end;) {
             const int R = n_end - n >= 4 && !single_rows ? 4 : 1;
@@ -328,6 +412,102 @@ static void KERNEL(run_chunks)(void *argument) {
     }
     free(unpacked);
     free(corrections);
+}
+
+#if VNNI
+/* float_rows' 512-bit code for MB (1 or 2) activation rows from m0: the four sums of the AVX2 code two to a register
+ * ([inputs 0-7 | 8-15], [16-23 | 24-31] of each 32), the same operations lane by lane, so the same bits in half the
+ * instructions; two activation rows share each converted weight vector. */
+static inline __attribute__((always_inline)) void KERNEL(wide_float_rows)(const Job *job, const uint16_t *rows, const int dtype,
+                                                                          const int count, const int MB, int64_t m0,
+                                                                          float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS]) {
+    const int64_t K = job->K;
+    __m512 acc[2][FLOAT_BLOCK_ROWS][2];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < count; r++) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += FLOAT_WIDTH_MULTIPLE) {
+        if (count == 1) _mm_prefetch((const char *)(rows + k) + FLOAT_ROW_AHEAD, _MM_HINT_T1);
+        for (int i = 0; i < 2; i++) {
+            __m512 w[FLOAT_BLOCK_ROWS];
+            for (int r = 0; r < count; r++) {
+                const __m256i halves = _mm256_loadu_si256((const __m256i *)(rows + r * K + k + 16 * i));
+                w[r] = dtype == DTYPE_FLOAT16 ? _mm512_cvtph_ps(halves)
+                                              : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+            }
+            for (int m = 0; m < MB; m++) {
+                const __m512 xv = _mm512_loadu_ps(job->xf + (m0 + m) * K + k + 16 * i);
+                for (int r = 0; r < count; r++) acc[m][r][i] = _mm512_fmadd_ps(w[r], xv, acc[m][r][i]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < count; r++) {
+            const __m256 low = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r][0]), KERNEL(upper_half)(acc[m][r][0]));
+            const __m256 high = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r][1]), KERNEL(upper_half)(acc[m][r][1]));
+            sums[r][m0 + m] = horizontal_sum(_mm256_add_ps(low, high));
+        }
+}
+#endif
+
+/* Float weights (float16 or bfloat16, [N, K]) times float32 activations, added in float32: the products are
+ * exact (11- or 8-bit significands), only the order of the additions differs from torch's. Each weight row is
+ * read once, one row after another, and serves every activation row from the L1. One sequential stream per
+ * thread, which the hardware prefetchers follow alone in the AVX2 code (software prefetches slowed it there); the
+ * 512-bit code, faster through its arithmetic, prefetches a single row FLOAT_ROW_AHEAD on (bench/README.md,
+ * "Tuning constants"). With several activation rows, `count` (1 or FLOAT_BLOCK_ROWS, a constant once inlined)
+ * weight rows share each activation load: one row at a time reads every activation row again from the L2 for each
+ * weight row. Each output gets the same four sums, added in the same order, whatever `count`: a row's result never
+ * depends on how the call was cut. */
+static inline __attribute__((always_inline)) void KERNEL(float_rows)(const Job *job, const uint16_t *rows, const int dtype,
+                                                                     const int count,
+                                                                     float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS]) {
+#if VNNI
+    for (int64_t m = 0; m < job->M; m += 2) {
+        if (job->M - m >= 2) KERNEL(wide_float_rows)(job, rows, dtype, count, 2, m, sums);
+        else KERNEL(wide_float_rows)(job, rows, dtype, count, 1, m, sums);
+    }
+#else
+    const int64_t K = job->K;
+    for (int64_t m = 0; m < job->M; m++) {
+        const float *x = job->xf + m * K;
+        __m256 acc[FLOAT_BLOCK_ROWS][4];
+        for (int r = 0; r < count; r++)
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += FLOAT_WIDTH_MULTIPLE)
+            for (int i = 0; i < 4; i++) {
+                const __m256 xv = _mm256_loadu_ps(x + k + 8 * i);
+                for (int r = 0; r < count; r++)
+                    acc[r][i] = _mm256_fmadd_ps(load8(rows + r * K, dtype, k + 8 * i), xv, acc[r][i]);
+            }
+        for (int r = 0; r < count; r++)
+            sums[r][m] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
+    }
+#endif
+}
+
+static void KERNEL(run_float_chunks)(void *argument) {
+    Work *work = (Work *)argument;
+    const Job *job = work->job;
+    const int fp16 = job->weight_dtype == DTYPE_FLOAT16;
+    float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS];
+    for (;;) {
+        int64_t end = 0, begin = claim_rows(work, &end);
+        if (begin >= job->N) break;
+        int64_t n = begin;
+        if (job->M >= FLOAT_BLOCK_FROM_ROWS)
+            for (; n + FLOAT_BLOCK_ROWS <= end; n += FLOAT_BLOCK_ROWS) {
+                const uint16_t *rows = (const uint16_t *)job->weight + n * job->K;
+                if (fp16) KERNEL(float_rows)(job, rows, DTYPE_FLOAT16, FLOAT_BLOCK_ROWS, sums);
+                else KERNEL(float_rows)(job, rows, DTYPE_BFLOAT16, FLOAT_BLOCK_ROWS, sums);
+                for (int r = 0; r < FLOAT_BLOCK_ROWS; r++) store_float_sums(job, n + r, sums[r]);
+            }
+        for (; n < end; n++) {
+            const uint16_t *row = (const uint16_t *)job->weight + n * job->K;
+            if (fp16) KERNEL(float_rows)(job, row, DTYPE_FLOAT16, 1, sums);
+            else KERNEL(float_rows)(job, row, DTYPE_BFLOAT16, 1, sums);
+            store_float_sums(job, n, sums[0]);
+        }
+    }
 }
 
 #undef DOT_INT4
