@@ -139,17 +139,24 @@ static void KERNEL(int8_corrections)(const Job *job, int64_t n_begin, int64_t n_
         }
 }
 
-/* Batches on VNNI: R weight rows (1 or 4) times MB activation rows (1-4, from m0) at once. Each weight span is loaded,
- * and int4's unpacked, once for the MB rows, where the row-by-row loop did it again for every row; int8 multiplies
- * x + 128 (unsigned) by q and takes out 128 sum(q) per lane (`corrections`: the rows' int8_corrections),
- * instead of |q| by x with q's sign: one instruction per product vector instead of three. The int32 lanes hold the
- * same integers as int4_rows' / int8_rows' (lane j: the products of bytes 4j..4j+3 of each 32-byte block of the
- * group), added into the float sums in the same order: the same bits as a row alone. `prefetch`: the first pass
- * over a chunk fetches the next block's rows, as int4_rows does. (AVX2's `vpmaddubsw` saturates at 16 bits, which
- * x + 128 would reach: there int8 keeps the sign trick, and batches the row-by-row loop.) */
+/* The first pass over a chunk of a batch fetches the next block's 4 weight rows for group g into the L2, as int4_rows
+ * does for one activation row. */
+static inline void KERNEL(prefetch_next_block)(const int8_t *weight, int64_t row_bytes, int64_t g, int64_t group, int bits) {
+    for (int r = 0; r < 4; r++)
+        for (int64_t line = 0; line < group * bits / 8; line += 64)
+            _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group * bits / 8 + line), _MM_HINT_T1);
+}
+
+/* Batches on VNNI: R weight rows (1 or 4) times MB activation rows (1-4, from m0) at once, each weight vector loaded
+ * (int4: unpacked) once for the MB rows, where the row-by-row loop did it again for every row. int8 multiplies
+ * x + 128 (unsigned) by q and takes out 128 sum(q) per lane (`corrections`: the rows' int8_corrections) instead of
+ * |q| by x with q's sign: one instruction per product vector instead of three. (AVX2's `vpmaddubsw` saturates at 16
+ * bits, which x + 128 would reach: there int8 keeps the sign trick, and batches the row-by-row loop.) The int32 lanes
+ * hold the same integers as int4_rows' / int8_rows' (lane j: the products of bytes 4j..4j+3 of each 32-byte block of
+ * the group), added into the float sums in the same order: the same bits as a row alone. block_rows takes int8
+ * groups of 32 inputs on 256-bit registers; wide_block_rows the rest (groups of whole 64-byte spans). */
 static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *job, const int8_t *weight,
-                                                                      int64_t row_bytes, const uint8_t *unpacked,
-                                                                      const __m256i *corrections, const int bits,
+                                                                      int64_t row_bytes, const __m256i *corrections,
                                                                       const int R, const int MB, int64_t m0, int prefetch,
                                                                       float sums[4][4]) {
     const int64_t K = job->K, group = job->group, groups = K / group;
@@ -161,46 +168,20 @@ static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *
         __m256i lanes[4][4];
         for (int r = 0; r < R; r++)
             for (int m = 0; m < MB; m++) lanes[m][r] = _mm256_setzero_si256();
-        if (prefetch && R == 4)
-            for (int r = 0; r < R; r++)
-                for (int64_t line = 0; line < group * bits / 8; line += 64)
-                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group * bits / 8 + line), _MM_HINT_T1);
-        if (bits == 8) {
-            for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-                __m256i w[4];
-                for (int r = 0; r < R; r++) w[r] = _mm256_loadu_si256((const __m256i *)(weight + r * row_bytes + k));
-                for (int m = 0; m < MB; m++) {
-                    const __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(job->xq + (m0 + m) * K + k)), bias);
-                    for (int r = 0; r < R; r++) lanes[m][r] = _mm256_dpbusd_epi32(lanes[m][r], x, w[r]);
-                }
-            }
-            for (int r = 0; r < R; r++) {
-                const __m256i correction = _mm256_loadu_si256(corrections + r * groups + g);
-                for (int m = 0; m < MB; m++) lanes[m][r] = _mm256_sub_epi32(lanes[m][r], correction);
-            }
-        } else {
-            for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
-                __m256i evens[4], odds[4];
-                for (int r = 0; r < R; r++) {
-                    if (unpacked) {
-                        evens[r] = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k));
-                        odds[r] = _mm256_loadu_si256((const __m256i *)(unpacked + r * K + k + 32));
-                    } else {
-                        KERNEL(unpack_int4_pair)(weight + r * row_bytes + k / 2, &evens[r], &odds[r]);
-                    }
-                }
-                for (int m = 0; m < MB; m++) {
-                    const int8_t *xq = job->xq + (m0 + m) * K + k;
-                    const __m256i x_evens = _mm256_loadu_si256((const __m256i *)xq);
-                    const __m256i x_odds = _mm256_loadu_si256((const __m256i *)(xq + 32));
-                    for (int r = 0; r < R; r++)
-                        lanes[m][r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(lanes[m][r], evens[r], x_evens), odds[r], x_odds);
-                }
+        if (prefetch && R == 4) KERNEL(prefetch_next_block)(weight, row_bytes, g, group, 8);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            __m256i w[4];
+            for (int r = 0; r < R; r++) w[r] = _mm256_loadu_si256((const __m256i *)(weight + r * row_bytes + k));
+            for (int m = 0; m < MB; m++) {
+                const __m256i x = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(job->xq + (m0 + m) * K + k)), bias);
+                for (int r = 0; r < R; r++) lanes[m][r] = _mm256_dpbusd_epi32(lanes[m][r], x, w[r]);
             }
         }
         for (int m = 0; m < MB; m++) {
             const __m256 d = _mm256_set1_ps(job->xd[(m0 + m) * groups + g]);
-            for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes[m][r]), d, acc[m][r]);
+            for (int r = 0; r < R; r++)
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lanes[m][r], _mm256_loadu_si256(corrections + r * groups + g))),
+                                            d, acc[m][r]);
         }
     }
     for (int m = 0; m < MB; m++)
@@ -211,10 +192,10 @@ static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *
 static inline __m256 KERNEL(upper_half)(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
 
 /* block_rows on 512-bit registers, for groups of whole 64-byte spans: a span's 64 inputs in one register (int4: its
- * 32 even inputs, then its 32 odd ones; int8: two 32-byte blocks), so one `vpdpbusd` where block_rows issues two. At
- * the end of a group the two halves' int32 lanes are added: the same integers as block_rows' lanes, added into the
- * float sums in the same order, so the same bits. CPUs with 512-bit vector units run twice the products per
- * instruction; on those that split them in two, the instructions are still halved. */
+ * 32 even inputs, then its 32 odd ones; int8: two 32-byte blocks), so one `vpdpbusd` where 256-bit ones take two. At
+ * the end of a group the two halves' int32 lanes are added: the same integers, added into the float sums in the same
+ * order, so the same bits. CPUs with 512-bit vector units run twice the products per instruction; on those that
+ * split them in two, the instructions are still halved. */
 static inline __attribute__((always_inline)) void KERNEL(wide_block_rows)(const Job *job, const int8_t *weight,
                                                                            int64_t row_bytes, const uint8_t *unpacked,
                                                                            const __m256i *corrections, const int bits,
@@ -230,10 +211,7 @@ static inline __attribute__((always_inline)) void KERNEL(wide_block_rows)(const 
         __m512i lanes[4][4];
         for (int r = 0; r < R; r++)
             for (int m = 0; m < MB; m++) lanes[m][r] = _mm512_setzero_si512();
-        if (prefetch && R == 4)
-            for (int r = 0; r < R; r++)
-                for (int64_t line = 0; line < group * bits / 8; line += 64)
-                    _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group * bits / 8 + line), _MM_HINT_T1);
+        if (prefetch && R == 4) KERNEL(prefetch_next_block)(weight, row_bytes, g, group, bits);
         for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
             __m512i w[4];
             for (int r = 0; r < R; r++) {
@@ -288,14 +266,13 @@ static inline __attribute__((always_inline)) void KERNEL(wide_block_rows)(const 
         }
 }
 
-/* block_rows with its weight kind, R and MB constants, each combination its own inlined copy. */
+/* block_rows or wide_block_rows with its weight kind, R and MB constants, each combination its own inlined copy. */
 static void KERNEL(block_dot)(const Job *job, const int8_t *weight, int64_t row_bytes, const uint8_t *unpacked,
                               const __m256i *corrections, int R, int MB, int64_t m0, int prefetch, float sums[4][4]) {
-#define BLOCK(bits, buffer, rows, batch)                                                                               \
-    (job->group % 64 == 0                                                                                               \
-         ? KERNEL(wide_block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums) \
-         : KERNEL(block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums))
-#define BLOCKS(bits, buffer)                                                                                            \
+#define WIDE(bits, buffer, rows, batch) \
+    KERNEL(wide_block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums)
+#define NARROW(bits, buffer, rows, batch) KERNEL(block_rows)(job, weight, row_bytes, corrections, rows, batch, m0, prefetch, sums)
+#define BLOCKS(BLOCK, bits, buffer)                                                                                     \
     switch (MB * 4 + R) {                                                                                               \
     case 5: BLOCK(bits, buffer, 1, 1); break;                                                                           \
     case 8: BLOCK(bits, buffer, 4, 1); break;                                                                           \
@@ -306,11 +283,13 @@ static void KERNEL(block_dot)(const Job *job, const int8_t *weight, int64_t row_
     case 17: BLOCK(bits, buffer, 1, 4); break;                                                                          \
     default: BLOCK(bits, buffer, 4, 4); break;                                                                          \
     }
-    if (job->bits == 8) BLOCKS(8, NULL)
-    else if (unpacked) BLOCKS(4, unpacked)
-    else BLOCKS(4, NULL)
+    if (job->group % 64) BLOCKS(NARROW, 8, NULL) /* int8 groups of 32: int4 takes them row by row (run_columns) */
+    else if (job->bits == 8) BLOCKS(WIDE, 8, NULL)
+    else if (unpacked) BLOCKS(WIDE, 4, unpacked)
+    else BLOCKS(WIDE, 4, NULL)
 #undef BLOCKS
-#undef BLOCK
+#undef NARROW
+#undef WIDE
 }
 #endif
 
