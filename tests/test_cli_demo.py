@@ -95,12 +95,15 @@ def test_ctrl_c_stops_the_answer_not_the_program():
     # Sampling at a huge temperature draws near-uniform tokens; seeded with 1, the answer runs on for hundreds
     # of tokens. (Seed 0's drew </s> after about 30: a fast machine finished it before the interrupt landed,
     # and the Ctrl-C then quit at the prompt.)
+    # A terminal's user has Ctrl-C delivered; a test run started in the background (`cmd &` in a script) passes
+    # SIGINT on ignored, and Python then never raises KeyboardInterrupt: the child gets the default back.
     process = subprocess.Popen(
         [sys.executable, str(CLI), "--temperature", "1000", "--top-p", "1", "--seed", "1", "--max-new-tokens", "100000"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     output = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
