@@ -73,6 +73,15 @@ _ISAS = _kernels.isas()
 _ISA_CODES = {name: code for code, name in enumerate(_kernels.ISA_NAMES)}
 
 
+def _chosen_isa(caller, isa):
+    """`isa` (None: this CPU's best), checked to be one this CPU runs."""
+    if isa is None:
+        return _ISAS[0]
+    if isa not in _ISAS:
+        raise ValueError(f"{caller}: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
+    return isa
+
+
 def isas():
     """The instruction sets whose kernels this CPU runs, best first: ("avx512_vnni", "avx2"), ("avx2",) or ()."""
     return _ISAS
@@ -121,10 +130,7 @@ class QuantizedWeight:
         _check_plain("chatglm_cpu.linear", weight=weight, scale=scale, bias=bias)
         if not available():
             raise RuntimeError("chatglm_cpu.linear: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
-        if isa is None:
-            isa = _ISAS[0]
-        elif isa not in _ISAS:
-            raise ValueError(f"chatglm_cpu.linear: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
+        isa = _chosen_isa("chatglm_cpu.linear", isa)
         if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_cpu or not weight.is_contiguous():
             raise ValueError(
                 f"chatglm_cpu.linear: weight must be a contiguous CPU int8 tensor [N, K * {bits} / 8], "
@@ -205,11 +211,8 @@ class FloatWeight:
     def __init__(self, weight, bias=None, isa=None):
         if not available():
             raise RuntimeError("chatglm_cpu.FloatWeight: this CPU has no AVX2/FMA/F16C (see chatglm_cpu.isas())")
-        if isa is None:
-            isa = _ISAS[0]
-        elif isa not in _ISAS:
-            raise ValueError(f"chatglm_cpu.FloatWeight: isa must be one this CPU runs, {', '.join(_ISAS)}; got {isa!r}")
-        self.isa, self._isa_code = isa, _ISA_CODES[isa]
+        self.isa = _chosen_isa("chatglm_cpu.FloatWeight", isa)
+        self._isa_code = _ISA_CODES[self.isa]
         _check_plain("chatglm_cpu.FloatWeight", weight=weight, bias=bias)
         if weight.dtype not in (torch.float16, torch.bfloat16) or weight.dim() != 2 or not weight.is_cpu or not weight.is_contiguous():
             raise ValueError(

@@ -42,6 +42,16 @@ static inline void KERNEL(unpack_int4_pair)(const int8_t *bytes, __m256i *evens,
 #endif
 }
 
+#if VNNI
+/* unpack_int4_pair's two halves in one 512-bit register: 32 released bytes -> [32 even inputs' | 32 odd inputs'
+ * nibbles q + 8], the order in which a span's activations lie. */
+static inline __m512i KERNEL(unpack_int4_span)(const int8_t *bytes) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)bytes);
+    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(v, 4)), v, 1);
+    return _mm512_ternarylogic_epi32(halves, _mm512_set1_epi8((char)0x88), _mm512_set1_epi8(0x0F), 0x28); /* as OFFSET_NIBBLES */
+}
+#endif
+
 /* Dot products of R int4 weight rows with one activation row: sums[r] = sum_g xd[g] sum_{k in g} (q + 8) xq,
  * the activations in spans of `span` inputs (see quantize_row). Rows come from the released bytes
  * (`unpacked` NULL) or from a buffer of rows unpacked in the activations' order, K bytes each. */
@@ -220,9 +230,7 @@ static inline __attribute__((always_inline)) void KERNEL(wide_block_rows)(const 
                 } else if (unpacked) {
                     w[r] = _mm512_loadu_si512((const void *)(unpacked + r * K + k));
                 } else {
-                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(weight + r * row_bytes + k / 2));
-                    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(packed, 4)), packed, 1);
-                    w[r] = _mm512_ternarylogic_epi32(halves, _mm512_set1_epi8((char)0x88), _mm512_set1_epi8(0x0F), 0x28);
+                    w[r] = KERNEL(unpack_int4_span)(weight + r * row_bytes + k / 2);
                 }
             }
             for (int m = 0; m < MB; m++) {
