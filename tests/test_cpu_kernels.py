@@ -59,8 +59,9 @@ def integer_activations(rows, in_features, seed=1):
 # either side of a VNNI block of rows, and past the rows from which int4 unpacks its weights once per chunk
 @pytest.mark.parametrize("rows", [1, chatglm_cpu.VNNI_BATCH_ROWS - 1, chatglm_cpu.VNNI_BATCH_ROWS + 1, chatglm_cpu.UNPACK_ONCE_FROM_ROWS + 1])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-# a remainder; whole chunks; at one row, chunks of more than CHUNK_ROWS rows, shrinking, and a remainder
-@pytest.mark.parametrize("out_features", [13, 2 * chatglm_cpu.CHUNK_ROWS, 9 * chatglm_cpu.CHUNK_ROWS + 13])
+# a remainder (blocks of 4, a pair of rows, a row alone); whole chunks; at one row, chunks of more than CHUNK_ROWS
+# rows, shrinking, and a remainder
+@pytest.mark.parametrize("out_features", [15, 2 * chatglm_cpu.CHUNK_ROWS, 9 * chatglm_cpu.CHUNK_ROWS + 13])
 @pytest.mark.parametrize("in_features", [256, 96])  # int4 spans of 64 inputs; of 32 where K is not a multiple of 64
 def test_integer_activations_give_the_exact_integer_products(isa, bits, rows, threads, out_features, in_features):
     # Every nibble order, the zero point of the int4 bytes, the row split between threads and both
@@ -69,6 +70,18 @@ def test_integer_activations_give_the_exact_integer_products(isa, bits, rows, th
     x = integer_activations(rows, in_features)
     out = chatglm_cpu.linear(x, released_bytes(q, bits), torch.ones(out_features), None, bits, threads, isa)
     assert torch.equal(out, (x.long() @ q.long().T).float())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, chatglm_cpu.VNNI_BATCH_ROWS + 1])  # outputs stored one at a time; 4 at a time
+def test_outputs_are_rounded_to_a_half_precision_dtype_as_torch_rounds(isa, dtype, rows):
+    # Exact integer products (scale 1), many of them halfway between two bfloat16 or float16 values: the kernel's
+    # rounding must be torch's round half to even, overflow to infinity included.
+    q = random_q(64, 256, 4)
+    x = integer_activations(rows, 256)
+    out = chatglm_cpu.linear(x.to(dtype), released_bytes(q, 4), torch.ones(64, dtype=dtype), None, 4, isa=isa)
+    assert torch.equal(out, (x.long() @ q.long().T).float().to(dtype))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -137,22 +150,24 @@ def test_every_instruction_set_gives_the_same_result_bit_for_bit(bits, dtype, in
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("in_features", [192, 4096])
-def test_a_rows_result_does_not_depend_on_the_rows_batched_with_it(isa, bits, in_features):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # outputs rounded one at a time, or 4
+def test_a_rows_result_does_not_depend_on_the_rows_batched_with_it(isa, bits, in_features, dtype):
     # Alone, in a small batch (nibbles unpacked on the way) and in a prompt-sized one (unpacked once):
     # the same bits, so a conversation's answer does not change with the server's batch.
     generator = torch.Generator().manual_seed(4)
     q = random_q(37, in_features, bits)
-    scale = (torch.rand(37, generator=generator) * 0.01).to(torch.float16)
-    x = torch.randn(12, in_features, generator=generator).to(torch.float16)
+    scale = (torch.rand(37, generator=generator) * 0.01).to(dtype)
+    x = torch.randn(12, in_features, generator=generator).to(dtype)
     weight = released_bytes(q, bits)
     alone = chatglm_cpu.linear(x[:1], weight, scale, None, bits, isa=isa)
     for rows in (3, 12):
         assert torch.equal(chatglm_cpu.linear(x[:rows], weight, scale, None, bits, isa=isa)[:1], alone)
 
 
-def test_a_non_finite_input_makes_its_own_row_nan_and_no_other():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_non_finite_input_makes_its_own_row_nan_and_no_other(dtype):
     q = random_q(8, 64, 4)
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64).to(dtype)
     x[0, 5] = float("inf")
     x[2, 63] = float("nan")
     out = chatglm_cpu.linear(x, released_bytes(q, 4), torch.ones(8), None, 4)

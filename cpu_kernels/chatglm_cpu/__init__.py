@@ -33,7 +33,9 @@ __all__ = [
 # 0.4.2: the constants below come from the C module (the same results, bit for bit).
 # 0.4.3: VNNI batches and float weights on 512-bit registers, one activation row streams int8 rows one at a time on
 # VNNI (the same bits); `FloatWeight(..., isa=)`; `attend` adds from each sequence's first attended key.
-__version__ = "0.4.3"
+# 0.4.4: on VNNI one activation row streams int4 rows 128 inputs per register, batches take weight rows in pairs,
+# outputs are stored 4 at a time (the same bits).
+__version__ = "0.4.4"
 
 # Defined in _kernels.c only, read from the built module. GROUP_SIZES: inputs per activation scale, largest first (a
 # weight takes the largest that divides its width). FLOAT_PASS_ROWS: activation rows per pass of a `FloatWeight` call

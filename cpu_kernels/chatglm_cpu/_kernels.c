@@ -51,9 +51,8 @@ static const int GROUP_SIZES[] = {128, 64, 32};
  * it, unpacking again for each row from bytes the L2 holds costs less. Timings: bench/README.md, "Tuning constants". */
 #define UNPACK_ONCE_FROM_ROWS 8
 
-/* Activation rows that a VNNI batch block (block_rows) takes at once, with 4 weight rows: their int32 sums and the
- * weight vectors fit the 32 vector registers, the float sums (changed once per group) spill. Timings against the
- * row-by-row loop: bench/README.md, "Tuning constants". */
+/* Activation rows that a VNNI batch block (block_rows) takes at once, with 4 weight rows: their sums and the weight
+ * vectors fit the 32 vector registers. Timings against the row-by-row loop: bench/README.md, "Tuning constants". */
 #define VNNI_BATCH_ROWS 4
 
 /* FloatWeight's input width must be a multiple of this: float_rows takes 4 vectors of 8 inputs per step. */
@@ -87,7 +86,7 @@ typedef struct {
     int swiglu;           /* activation rows hold [gate | up], 2K wide; the input is silu(gate) * up */
     void *out;            /* [M, N] */
     int out_dtype;
-    const int8_t *xq;     /* [M, K]: int4 jobs hold each span of 32 or 64 inputs as its even inputs, then its odd ones */
+    const int8_t *xq;     /* [M, K]: int4 jobs hold each span of 32, 64 or 128 inputs as its even inputs, then its odd ones */
     const float *xd;      /* [M, K / group] activation scales */
     const float *xzero;   /* int4: [M] the activations' product with the zero point 8 */
     const float *xf;      /* float weights (bits 16): [M, K] the activations in float32 */
@@ -197,7 +196,7 @@ static float rms_factor(const void *x, int dtype, int64_t K, float eps) {
 }
 
 /* One row of activations -> int8 per group, plus the group scales (`buffer`: `group` floats). A `span`
- * of 32 or 64 stores each span of inputs as its even inputs, then its odd ones: the order in which the
+ * of 32, 64 or 128 stores each span of inputs as its even inputs, then its odd ones: the order in which the
  * int4 kernels take a span's nibbles from its bytes (0: natural order, for int8 weights).
  * Returns sum_g scale_g * sum_{k in g} xq[k] (the product with a constant weight of 1). */
 static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, int span, const Job *norm, float *buffer,
@@ -233,7 +232,6 @@ static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, in
         xd[g] = scale;
         const __m256 multiplier = _mm256_set1_ps(inverse);
         __m256i sum = _mm256_setzero_si256();
-        __m256i previous = _mm256_setzero_si256();
         for (int64_t k = 0; k < group; k += 32) {
             __m256i q[4];
             for (int i = 0; i < 4; i++) {
@@ -243,19 +241,15 @@ static float quantize_row(const void *x, int dtype, int64_t K, int64_t group, in
             }
             __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
             bytes = _mm256_permutevar8x32_epi32(bytes, natural_order);
-            int8_t *destination = xq + g * group + k;
-            if (span) /* the block's 16 even inputs, then its 16 odd ones */
+            if (span) {
+                /* the block's 16 even inputs, then its 16 odd ones, each to its place in the span's halves */
                 bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, even_then_odd), 0xD8);
-            if (span == 64) {
-                if (k % 64 == 0) {
-                    previous = bytes;
-                    continue;
-                }
-                /* two blocks: evens of both, then odds of both */
-                _mm256_storeu_si256((__m256i *)(destination - 32), _mm256_permute2x128_si256(previous, bytes, 0x20));
-                bytes = _mm256_permute2x128_si256(previous, bytes, 0x31);
+                int8_t *span_start = xq + g * group + k / span * span;
+                _mm_storeu_si128((__m128i *)(span_start + k % span / 2), _mm256_castsi256_si128(bytes));
+                _mm_storeu_si128((__m128i *)(span_start + span / 2 + k % span / 2), _mm256_extracti128_si256(bytes, 1));
+            } else {
+                _mm256_storeu_si256((__m256i *)(xq + g * group + k), bytes);
             }
-            _mm256_storeu_si256((__m256i *)destination, bytes);
         }
         __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4E));
@@ -272,8 +266,38 @@ static inline __m256i unpack_int4(const int8_t *bytes) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
+/* 4 values of a float32, float16 or bfloat16 buffer from index i. */
+static inline __m128 load4(const void *data, int dtype, int64_t i) {
+    if (dtype == DTYPE_FLOAT32) return _mm_loadu_ps((const float *)data + i);
+    const __m128i halves = _mm_loadl_epi64((const __m128i *)((const uint16_t *)data + i));
+    if (dtype == DTYPE_FLOAT16) return _mm_cvtph_ps(halves);
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(halves), 16));
+}
+
+/* store_float on 4 values at once, the same bits. */
+static inline void store4(void *data, int dtype, int64_t i, __m128 values) {
+    if (dtype == DTYPE_FLOAT32) {
+        _mm_storeu_ps((float *)data + i, values);
+    } else if (dtype == DTYPE_FLOAT16) {
+        _mm_storel_epi64((__m128i *)((uint16_t *)data + i), _mm_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        const __m128i bits = _mm_castps_si128(values);
+        const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(bits, _mm_set1_epi32(0x7fffffff)), _mm_set1_epi32(0x7f800000));
+        const __m128i rounded = _mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7fff)),
+                                              _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1)));
+        const __m128i kept = _mm_blendv_epi8(rounded, _mm_or_si128(bits, _mm_set1_epi32(0x00400000)), nan);
+        _mm_storel_epi64((__m128i *)((uint16_t *)data + i), _mm_packus_epi32(_mm_srli_epi32(kept, 16), _mm_setzero_si128()));
+    }
+}
+
 static void store_rows(const Job *job, int64_t m, int64_t n, int R, const float *sums) {
     float zero = job->bits == 4 ? 8.0f * job->xzero[m] : 0.0f;
+    if (R == 4) {
+        __m128 values = _mm_mul_ps(load4(job->scale, job->scale_dtype, n), _mm_sub_ps(_mm_loadu_ps(sums), _mm_set1_ps(zero)));
+        if (job->bias) values = _mm_add_ps(values, load4(job->bias, job->bias_dtype, n));
+        store4(job->out, job->out_dtype, m * job->N + n, values);
+        return;
+    }
     for (int r = 0; r < R; r++) {
         float value = load_float(job->scale, job->scale_dtype, n + r) * (sums[r] - zero);
         if (job->bias) value += load_float(job->bias, job->bias_dtype, n + r);
@@ -616,8 +640,10 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         return NULL;
 #ifdef HAVE_AVX2_BUILD
     if (M == 0 || N == 0) Py_RETURN_NONE;
-    /* int4: spans of 64 inputs (one 256-bit load of released bytes) wherever the groups allow it */
-    Job job = {.bits = bits, .M = M, .N = N, .K = K, .group = group, .span = group >= 64 ? 64 : 32,
+    /* int4: spans of 64 inputs (one 256-bit load of released bytes) wherever the groups allow it; one activation row
+     * on VNNI, of 128 (a 512-bit load: wide_int4_row) */
+    const int span = isa == ISA_AVX512_VNNI && M == 1 && group % 128 == 0 ? 128 : group >= 64 ? 64 : 32;
+    Job job = {.bits = bits, .M = M, .N = N, .K = K, .group = group, .span = span,
                .weight = (const int8_t *)weight, .scale = (const void *)scale, .scale_dtype = scale_dtype,
                .bias = (const void *)bias, .bias_dtype = bias_dtype, .norm_weight = (const void *)norm,
                .norm_dtype = norm_dtype, .norm_eps = (float)norm_eps, .swiglu = swiglu, .out = (void *)out,

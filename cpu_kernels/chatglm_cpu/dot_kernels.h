@@ -15,6 +15,7 @@
 #define GROUP_SUMS_INT32(even_sums, odd_sums) _mm256_add_epi32(even_sums, odd_sums)
 /* (v ^ 0x88) & 0x0F in one vpternlogd: bit function of (v, 0x88, 0x0F) = (A ^ B) & C. */
 #define OFFSET_NIBBLES(v) _mm256_ternarylogic_epi32(v, _mm256_set1_epi8((char)0x88), _mm256_set1_epi8(0x0F), 0x28)
+#define OFFSET_NIBBLES_512(v) _mm512_ternarylogic_epi32(v, _mm512_set1_epi8((char)0x88), _mm512_set1_epi8(0x0F), 0x28)
 #else
 /* 16-bit lanes: a group adds at most eight products into a lane (128 inputs, two spans of 64, each lane
  * two even and two odd inputs per span): 8 x 15 x 127 = 15240 fits. */
@@ -43,12 +44,17 @@ static inline void KERNEL(unpack_int4_pair)(const int8_t *bytes, __m256i *evens,
 }
 
 #if VNNI
-/* unpack_int4_pair's two halves in one 512-bit register: 32 released bytes -> [32 even inputs' | 32 odd inputs'
- * nibbles q + 8], the order in which a span's activations lie. */
-static inline __m512i KERNEL(unpack_int4_span)(const int8_t *bytes) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)bytes);
-    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(v, 4)), v, 1);
-    return _mm512_ternarylogic_epi32(halves, _mm512_set1_epi8((char)0x88), _mm512_set1_epi8(0x0F), 0x28); /* as OFFSET_NIBBLES */
+/* unpack_int4_pair on a 512-bit register of 64 released bytes (one row's 128 inputs, or two rows' 64 each side by
+ * side): the even inputs' nibbles q + 8 of each 32-byte half, and the odd inputs'. */
+static inline void KERNEL(unpack_int4_line)(__m512i v, __m512i *evens, __m512i *odds) {
+    *evens = OFFSET_NIBBLES_512(_mm512_srli_epi16(v, 4));
+    *odds = OFFSET_NIBBLES_512(v);
+}
+
+/* 32 bytes of row a and 32 of row b at offset `at` -> [a | b] in one 512-bit register. */
+static inline __m512i KERNEL(load_row_pair)(const int8_t *a, const int8_t *b, int64_t at) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + at))),
+                              _mm256_loadu_si256((const __m256i *)(b + at)), 1);
 }
 #endif
 
@@ -103,6 +109,29 @@ static inline __attribute__((always_inline)) void KERNEL(int4_rows)(const int8_t
     for (int r = 0; r < R; r++) sums[r] = horizontal_sum(acc[r]);
 }
 
+#if VNNI
+/* int4_rows for one weight row in spans of 128 inputs: a 64-byte line of released bytes gives its 64 even inputs and
+ * its 64 odd ones, a 512-bit register each. The group's two spans of 64 lie in lanes 0-7 and 8-15, added at its end:
+ * the same integers and float order as int4_rows, so the same bits, in fewer instructions per byte. */
+static inline float KERNEL(wide_int4_row)(const int8_t *weight, const int8_t *xq, const float *xd, int64_t K, int64_t group) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / group; g++) {
+        __m512i even_sums = _mm512_setzero_si512(), odd_sums = _mm512_setzero_si512();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 128) {
+            _mm_prefetch((const char *)(weight + SINGLE_ROW_AHEAD + k / 2), _MM_HINT_T1);
+            __m512i evens, odds;
+            KERNEL(unpack_int4_line)(_mm512_loadu_si512((const void *)(weight + k / 2)), &evens, &odds);
+            even_sums = _mm512_dpbusd_epi32(even_sums, evens, _mm512_loadu_si512((const void *)(xq + k)));
+            odd_sums = _mm512_dpbusd_epi32(odd_sums, odds, _mm512_loadu_si512((const void *)(xq + k + 64)));
+        }
+        const __m512i lanes = _mm512_add_epi32(even_sums, odd_sums);
+        const __m256i folded = _mm256_add_epi32(_mm512_castsi512_si256(lanes), _mm512_extracti64x4_epi64(lanes, 1));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(xd[g]), acc);
+    }
+    return horizontal_sum(acc);
+}
+#endif
+
 /* The same for int8 weight rows: |q| times x with q's sign (the byte products multiply unsigned by signed). */
 static inline __attribute__((always_inline)) void KERNEL(int8_rows)(const int8_t *weight, int64_t K, const int R,
                                                                      const int8_t *xq, const float *xd,
@@ -149,25 +178,26 @@ static void KERNEL(int8_corrections)(const Job *job, int64_t n_begin, int64_t n_
         }
 }
 
-/* The first pass over a chunk of a batch fetches the next block's 4 weight rows for group g into the L2, as int4_rows
- * does for one activation row. */
-static inline void KERNEL(prefetch_next_block)(const int8_t *weight, int64_t row_bytes, int64_t g, int64_t group, int bits) {
+/* The first pass over a chunk of a batch fetches the next block's 4 weight rows (from `ahead`) for group g into the L2,
+ * as int4_rows does for one activation row. */
+static inline void KERNEL(prefetch_rows)(const int8_t *ahead, int64_t row_bytes, int64_t g, int64_t group, int bits) {
     for (int r = 0; r < 4; r++)
         for (int64_t line = 0; line < group * bits / 8; line += 64)
-            _mm_prefetch((const char *)(weight + (r + 4) * row_bytes + g * group * bits / 8 + line), _MM_HINT_T1);
+            _mm_prefetch((const char *)(ahead + r * row_bytes + g * group * bits / 8 + line), _MM_HINT_T1);
 }
 
-/* Batches on VNNI: R weight rows (1 or 4) times MB activation rows (1-4, from m0) at once, each weight vector loaded
- * (int4: unpacked) once for the MB rows, where the row-by-row loop did it again for every row. int8 multiplies
- * x + 128 (unsigned) by q and takes out 128 sum(q) per lane (`corrections`: the rows' int8_corrections) instead of
- * |q| by x with q's sign: one instruction per product vector instead of three. (AVX2's `vpmaddubsw` saturates at 16
- * bits, which x + 128 would reach: there int8 keeps the sign trick, and batches the row-by-row loop.) The int32 lanes
- * hold the same integers as int4_rows' / int8_rows' (lane j: the products of bytes 4j..4j+3 of each 32-byte block of
- * the group), added into the float sums in the same order: the same bits as a row alone. block_rows takes int8
- * groups of 32 inputs on 256-bit registers; wide_block_rows the rest (groups of whole 64-byte spans). */
+/* Batches on VNNI: R weight rows (4; 2 or 1 at a chunk's end) times MB activation rows (1-4, from m0) at once, each
+ * weight vector loaded (int4: unpacked) once for the MB rows, where the row-by-row loop did it again for every row.
+ * int8 multiplies x + 128 (unsigned) by q and takes out 128 sum(q) per lane (`corrections`: the rows'
+ * int8_corrections) instead of |q| by x with q's sign: one instruction per product vector instead of three. (AVX2's
+ * `vpmaddubsw` saturates at 16 bits, which x + 128 would reach: there int8 keeps the sign trick, and batches the
+ * row-by-row loop.) The int32 lanes hold the same integers as int4_rows' / int8_rows' (lane j: the products of bytes
+ * 4j..4j+3 of each 32-byte block of the group), added into the float sums in the same order: the same bits as a row
+ * alone. block_rows takes int8 groups of 32 inputs on 256-bit registers; wide_block_rows the rest (groups of whole
+ * 64-byte spans). */
 static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *job, const int8_t *weight,
                                                                       int64_t row_bytes, const __m256i *corrections,
-                                                                      const int R, const int MB, int64_t m0, int prefetch,
+                                                                      const int R, const int MB, int64_t m0, const int8_t *ahead,
                                                                       float sums[4][4]) {
     const int64_t K = job->K, group = job->group, groups = K / group;
     const __m256i bias = _mm256_set1_epi8((char)0x80);
@@ -178,7 +208,7 @@ static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *
         __m256i lanes[4][4];
         for (int r = 0; r < R; r++)
             for (int m = 0; m < MB; m++) lanes[m][r] = _mm256_setzero_si256();
-        if (prefetch && R == 4) KERNEL(prefetch_next_block)(weight, row_bytes, g, group, 8);
+        if (ahead) KERNEL(prefetch_rows)(ahead, row_bytes, g, group, 8);
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
             __m256i w[4];
             for (int r = 0; r < R; r++) w[r] = _mm256_loadu_si256((const __m256i *)(weight + r * row_bytes + k));
@@ -201,69 +231,66 @@ static inline __attribute__((always_inline)) void KERNEL(block_rows)(const Job *
 /* The upper 8 floats of a 512-bit register (with AVX512-F alone: no AVX512-DQ). */
 static inline __m256 KERNEL(upper_half)(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
 
-/* block_rows on 512-bit registers, for groups of whole 64-byte spans: a span's 64 inputs in one register (int4: its
- * 32 even inputs, then its 32 odd ones; int8: two 32-byte blocks), so one `vpdpbusd` where 256-bit ones take two. At
- * the end of a group the two halves' int32 lanes are added: the same integers, added into the float sums in the same
- * order, so the same bits. CPUs with 512-bit vector units run twice the products per instruction; on those that
- * split them in two, the instructions are still halved. */
+/* block_rows on 512-bit registers, for groups of whole 64-byte spans, weight rows in pairs: one register holds a span's
+ * first 32 bytes' inputs of rows a and b side by side (int4: the span's even inputs; int8: its first 32), another the
+ * second ones, and each meets the activations' matching 32 bytes in both halves. Each half's int32 lanes are then the
+ * lanes of its row in block_rows (the same integers), and a group's epilogue converts and adds two rows per
+ * instruction into the float sums, in the same order: the same bits as a row alone. R 1 pairs a row with itself.
+ * `unpacked` (int4) holds the pairs' spans as laid out by run_columns: [a's evens | b's evens], [a's odds | b's odds]. */
 static inline __attribute__((always_inline)) void KERNEL(wide_block_rows)(const Job *job, const int8_t *weight,
                                                                            int64_t row_bytes, const uint8_t *unpacked,
                                                                            const __m256i *corrections, const int bits,
                                                                            const int R, const int MB, int64_t m0,
-                                                                           int prefetch, float sums[4][4]) {
+                                                                           const int8_t *ahead, float sums[4][4]) {
     const int64_t K = job->K, group = job->group, groups = K / group;
+    const int P = (R + 1) / 2;
     const __m512i bias = _mm512_set1_epi8((char)0x80);
-    /* Float sums of weight rows 2p and 2p + 1 side by side (R 4), or of row 0 in the low half (R 1): a group's
-     * epilogue converts and adds two rows' lanes per instruction, and every register fits (no spills). */
     __m512 acc[4][2];
     for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512i lanes[4][4];
-        for (int r = 0; r < R; r++)
-            for (int m = 0; m < MB; m++) lanes[m][r] = _mm512_setzero_si512();
-        if (prefetch && R == 4) KERNEL(prefetch_next_block)(weight, row_bytes, g, group, bits);
+        __m512i lanes[4][2];
+        for (int m = 0; m < MB; m++) lanes[m][0] = lanes[m][1] = _mm512_setzero_si512();
+        if (ahead) KERNEL(prefetch_rows)(ahead, row_bytes, g, group, bits);
         for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
-            __m512i w[4];
-            for (int r = 0; r < R; r++) {
+            __m512i first[2], second[2];
+            for (int p = 0; p < P; p++) {
+                const int8_t *a = weight + 2 * p * row_bytes, *b = R == 1 ? a : a + row_bytes;
                 if (bits == 8) {
-                    w[r] = _mm512_loadu_si512((const void *)(weight + r * row_bytes + k));
+                    first[p] = KERNEL(load_row_pair)(a, b, k);
+                    second[p] = KERNEL(load_row_pair)(a, b, k + 32);
                 } else if (unpacked) {
-                    w[r] = _mm512_loadu_si512((const void *)(unpacked + r * K + k));
+                    first[p] = _mm512_loadu_si512((const void *)(unpacked + 2 * p * K + 2 * k));
+                    second[p] = _mm512_loadu_si512((const void *)(unpacked + 2 * p * K + 2 * k + 64));
                 } else {
-                    w[r] = KERNEL(unpack_int4_span)(weight + r * row_bytes + k / 2);
+                    KERNEL(unpack_int4_line)(KERNEL(load_row_pair)(a, b, k / 2), &first[p], &second[p]);
                 }
             }
             for (int m = 0; m < MB; m++) {
-                const __m512i x = _mm512_loadu_si512((const void *)(job->xq + (m0 + m) * K + k));
-                if (bits == 8) {
-                    const __m512i shifted = _mm512_xor_si512(x, bias);
-                    for (int r = 0; r < R; r++) lanes[m][r] = _mm512_dpbusd_epi32(lanes[m][r], shifted, w[r]);
-                } else {
-                    for (int r = 0; r < R; r++) lanes[m][r] = _mm512_dpbusd_epi32(lanes[m][r], w[r], x);
+                const int8_t *x = job->xq + (m0 + m) * K + k;
+                __m512i x_first = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x));
+                __m512i x_second = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x + 32)));
+                if (bits == 8) x_first = _mm512_xor_si512(x_first, bias), x_second = _mm512_xor_si512(x_second, bias); /* x + 128 */
+                for (int p = 0; p < P; p++) {
+                    if (bits == 8) {
+                        lanes[m][p] = _mm512_dpbusd_epi32(lanes[m][p], x_first, first[p]);
+                        lanes[m][p] = _mm512_dpbusd_epi32(lanes[m][p], x_second, second[p]);
+                    } else {
+                        lanes[m][p] = _mm512_dpbusd_epi32(lanes[m][p], first[p], x_first);
+                        lanes[m][p] = _mm512_dpbusd_epi32(lanes[m][p], second[p], x_second);
+                    }
                 }
             }
         }
-        /* [row a's low half | row b's low half] + [a's high half | b's high half]: both rows' folded lanes at once. */
-        __m512i folded[2];
-        if (R == 4) {
-            for (int m = 0; m < MB; m++) {
-                const __m512 d = _mm512_set1_ps(job->xd[(m0 + m) * groups + g]);
-                for (int p = 0; p < 2; p++) {
-                    const __m512i a = lanes[m][2 * p], b = lanes[m][2 * p + 1];
-                    folded[p] = _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
-                    if (bits == 8)
-                        folded[p] = _mm512_sub_epi32(
-                            folded[p], _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(corrections + 2 * p * groups + g)),
-                                                          _mm256_loadu_si256(corrections + (2 * p + 1) * groups + g), 1));
-                    acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(folded[p]), d, acc[m][p]);
-                }
-            }
-        } else {
-            for (int m = 0; m < MB; m++) {
-                const __m512 d = _mm512_set1_ps(job->xd[(m0 + m) * groups + g]);
-                __m512i one = _mm512_add_epi32(lanes[m][0], _mm512_shuffle_i64x2(lanes[m][0], lanes[m][0], 0xEE));
-                if (bits == 8) one = _mm512_sub_epi32(one, _mm512_castsi256_si512(_mm256_loadu_si256(corrections + g)));
-                acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(one), d, acc[m][0]);
+        __m512i correction[2];
+        if (bits == 8)
+            for (int p = 0; p < P; p++)
+                correction[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(corrections + 2 * p * groups + g)),
+                                                   _mm256_loadu_si256(corrections + (R == 1 ? 0 : 2 * p + 1) * groups + g), 1);
+        for (int m = 0; m < MB; m++) {
+            const __m512 d = _mm512_set1_ps(job->xd[(m0 + m) * groups + g]);
+            for (int p = 0; p < P; p++) {
+                const __m512i pair = bits == 8 ? _mm512_sub_epi32(lanes[m][p], correction[p]) : lanes[m][p];
+                acc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair), d, acc[m][p]);
             }
         }
     }
@@ -276,19 +303,23 @@ static inline __attribute__((always_inline)) void KERNEL(wide_block_rows)(const 
 
 /* block_rows or wide_block_rows with its weight kind, R and MB constants, each combination its own inlined copy. */
 static void KERNEL(block_dot)(const Job *job, const int8_t *weight, int64_t row_bytes, const uint8_t *unpacked,
-                              const __m256i *corrections, int R, int MB, int64_t m0, int prefetch, float sums[4][4]) {
+                              const __m256i *corrections, int R, int MB, int64_t m0, const int8_t *ahead, float sums[4][4]) {
 #define WIDE(bits, buffer, rows, batch) \
-    KERNEL(wide_block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, prefetch, sums)
-#define NARROW(bits, buffer, rows, batch) KERNEL(block_rows)(job, weight, row_bytes, corrections, rows, batch, m0, prefetch, sums)
+    KERNEL(wide_block_rows)(job, weight, row_bytes, buffer, corrections, bits, rows, batch, m0, ahead, sums)
+#define NARROW(bits, buffer, rows, batch) KERNEL(block_rows)(job, weight, row_bytes, corrections, rows, batch, m0, ahead, sums)
 #define BLOCKS(BLOCK, bits, buffer)                                                                                     \
     switch (MB * 4 + R) {                                                                                               \
     case 5: BLOCK(bits, buffer, 1, 1); break;                                                                           \
+    case 6: BLOCK(bits, buffer, 2, 1); break;                                                                           \
     case 8: BLOCK(bits, buffer, 4, 1); break;                                                                           \
     case 9: BLOCK(bits, buffer, 1, 2); break;                                                                           \
+    case 10: BLOCK(bits, buffer, 2, 2); break;                                                                          \
     case 12: BLOCK(bits, buffer, 4, 2); break;                                                                          \
     case 13: BLOCK(bits, buffer, 1, 3); break;                                                                          \
+    case 14: BLOCK(bits, buffer, 2, 3); break;                                                                          \
     case 16: BLOCK(bits, buffer, 4, 3); break;                                                                          \
     case 17: BLOCK(bits, buffer, 1, 4); break;                                                                          \
+    case 18: BLOCK(bits, buffer, 2, 4); break;                                                                          \
     default: BLOCK(bits, buffer, 4, 4); break;                                                                          \
     }
     if (job->group % 64) BLOCKS(NARROW, 8, NULL) /* int8 groups of 32: int4 takes them row by row (run_columns) */
@@ -312,6 +343,12 @@ static inline void KERNEL(dot_rows)(const Job *job, const int8_t *weight, const 
     } else {
         /* Each combination its own inlined copy: the branches on them leave the inner loops. */
 #define INT4_ROWS(buffer, rows, span) KERNEL(int4_rows)(weight, row_bytes, buffer, rows, span, xq, xd, K, group, sums)
+#if VNNI
+        if (job->span == 128) {
+            sums[0] = KERNEL(wide_int4_row)(weight, xq, xd, K, group);
+            return;
+        }
+#endif
         if (unpacked) {
             if (job->span == 64) R == 4 ? INT4_ROWS(unpacked, 4, 64) : INT4_ROWS(unpacked, 1, 64);
             else R == 4 ? INT4_ROWS(unpacked, 4, 32) : INT4_ROWS(unpacked, 1, 32);
@@ -332,6 +369,21 @@ static inline void KERNEL(dot_rows)(const Job *job, const int8_t *weight, const 
 static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, uint8_t *unpacked, __m256i *corrections) {
     const int64_t K = job->K, row_bytes = job->bits == 4 ? K / 2 : K;
     float sums[4];
+#if VNNI
+    /* wide_block_rows' pairs of rows (the last one alone with itself) */
+    if (unpacked && job->span == 64)
+        for (int64_t r = 0; r < n_end - n_begin; r += 2) {
+            const int8_t *a = job->weight + (n_begin + r) * row_bytes, *b = n_begin + r + 1 < n_end ? a + row_bytes : a;
+            uint8_t *destination = unpacked + r * K;
+            for (int64_t k = 0; k < K; k += 64) {
+                __m512i evens, odds;
+                KERNEL(unpack_int4_line)(KERNEL(load_row_pair)(a, b, k / 2), &evens, &odds);
+                _mm512_storeu_si512((void *)(destination + 2 * k), evens);
+                _mm512_storeu_si512((void *)(destination + 2 * k + 64), odds);
+            }
+        }
+    else
+#endif
     if (unpacked)
         for (int64_t r = 0; r < n_end - n_begin; r++) {
             const int8_t *row = job->weight + (n_begin + r) * row_bytes;
@@ -359,10 +411,11 @@ static void KERNEL(run_columns)(const Job *job, int64_t n_begin, int64_t n_end, 
         for (int64_t m0 = 0; m0 < job->M; m0 += VNNI_BATCH_ROWS) {
             const int MB = job->M - m0 < VNNI_BATCH_ROWS ? (int)(job->M - m0) : VNNI_BATCH_ROWS;
             for (int64_t n = n_begin; n < n_end;) {
-                const int R = n_end - n >= 4 ? 4 : 1;
-                KERNEL(block_dot)(job, job->weight + n * row_bytes, row_bytes, unpacked ? unpacked + (n - n_begin) * K : NULL,
-                                  corrections ? corrections + (n - n_begin) * groups : NULL, R, MB, m0, m0 == 0 && !unpacked,
-                                  block_sums);
+                const int R = n_end - n >= 4 ? 4 : n_end - n >= 2 ? 2 : 1;
+                const int8_t *weight = job->weight + n * row_bytes;
+                const int8_t *ahead = m0 == 0 && R == 4 && !unpacked ? weight + 4 * row_bytes : NULL;
+                KERNEL(block_dot)(job, weight, row_bytes, unpacked ? unpacked + (n - n_begin) * K : NULL,
+                                  corrections ? corrections + (n - n_begin) * groups : NULL, R, MB, m0, ahead, block_sums);
                 for (int m = 0; m < MB; m++) store_rows(job, m0 + m, n, R, block_sums[m]);
                 n += R;
             }
@@ -501,3 +554,4 @@ static void KERNEL(run_float_chunks)(void *argument) {
 #undef DOT_INT4_SPAN
 #undef GROUP_SUMS_INT32
 #undef OFFSET_NIBBLES
+#undef OFFSET_NIBBLES_512
