@@ -321,7 +321,8 @@ def test_a_forked_child_with_one_torch_thread_computes_without_the_parents_threa
 
 @pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, chatglm_cpu.FLOAT_PASS_ROWS, 2 * chatglm_cpu.FLOAT_PASS_ROWS + 3])  # + passes over the weight
+# blocks of 4 activation rows and what is left of them; + passes over the weight
+@pytest.mark.parametrize("rows", [1, 3, 6, chatglm_cpu.FLOAT_PASS_ROWS, 2 * chatglm_cpu.FLOAT_PASS_ROWS + 3])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features", [13, 301])  # a remainder; at one row, chunks of over 32 rows, shrinking
 @pytest.mark.parametrize("isa", ISAS)

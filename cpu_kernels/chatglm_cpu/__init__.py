@@ -34,7 +34,7 @@ __all__ = [
 # 0.4.3: VNNI batches and float weights on 512-bit registers, one activation row streams int8 rows one at a time on
 # VNNI (the same bits); `FloatWeight(..., isa=)`; `attend` adds from each sequence's first attended key.
 # 0.4.4: on VNNI one activation row streams int4 rows 128 inputs per register, batches take weight rows in pairs,
-# outputs are stored 4 at a time (the same bits).
+# outputs are stored 4 at a time, float weights serve 4 activation rows per conversion (the same bits).
 __version__ = "0.4.4"
 
 # Defined in _kernels.c only, read from the built module. GROUP_SIZES: inputs per activation scale, largest first (a

@@ -455,14 +455,15 @@ static void KERNEL(run_chunks)(void *argument) {
 }
 
 #if VNNI
-/* float_rows' 512-bit code for MB (1 or 2) activation rows from m0: the four sums of the AVX2 code two to a register
+/* float_rows' 512-bit code for MB (1-4) activation rows from m0: the four sums of the AVX2 code two to a register
  * ([inputs 0-7 | 8-15], [16-23 | 24-31] of each 32), the same operations lane by lane, so the same bits in half the
- * instructions; two activation rows share each converted weight vector. */
+ * instructions; four activation rows share each converted weight vector (some of the 4 x 4 x 2 sums spill: they
+ * cost less than converting the weights twice). */
 static inline __attribute__((always_inline)) void KERNEL(wide_float_rows)(const Job *job, const uint16_t *rows, const int dtype,
                                                                           const int count, const int MB, int64_t m0,
                                                                           float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS]) {
     const int64_t K = job->K;
-    __m512 acc[2][FLOAT_BLOCK_ROWS][2];
+    __m512 acc[4][FLOAT_BLOCK_ROWS][2];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < count; r++) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += FLOAT_WIDTH_MULTIPLE) {
@@ -502,8 +503,10 @@ static inline __attribute__((always_inline)) void KERNEL(float_rows)(const Job *
                                                                      const int count,
                                                                      float sums[FLOAT_BLOCK_ROWS][FLOAT_PASS_ROWS]) {
 #if VNNI
-    for (int64_t m = 0; m < job->M; m += 2) {
-        if (job->M - m >= 2) KERNEL(wide_float_rows)(job, rows, dtype, count, 2, m, sums);
+    for (int64_t m = 0; m < job->M; m += 4) {
+        if (job->M - m >= 4) KERNEL(wide_float_rows)(job, rows, dtype, count, 4, m, sums);
+        else if (job->M - m == 3) KERNEL(wide_float_rows)(job, rows, dtype, count, 3, m, sums);
+        else if (job->M - m == 2) KERNEL(wide_float_rows)(job, rows, dtype, count, 2, m, sums);
         else KERNEL(wide_float_rows)(job, rows, dtype, count, 1, m, sums);
     }
 #else
