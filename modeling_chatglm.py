@@ -295,6 +295,11 @@ class SelfAttention(nn.Module):
         options = {"scaling": self.scaling, "dropout": self.attention_dropout if self.training else 0.0}
         if implementation == "sdpa" and query.shape[2] == 1 and query.device.type == "cpu" and not options["dropout"]:
             context, probs = self.single_query_attention(query, key, value, attention_mask), None
+        elif implementation == "sdpa" and query.device.type == "cpu" and query.dtype == torch.float16:
+            # Torch's CPU attention is over twice as slow in float16 as in float32 (no float16 arithmetic to run on):
+            # a prompt attends in float32, as the decode steps do (bench/README.md, "Figures behind the model's CPU paths").
+            context, probs = attention(self, query.float(), key.float(), value.float(), attention_mask, **options)
+            context = context.to(query.dtype)
         else:
             context, probs = attention(self, query, key, value, attention_mask, **options)
         output = self.dense(context.reshape(*hidden_states.shape[:-1], -1))
