@@ -102,6 +102,13 @@ def parse_args(argv):
         "(repeatable; bench/README.md says how one was made from the bench's checkpoint)",
     )
     parser.add_argument("--peer-python", default=sys.executable, help="the Python that runs the peer (default: this one)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every configuration this many times, in turns (ours, the peer's, ours, ...): on a shared host whose "
+        "bandwidth moves within minutes, ours / the peer's is then taken round by round, and its median printed",
+    )
     parser.add_argument("--runs", type=int, help="repetitions of each speed measurement (default 3; --quick 1)")
     parser.add_argument("--prefill-lengths", type=integer_list, help="prompt lengths; decode follows the first (default 128,512)")
     parser.add_argument("--batches", type=integer_list, help="decode batch sizes (default 1,4)")
@@ -146,6 +153,8 @@ def parse_args(argv):
         args.peer_ggufs.append((precision, Path(path).resolve()))
     if bool(args.peer) != bool(args.peer_ggufs):
         parser.error("--peer and --peer-gguf go together: --peer llama.cpp --peer-gguf int4=FILE.gguf")
+    if args.rounds < 1:
+        parser.error(f"--rounds takes a count of at least 1; got {args.rounds}")
     for readme in args.readme:
         try:
             check_readme(readme)
@@ -320,15 +329,15 @@ def _ratio(ours, theirs):
 
 
 def peer_ratios(rows, args):
-    """Ours / the peer's for each peer row, against our first row of its precision that ran (the file as stored
-    comes first): speeds above 1 are ours faster; times and memory below 1 are ours smaller. Our resident memory
+    """Ours / the peer's for each peer row, against our first row of its precision (and round) that ran (the file as
+    stored comes first): speeds above 1 are ours faster; times and memory below 1 are ours smaller. Our resident memory
     after the runs is held against the peer's peak (llama.cpp's repacked copy is gone by then only if it freed it)."""
     ratios = []
     for row in rows:
         if not row.get("peer_of") or row.get("error"):
             continue
         ours = next((other for other in rows if other["precision"] == row["precision"] and not other.get("peer_of")
-                     and not other.get("error") and other.get("decode")), None)
+                     and other.get("round") == row.get("round") and not other.get("error") and other.get("decode")), None)
         if ours is None:
             continue
         speeds = {}
@@ -338,12 +347,34 @@ def peer_ratios(rows, args):
         ratios.append({
             "ours": ours["label"],
             "peer": row["label"],
+            **({"round": row["round"]} if "round" in row else {}),
             **speeds,
             "first generate": _ratio(ours.get("first_generate_seconds"), row.get("first_generate_seconds")),
             "resident after runs / peer peak": _ratio(ours.get("rss_after_runs_bytes"), row.get("peak_rss_bytes")),
             "peak anonymous": _ratio(ours.get("peak_anonymous_bytes"), row.get("peak_anonymous_bytes")),
         })
     return ratios
+
+
+def ratios_over_rounds(ratios):
+    """Each peer's ratios over the rounds: {"ours", "peer" (labels without the round), "rounds", and per ratio its
+    summary (median, min, max)}, for the ratios that came from several rounds."""
+    pairs = {}
+    for ratio in ratios:
+        if "round" in ratio:
+            pairs.setdefault((strip_round(ratio["ours"]), strip_round(ratio["peer"])), []).append(ratio)
+    merged = []
+    for (ours, peer), rounds in pairs.items():
+        entry = {"ours": ours, "peer": peer, "rounds": len(rounds)}
+        for key in (key for key in rounds[0] if key not in ("ours", "peer", "round")):
+            values = [ratio[key] for ratio in rounds if ratio[key] is not None]
+            entry[key] = summary(values) if values else None
+        merged.append(entry)
+    return merged
+
+
+def strip_round(label):
+    return label.rsplit(" (round ", 1)[0]
 
 
 def main(argv=None):
@@ -359,9 +390,12 @@ def main(argv=None):
 
     configurations = plan_configurations(args, config)
     rows = []
-    for configuration in configurations:
-        print(f"== {configuration['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
+    for round_number, configuration in ((number, configuration) for number in range(1, args.rounds + 1) for configuration in configurations):
         row = {key: configuration[key] for key in ("label", "precision", "bits", "load_path")}
+        if args.rounds > 1:
+            row["round"] = round_number
+            row["label"] += f" (round {round_number})"
+        print(f"== {row['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
         if configuration.get("peer"):
             row["peer_of"] = configuration["peer"]
         row["output_layer_bits"] = configuration.get("output_layer_bits", 16)
@@ -389,12 +423,14 @@ def main(argv=None):
             "new_tokens": args.new_tokens,
             "output_layer_bits": args.output_layer_bits,
             "seed": args.seed,
+            "rounds": args.rounds,
         },
         "machine": describe_machine(args.device),
         "bandwidth": bandwidth,
         "results": rows,
         "peer_ratios": peer_ratios(rows, args),
     }
+    results["peer_ratios_over_rounds"] = ratios_over_rounds(results["peer_ratios"])
     has_chart = write_reports(results, args.out, args.readme)
     print((args.out / "results.md").read_text())
     if not has_chart:

@@ -55,15 +55,27 @@ def _first_generate(row):
     )
 
 
-def _peer_ratio_lines(ratios):
-    """The table of ours / a peer's, one line per peer row: speeds above 1 are ours faster, times and memory below 1 ours smaller."""
+def _loaded_from(row):
+    """The row's load path, and its round where the rows were measured in rounds (`--rounds`)."""
+    return row["load_path"] + (f" (round {row['round']})" if "round" in row else "")
+
+
+def _peer_ratio_lines(ratios, over_rounds=()):
+    """The table of ours / a peer's, one line per peer row: speeds above 1 are ours faster, times and memory below 1
+    ours smaller; with several rounds, then each ratio's median over the rounds (min–max)."""
     if not ratios:
         return []
-    keys = [key for key in ratios[0] if key not in ("ours", "peer")]
+    keys = [key for key in ratios[0] if key not in ("ours", "peer", "round")]
     lines = ["", "Ours / the peer's (speeds: above 1 ours faster; first generate and memory: below 1 ours smaller):", ""]
     lines += ["| ours | peer | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for ratio in ratios:
         cells = [ratio["ours"], ratio["peer"]] + ["—" if ratio[key] is None else f"{ratio[key]:.2f}x" for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    for merged in over_rounds:
+        cells = [merged["ours"], f"{merged['peer']}, median of {merged['rounds']} rounds (min–max)"] + [
+            "—" if merged[key] is None else f"**{merged[key]['median']:.2f}x** ({merged[key]['min']:.2f}–{merged[key]['max']:.2f})"
+            for key in keys
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -108,13 +120,13 @@ def markdown(results, image_path):
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["results"]:
         if row.get("error"):
-            cells = [row["precision"], row["load_path"], f"failed: {row['error']}"] + [""] * (len(header) - 3)
+            cells = [row["precision"], _loaded_from(row), f"failed: {row['error']}"] + [""] * (len(header) - 3)
             lines.append("| " + " | ".join(cells) + " |")
             continue
         first = (row.get("roofline") or {}).get(f"batch{batches[0]}")
         cells = [
             row["precision"],
-            row["load_path"],
+            _loaded_from(row),
             row["dtype"],
             f"{row['load_seconds']:.1f}",
             _first_generate(row),
@@ -138,7 +150,7 @@ def markdown(results, image_path):
                 f"{_gb(long['conversation_8192_peak_reserved_bytes'])}, {'yes' if long['fits_6_gib'] else 'no'}" if long else "—"
             )
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _peer_ratio_lines(results.get("peer_ratios"))
+    lines += _peer_ratio_lines(results.get("peer_ratios"), results.get("peer_ratios_over_rounds") or ())
     if image_path:
         lines += ["", f"![decode and prefill speed, memory]({image_path})"]
     return "\n".join(lines) + "\n"

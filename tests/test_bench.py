@@ -278,9 +278,39 @@ def test_a_peer_row_follows_ours_of_its_precision_and_the_ratios_hold_ours_again
     assert ratio["peak anonymous"] == pytest.approx(1 / 6)
 
 
+def test_in_rounds_each_peer_row_is_held_against_ours_of_its_round_and_the_median_is_reported(tmp_path):
+    # On a shared host the bandwidth moves within minutes: ours and the peer's, taken in turns, are compared round
+    # by round, never a fast round of one against a slow round of the other.
+    from bench.__main__ import parse_args, peer_ratios, ratios_over_rounds
+    from bench.report import _peer_ratio_lines
+
+    gguf = tmp_path / "model-q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    args = parse_args(["--quick", "--precisions", "int4", "--peer", "llama.cpp", "--peer-gguf", f"int4={gguf}",
+                       "--rounds", "3", "--cache-dir", str(tmp_path / "cache")])
+
+    def row(label, round_number, decode, peer=None):
+        return {"label": f"{label} (round {round_number})", "round": round_number, "precision": "int4", "peer_of": peer,
+                "decode": {f"batch{batch}": {"tokens_per_second": {"median": decode}} for batch in args.batches},
+                "prefill": {str(length): {"tokens_per_second": {"median": 3 * decode}} for length in args.prefill_lengths}}
+
+    speeds = [(10.0, 8.0), (14.0, 10.0), (9.0, 12.0)]  # ours, theirs per round: 1.25, 1.4, 0.75
+    rows = [entry for number, (ours, theirs) in enumerate(speeds, 1)
+            for entry in (row("int4", number, ours), row("int4, llama.cpp q4_0", number, theirs, peer="llama.cpp"))]
+    ratios = peer_ratios(rows, args)
+    assert [(ratio["round"], ratio["decode batch1"]) for ratio in ratios] == [(1, 1.25), (2, 1.4), (3, 0.75)]
+    [merged] = ratios_over_rounds(ratios)
+    assert merged["ours"] == "int4" and merged["peer"] == "int4, llama.cpp q4_0" and merged["rounds"] == 3
+    assert (merged["decode batch1"]["median"], merged["decode batch1"]["min"], merged["decode batch1"]["max"]) == (1.25, 0.75, 1.4)
+    assert merged["first generate"] is None
+    assert "| int4 | int4, llama.cpp q4_0, median of 3 rounds (min–max) | **1.25x** (0.75–1.40) |" in "\n".join(
+        _peer_ratio_lines(ratios, [merged]))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--rounds", "0"], "--rounds takes a count of at least 1"),
         (["--peer", "llama.cpp"], "--peer and --peer-gguf go together"),
         (["--peer", "llama.cpp", "--peer-gguf", "int4=/nonexistent/q4_0.gguf"], "/nonexistent/q4_0.gguf is not a file"),
         (["--peer", "llama.cpp", "--peer-gguf", "int3=x.gguf"], "PRECISION=FILE"),
