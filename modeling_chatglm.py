@@ -212,8 +212,8 @@ def single_query_attention_on_cpu(query, key, value, attention_mask, scaling):
     [batch, 1, 1, keys] (True = attend); returns the context [batch, 1, heads, dim] in the query's dtype.
     The heads sharing a key group are its rows of one matmul, so no key is repeated. Torch's CPU
     flash-attention kernel is slower for a single query, most of all in half precision (bench/README.md,
-    "Figures behind the model's CPU paths"). Prompts keep SDPA: there the float32 copies would double
-    their memory.
+    "Figures behind the model's CPU paths"). Prompts keep SDPA, which copies a float16 prompt to float32
+    (for the same reason) and keeps a bfloat16 one as it is.
     """
     batch, heads, _, dim = query.shape
     groups, keys = key.shape[1:3]
