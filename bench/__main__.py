@@ -8,6 +8,7 @@ memory is its own), and writes results.json, results.md and results.png to the o
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -22,7 +23,7 @@ import torch
 from .checkpoint import cache_root, model_folder
 from .kernels import load_quantization
 from .model_shapes import REPO_ROOT, decode_roofline, released_config
-from .report import check_readme, write_reports
+from .report import check_readme, with_round, write_reports
 from .system import describe_machine, read_bandwidth, summary
 from .protocol import BANDWIDTH_PAUSE
 
@@ -357,12 +358,12 @@ def peer_ratios(rows, args):
 
 
 def ratios_over_rounds(ratios):
-    """Each peer's ratios over the rounds: {"ours", "peer" (labels without the round), "rounds", and per ratio its
-    summary (median, min, max)}, for the ratios that came from several rounds."""
+    """Each peer's ratios over the rounds: {"ours", "peer" (the rows' labels), "rounds", and per ratio its summary
+    (median, min, max)}, for the ratios that came from several rounds."""
     pairs = {}
     for ratio in ratios:
         if "round" in ratio:
-            pairs.setdefault((strip_round(ratio["ours"]), strip_round(ratio["peer"])), []).append(ratio)
+            pairs.setdefault((ratio["ours"], ratio["peer"]), []).append(ratio)
     merged = []
     for (ours, peer), rounds in pairs.items():
         entry = {"ours": ours, "peer": peer, "rounds": len(rounds)}
@@ -371,10 +372,6 @@ def ratios_over_rounds(ratios):
             entry[key] = summary(values) if values else None
         merged.append(entry)
     return merged
-
-
-def strip_round(label):
-    return label.rsplit(" (round ", 1)[0]
 
 
 def main(argv=None):
@@ -390,12 +387,11 @@ def main(argv=None):
 
     configurations = plan_configurations(args, config)
     rows = []
-    for round_number, configuration in ((number, configuration) for number in range(1, args.rounds + 1) for configuration in configurations):
+    for round_number, configuration in itertools.product(range(1, args.rounds + 1), configurations):
         row = {key: configuration[key] for key in ("label", "precision", "bits", "load_path")}
         if args.rounds > 1:
             row["round"] = round_number
-            row["label"] += f" (round {round_number})"
-        print(f"== {row['label']}: {configuration['load_path']}", file=sys.stderr, flush=True)
+        print(f"== {with_round(row['label'], row)}: {configuration['load_path']}", file=sys.stderr, flush=True)
         if configuration.get("peer"):
             row["peer_of"] = configuration["peer"]
         row["output_layer_bits"] = configuration.get("output_layer_bits", 16)
@@ -436,7 +432,7 @@ def main(argv=None):
     if not has_chart:
         print("matplotlib is not installed: no chart written (pip install matplotlib)", file=sys.stderr)
     print(f"results written to {args.out}", file=sys.stderr)
-    failed = [row["label"] for row in rows if row.get("error")]
+    failed = [with_round(row["label"], row) for row in rows if row.get("error")]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

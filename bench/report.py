@@ -55,9 +55,10 @@ def _first_generate(row):
     )
 
 
-def _loaded_from(row):
-    """The row's load path, and its round where the rows were measured in rounds (`--rounds`)."""
-    return row["load_path"] + (f" (round {row['round']})" if "round" in row else "")
+def with_round(text, entry):
+    """`text` (a row's label or load path, a ratio's side) naming the round of `entry` (a row or a ratio) where the
+    rows were measured in rounds (`--rounds`)."""
+    return text + (f" (round {entry['round']})" if "round" in entry else "")
 
 
 def _peer_ratio_lines(ratios, over_rounds=()):
@@ -69,7 +70,9 @@ def _peer_ratio_lines(ratios, over_rounds=()):
     lines = ["", "Ours / the peer's (speeds: above 1 ours faster; first generate and memory: below 1 ours smaller):", ""]
     lines += ["| ours | peer | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for ratio in ratios:
-        cells = [ratio["ours"], ratio["peer"]] + ["—" if ratio[key] is None else f"{ratio[key]:.2f}x" for key in keys]
+        cells = [with_round(ratio["ours"], ratio), with_round(ratio["peer"], ratio)] + [
+            "—" if ratio[key] is None else f"{ratio[key]:.2f}x" for key in keys
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for merged in over_rounds:
         cells = [merged["ours"], f"{merged['peer']}, median of {merged['rounds']} rounds (min–max)"] + [
@@ -120,13 +123,13 @@ def markdown(results, image_path):
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["results"]:
         if row.get("error"):
-            cells = [row["precision"], _loaded_from(row), f"failed: {row['error']}"] + [""] * (len(header) - 3)
+            cells = [row["precision"], with_round(row["load_path"], row), f"failed: {row['error']}"] + [""] * (len(header) - 3)
             lines.append("| " + " | ".join(cells) + " |")
             continue
         first = (row.get("roofline") or {}).get(f"batch{batches[0]}")
         cells = [
             row["precision"],
-            _loaded_from(row),
+            with_round(row["load_path"], row),
             row["dtype"],
             f"{row['load_seconds']:.1f}",
             _first_generate(row),
@@ -188,7 +191,7 @@ def write_chart(results, path):
                 lows.append(median - stats["min"] if isinstance(stats, dict) else 0)
                 highs.append(stats["max"] - median if isinstance(stats, dict) else 0)
             axis.bar(positions, heights, width, yerr=[lows, highs], capsize=3, label=label)
-        axis.set_xticks(range(len(group_rows)), [row["label"] for row in group_rows], rotation=35, ha="right")
+        axis.set_xticks(range(len(group_rows)), [with_round(row["label"], row) for row in group_rows], rotation=35, ha="right")
         axis.set_ylabel(ylabel)
         axis.set_title(title)
 

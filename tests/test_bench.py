@@ -290,7 +290,7 @@ def test_in_rounds_each_peer_row_is_held_against_ours_of_its_round_and_the_media
                        "--rounds", "3", "--cache-dir", str(tmp_path / "cache")])
 
     def row(label, round_number, decode, peer=None):
-        return {"label": f"{label} (round {round_number})", "round": round_number, "precision": "int4", "peer_of": peer,
+        return {"label": label, "round": round_number, "precision": "int4", "peer_of": peer,
                 "decode": {f"batch{batch}": {"tokens_per_second": {"median": decode}} for batch in args.batches},
                 "prefill": {str(length): {"tokens_per_second": {"median": 3 * decode}} for length in args.prefill_lengths}}
 
@@ -303,8 +303,9 @@ def test_in_rounds_each_peer_row_is_held_against_ours_of_its_round_and_the_media
     assert merged["ours"] == "int4" and merged["peer"] == "int4, llama.cpp q4_0" and merged["rounds"] == 3
     assert (merged["decode batch1"]["median"], merged["decode batch1"]["min"], merged["decode batch1"]["max"]) == (1.25, 0.75, 1.4)
     assert merged["first generate"] is None
-    assert "| int4 | int4, llama.cpp q4_0, median of 3 rounds (min–max) | **1.25x** (0.75–1.40) |" in "\n".join(
-        _peer_ratio_lines(ratios, [merged]))
+    lines = "\n".join(_peer_ratio_lines(ratios, [merged]))
+    assert "| int4 (round 2) | int4, llama.cpp q4_0 (round 2) | 1.40x |" in lines
+    assert "| int4 | int4, llama.cpp q4_0, median of 3 rounds (min–max) | **1.25x** (0.75–1.40) |" in lines
 
 
 @pytest.mark.parametrize(
